@@ -1,0 +1,33 @@
+# Two entry points for a new machine: `make test` and `make demo`.
+# Everything lands in a local virtual environment (.venv); pins live in pyproject.toml.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+
+# Sources whose change requires rebuilding the extension.
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: test build clean
+
+# torch, ninja and setuptools must be in the venv before the extension builds
+# (--no-build-isolation, as usual for torch extensions); read them from pyproject.
+$(VENV)/.build-deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+	touch $@
+
+$(VENV)/.built: $(VENV)/.build-deps $(EXT_SOURCES)
+	MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation -e ".[test]"
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info dce_kernels/*.so $(VENV)/.built

@@ -1,0 +1,96 @@
+#include "conv_args.h"
+
+#include <c10/util/irange.h>
+
+namespace dce {
+
+ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
+                                 const at::Device& device, const char* name) {
+  TORCH_CHECK(idx.defined(), name, " must be a tensor");
+  TORCH_CHECK(idx.dim() == 1, name, " must be a 1-D tensor of channel indices, got ",
+              idx.dim(), "-D with shape ", idx.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, name,
+              " must hold int64 or int32 channel indices, got ", idx.scalar_type());
+  TORCH_CHECK(idx.device() == device, name, " must be on the input's device (", device,
+              "), got ", idx.device());
+  TORCH_CHECK(idx.numel() > 0, name,
+              " is empty: at least one channel must be active (use all channels for a dense layer)");
+  TORCH_CHECK(idx.numel() <= num_channels, name, " has ", idx.numel(),
+              " entries but the layer has only ", num_channels, " channels");
+
+  ChannelIndex out;
+  out.idx = idx.to(at::kLong).contiguous();
+  out.count = idx.numel();
+
+  if (device.is_cpu()) {
+    const int64_t* p = out.idx.const_data_ptr<int64_t>();
+    std::vector<uint8_t> seen(num_channels, 0);
+    bool in_order = true;
+    for (const auto i : c10::irange(out.count)) {
+      const int64_t c = p[i];
+      TORCH_CHECK(c >= 0 && c < num_channels, name, "[", i, "] = ", c,
+                  " is out of range for ", num_channels, " channels");
+      TORCH_CHECK(!seen[c], name, " contains channel ", c, " more than once");
+      seen[c] = 1;
+      in_order = in_order && (c == i);
+    }
+    out.is_all = in_order && out.count == num_channels;
+  } else {
+    // Device indices: one small reduction each; the sync this costs is the
+    // price of the contract's clear exception instead of silent garbage.
+    auto range_ok = at::logical_and(out.idx >= 0, out.idx < num_channels).all().item<bool>();
+    TORCH_CHECK(range_ok, name, " has an index outside [0, ", num_channels, ")");
+    auto sorted = std::get<0>(out.idx.sort());
+    bool unique = out.count < 2 ||
+                  !sorted.slice(0, 1).eq(sorted.slice(0, 0, out.count - 1)).any().item<bool>();
+    TORCH_CHECK(unique, name, " contains a channel more than once");
+    out.is_all = out.count == num_channels &&
+                 out.idx.eq(at::arange(num_channels, out.idx.options())).all().item<bool>();
+  }
+  return out;
+}
+
+void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     const char* op_name) {
+  TORCH_CHECK(input.dim() == 4, op_name, ": input must be 4-D (N, C, H, W), got shape ",
+              input.sizes());
+  TORCH_CHECK(weight.dim() == 4, op_name,
+              ": weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape ",
+              weight.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op_name,
+              ": input must be a floating point tensor, got ", input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op_name,
+              ": weight dtype ", weight.scalar_type(), " differs from input dtype ",
+              input.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), op_name, ": weight is on ", weight.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(groups >= 1, op_name, ": groups must be positive, got ", groups);
+  TORCH_CHECK(weight.size(0) % groups == 0, op_name, ": out_channels ", weight.size(0),
+              " is not divisible by groups ", groups);
+  TORCH_CHECK(weight.size(1) * groups == input.size(1), op_name, ": input has ",
+              input.size(1), " channels but weight expects ", weight.size(1) * groups,
+              " (weight.size(1)=", weight.size(1), " x groups=", groups, ")");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op_name,
+                ": bias must have shape [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op_name, ": bias dtype ",
+                bias->scalar_type(), " differs from input dtype ", input.scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), op_name, ": bias is on ", bias->device(),
+                " but input is on ", input.device());
+  }
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op_name,
+              ": stride, padding and dilation must each have 2 entries");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1, op_name, ": stride must be >= 1, got ", stride);
+    TORCH_CHECK(dilation[i] >= 1, op_name, ": dilation must be >= 1, got ", dilation);
+    TORCH_CHECK(padding[i] >= 0, op_name, ": padding must be >= 0, got ", padding);
+    const int64_t span = dilation[i] * (weight.size(2 + i) - 1) + 1;
+    TORCH_CHECK(input.size(2 + i) + 2 * padding[i] >= span, op_name,
+                ": input spatial size ", input.sizes().slice(2), " with padding ", padding,
+                " is smaller than the dilated kernel (", span, ")");
+  }
+}
+
+}  // namespace dce

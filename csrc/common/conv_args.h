@@ -1,0 +1,33 @@
+// Argument checks shared by every backend of dce::channel_sparse_conv2d.
+//
+// The op contract (DESIGN.md) promises a clear exception for bad input on every
+// backend, so the checks live here once and each backend calls them before it
+// touches memory. Shape arithmetic itself is left to at::convolution, which is
+// PyTorch's own source of truth for the conv output size.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace dce {
+
+// What a backend needs to know about one index list after it has been checked.
+struct ChannelIndex {
+  at::Tensor idx;      // int64, contiguous, on the tensor's device
+  int64_t count = 0;   // number of active channels
+  bool is_all = false; // the list is exactly 0..C-1 in order: no gather needed
+};
+
+// Checks dtype, rank, device and emptiness of an index list; for CPU index
+// tensors also range and uniqueness (one O(C) pass with a bitmap).
+ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
+                                 const at::Device& device, const char* name);
+
+// Checks the tensors and conv parameters shared by forward and backward.
+void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     const char* op_name);
+
+}  // namespace dce

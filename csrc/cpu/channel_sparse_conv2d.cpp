@@ -1,0 +1,145 @@
+// CPU backend of dce::channel_sparse_conv2d.
+//
+// The heavy math is a dense convolution over the compact (active-only) tensors,
+// handed to at::convolution so oneDNN/MKL do it at the narrow network's speed.
+// Around it we move only active planes: gather inputs, scatter outputs (each
+// output plane written once), and in backward one pass over grad_output that
+// gathers it and reduces bias gradient and Taylor saliency at the same time.
+// groups > 1 takes a masked dense path (correct, not faster than dense).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../common/conv_args.h"
+#include "channel_planes.h"
+
+namespace dce::cpu {
+namespace {
+
+constexpr const char* kForward = "channel_sparse_conv2d";
+constexpr const char* kBackward = "channel_sparse_conv2d_backward";
+
+void check_cpu(const at::Tensor& t, const char* what, const char* op) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
+                       const at::Tensor& out_idx, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       const c10::optional<at::Tensor>& saliency_probe) {
+  check_conv_args(input, weight, bias, stride, padding, dilation, groups, kForward);
+  check_cpu(input, "input", kForward);
+  if (saliency_probe.has_value() && saliency_probe->defined()) {
+    TORCH_CHECK(saliency_probe->dim() == 1 && saliency_probe->size(0) == weight.size(0), kForward,
+                ": saliency_probe must have shape [", weight.size(0), "], got ",
+                saliency_probe->sizes());
+  }
+  const auto in = check_channel_index(in_idx, input.size(1), input.device(), "in_idx");
+  const auto out = check_channel_index(out_idx, weight.size(0), input.device(), "out_idx");
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const c10::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->contiguous())
+                                          : c10::nullopt;
+
+  if (groups > 1) {
+    at::Tensor xm = in.is_all ? x : mask_channels(x, in.idx);
+    at::Tensor y = at::convolution(xm, w, b, stride, padding, dilation, false, {0, 0}, groups)
+                       .contiguous();
+    return out.is_all ? y : mask_channels(y, out.idx);
+  }
+
+  at::Tensor x_c = in.is_all ? x : gather_channels(x, in.idx);
+  at::Tensor w_c = (in.is_all && out.is_all) ? w : gather_weight(w, out.idx, in.idx);
+  c10::optional<at::Tensor> b_c = b;
+  if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
+  at::Tensor y_c =
+      at::convolution(x_c, w_c, b_c, stride, padding, dilation, false, {0, 0}, 1).contiguous();
+  return out.is_all ? y_c : scatter_channels(y_c, out.idx, weight.size(0));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask) {
+  check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, kBackward);
+  check_cpu(input, "input", kBackward);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
+                  grad_output.size(1) == weight.size(0),
+              kBackward, ": grad_output shape ", grad_output.sizes(),
+              " does not match input/weight");
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), kBackward,
+              ": grad_output dtype ", grad_output.scalar_type(), " differs from input dtype ",
+              input.scalar_type());
+  const bool with_saliency = output.has_value() && output->defined();
+  if (with_saliency) {
+    TORCH_CHECK(output->sizes() == grad_output.sizes(), kBackward, ": output shape ",
+                output->sizes(), " differs from grad_output shape ", grad_output.sizes());
+  }
+  const auto in = check_channel_index(in_idx, input.size(1), input.device(), "in_idx");
+  const auto out = check_channel_index(out_idx, weight.size(0), input.device(), "out_idx");
+  const auto [want_gi, want_gw, want_gb] = output_mask;
+
+  const at::Tensor g = grad_output.contiguous();
+  const at::Tensor h = with_saliency ? output->contiguous() : at::Tensor();
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous();
+
+  // groups == 1 with a partial output list convolves the compact grad_output;
+  // otherwise the pass only reduces (grouped: masked dense, so g is masked below).
+  const bool compact_path = groups == 1 && !out.is_all;
+  GradOutputPass pass = grad_output_pass(g, h, out.idx, compact_path, want_gb);
+  if (want_gb && !pass.grad_bias.defined()) pass.grad_bias = at::zeros({weight.size(0)}, g.options());
+
+  at::Tensor grad_input, grad_weight;
+  if (want_gi || want_gw) {
+    if (groups > 1) {
+      at::Tensor gm = out.is_all ? g : mask_channels(g, out.idx);
+      at::Tensor xm = in.is_all ? x : mask_channels(x, in.idx);
+      auto grads = at::convolution_backward(gm, xm, w, c10::nullopt, stride, padding, dilation,
+                                            false, {0, 0}, groups, {want_gi, want_gw, false});
+      if (want_gi) {
+        grad_input = std::get<0>(grads).contiguous();
+        if (!in.is_all) grad_input = mask_channels(grad_input, in.idx);
+      }
+      if (want_gw) grad_weight = std::get<1>(grads);
+    } else {
+      const at::Tensor g_c = compact_path ? pass.compact : g;
+      // The weight gradient needs the compact input; grad_input needs only its shape.
+      at::Tensor x_c;
+      if (in.is_all) {
+        x_c = x;
+      } else if (want_gw) {
+        x_c = gather_channels(x, in.idx);
+      } else {
+        x_c = at::empty({x.size(0), in.count, x.size(2), x.size(3)}, x.options());
+      }
+      at::Tensor w_c = (in.is_all && out.is_all) ? w : gather_weight(w, out.idx, in.idx);
+      auto grads = at::convolution_backward(g_c, x_c, w_c, c10::nullopt, stride, padding,
+                                            dilation, false, {0, 0}, 1,
+                                            {want_gi, want_gw, false});
+      if (want_gi) {
+        grad_input = std::get<0>(grads).contiguous();
+        if (!in.is_all) grad_input = scatter_channels(grad_input, in.idx, input.size(1));
+      }
+      if (want_gw) {
+        grad_weight = std::get<1>(grads).contiguous();
+        if (!(in.is_all && out.is_all)) {
+          grad_weight =
+              scatter_weight(grad_weight, out.idx, in.idx, weight.size(0), weight.size(1));
+        }
+      }
+    }
+  }
+  return {grad_input, grad_weight, want_gb ? pass.grad_bias : at::Tensor(), pass.saliency};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dce, CPU, m) {
+  m.impl("channel_sparse_conv2d", &forward_cpu);
+  m.impl("channel_sparse_conv2d_backward", &backward_cpu);
+}
+
+}  // namespace dce::cpu

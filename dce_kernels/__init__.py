@@ -1,0 +1,9 @@
+"""dce-kernels: Dynamic Channel Execution for training compact CNNs.
+
+Import order matters only in that ``ops`` loads the compiled library first.
+"""
+from .ops import channel_sparse_conv2d
+from .nn import ChannelSparseConv2d
+
+__all__ = ["channel_sparse_conv2d", "ChannelSparseConv2d"]
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Layers built on the channel-sparse ops."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import channel_sparse_conv2d
+
+__all__ = ["ChannelSparseConv2d"]
+
+_Index = Optional[Union[torch.Tensor, Sequence[int]]]
+
+
+def _as_index(idx: _Index, num_channels: int, device: torch.device, name: str) -> torch.Tensor:
+    """Checks a user's channel list once, here, so that errors name the layer
+    argument; the op checks again on every call (it cannot trust its caller)."""
+    if idx is None:
+        return torch.arange(num_channels, device=device)
+    t = torch.as_tensor(idx)
+    if t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integer channel indices, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: at least one channel must stay active")
+    t = t.to(device=device, dtype=torch.long)
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= num_channels:
+        raise ValueError(f"{name} has channel {lo if lo < 0 else hi}, outside [0, {num_channels})")
+    if torch.unique(t).numel() != t.numel():
+        raise ValueError(f"{name} contains a channel more than once")
+    # Sorted lists keep the gathers walking memory forwards; order has no meaning.
+    return torch.sort(t).values
+
+
+class ChannelSparseConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that computes only over lists of active channels.
+
+    Same constructor, parameters and ``state_dict`` keys as ``nn.Conv2d``; with
+    all channels active (the default) it computes exactly what ``nn.Conv2d``
+    computes, for every configuration ``nn.Conv2d`` accepts: padding modes,
+    string padding, groups, unbatched input. ``set_active`` restricts the layer
+    to some output and input channels; inactive output channels are zero and
+    inactive input channels are never read.
+
+    After each backward in training mode, :attr:`saliency` holds the batch-mean
+    Taylor saliency ``mean_n |mean_{h,w}(dL/dy * y)|`` of every output channel
+    (zero for inactive ones), computed inside the backward kernel. Saliency needs
+    the layer's output as it was: do not modify it in place (e.g. an in-place
+    ReLU directly after the conv); set ``track_saliency = False`` if you must.
+
+    ``groups > 1`` is computed correctly by a masked dense path: it saves no
+    time yet.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.track_saliency = True
+        factory = {"device": self.weight.device}
+        # Non-persistent: state_dict keys stay exactly nn.Conv2d's.
+        self.register_buffer("in_idx", torch.arange(self.in_channels, **factory), persistent=False)
+        self.register_buffer("out_idx", torch.arange(self.out_channels, **factory), persistent=False)
+        self.register_buffer("saliency", torch.zeros(self.out_channels, dtype=self.weight.dtype,
+                                                     **factory), persistent=False)
+        self._make_probe()
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d) -> "ChannelSparseConv2d":
+        """A ChannelSparseConv2d sharing ``conv``'s parameters (not copies), so
+        an optimizer that holds them keeps training the same tensors."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                    device="meta", dtype=conv.weight.dtype)
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        device = conv.weight.device
+        layer.in_idx = torch.arange(conv.in_channels, device=device)
+        layer.out_idx = torch.arange(conv.out_channels, device=device)
+        layer.saliency = torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=device)
+        layer.train(conv.training)
+        layer._make_probe()
+        return layer
+
+    # -- active channels -------------------------------------------------------
+
+    def set_active(self, out_idx: _Index = None, in_idx: _Index = None) -> None:
+        """Activates the given output and input channels; None means all."""
+        device = self.weight.device
+        self.out_idx = _as_index(out_idx, self.out_channels, device, "out_idx")
+        self.in_idx = _as_index(in_idx, self.in_channels, device, "in_idx")
+
+    @property
+    def active_out_channels(self) -> int:
+        return self.out_idx.numel()
+
+    @property
+    def active_in_channels(self) -> int:
+        return self.in_idx.numel()
+
+    # -- saliency delivery -----------------------------------------------------
+
+    def _make_probe(self) -> None:
+        # A leaf whose gradient the backward op fills with the saliency; the hook
+        # moves it into the `saliency` buffer so it never accumulates across steps.
+        probe = torch.zeros(self.out_channels, dtype=self.weight.dtype,
+                            device=self.weight.device, requires_grad=True)
+        probe.register_post_accumulate_grad_hook(self._store_saliency)
+        self._saliency_probe = probe
+
+    def _store_saliency(self, probe: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.saliency.copy_(probe.grad)
+        probe.grad = None
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if self.weight.device.type != "meta":
+            self._make_probe()
+        return result
+
+    # -- forward ---------------------------------------------------------------
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        probe = None
+        if self.track_saliency and self.training and torch.is_grad_enabled():
+            probe = self._saliency_probe
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            # As nn.Conv2d does: pad explicitly, then convolve without padding.
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return channel_sparse_conv2d(input, self.weight, self.bias, self.in_idx, self.out_idx,
+                                     self.stride, padding, self.dilation, self.groups,
+                                     saliency_probe=probe)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", active_out={self.active_out_channels}"
+                f", active_in={self.active_in_channels}")

@@ -1,0 +1,130 @@
+"""Python face of the ``torch.ops.dce`` operators: the functional API, fake
+kernels (for torch.compile / FakeTensor) and autograd registration.
+
+The schemas live in csrc/ops.cpp; the kernels in csrc/cpu (and csrc/cuda).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from . import _C  # noqa: F401  (loads the shared library, which registers the ops)
+
+__all__ = ["channel_sparse_conv2d"]
+
+_IntOrPair = Union[int, Sequence[int]]
+
+_FORWARD = torch.ops.dce.channel_sparse_conv2d.default
+_BACKWARD = torch.ops.dce.channel_sparse_conv2d_backward.default
+
+
+def _resolve_padding(input, weight, stride, padding, dilation):
+    """Turns nn.Conv2d-style string padding into ints, padding the input
+    explicitly when 'same' needs more on one side than the other (even kernels)."""
+    if not isinstance(padding, str):
+        return input, _pair(padding)
+    if padding == "valid":
+        return input, (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError("padding='same' is not supported for strided convolutions")
+    left, right = [], []
+    for d, k in zip(dilation, weight.shape[2:]):
+        total = d * (k - 1)
+        left.append(total // 2)
+        right.append(total - total // 2)
+    if left == right:
+        return input, tuple(left)
+    # F.pad takes (W_left, W_right, H_left, H_right).
+    input = F.pad(input, [left[1], right[1], left[0], right[0]])
+    return input, (0, 0)
+
+
+def channel_sparse_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    in_idx: torch.Tensor,
+    out_idx: torch.Tensor,
+    stride: _IntOrPair = 1,
+    padding: Union[_IntOrPair, str] = 0,
+    dilation: _IntOrPair = 1,
+    groups: int = 1,
+    saliency_probe: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """2-D convolution over lists of active channels.
+
+    Equals ``F.conv2d(input * mask_in, weight, bias, ...) * mask_out`` (bias only
+    on active outputs), and so do its gradients, but reads only the input
+    channels in ``in_idx`` and computes only the output channels in ``out_idx``.
+    The result keeps the full channel width; inactive output channels are zero.
+
+    ``in_idx`` / ``out_idx``: 1-D integer tensors of unique channel indices on the
+    input's device. ``saliency_probe``: optional ``[out_channels]`` leaf tensor
+    with ``requires_grad=True``; after backward its ``.grad`` holds the batch-mean
+    Taylor saliency ``mean_n |mean_{h,w}(dL/dy * y)|`` of each active output
+    channel (zero for inactive ones), reduced inside the backward kernel.
+    Accepts batched (N, C, H, W) and unbatched (C, H, W) input, like F.conv2d.
+    """
+    stride, dilation = _pair(stride), _pair(dilation)
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    input, padding = _resolve_padding(input, weight, stride, padding, dilation)
+    out = _FORWARD(input, weight, bias, in_idx, out_idx, list(stride), list(padding),
+                   list(dilation), groups, saliency_probe)
+    return out.squeeze(0) if unbatched else out
+
+
+@torch.library.register_fake("dce::channel_sparse_conv2d")
+def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
+                  saliency_probe):
+    torch._check(in_idx.dim() == 1, lambda: "in_idx must be 1-D")
+    torch._check(out_idx.dim() == 1, lambda: "out_idx must be 1-D")
+    # PyTorch's own conv shape rule (and its errors), evaluated on fake tensors.
+    shape = F.conv2d(input, weight, None, stride, padding, dilation, groups).shape
+    return input.new_empty(shape)
+
+
+@torch.library.register_fake("dce::channel_sparse_conv2d_backward")
+def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
+                   dilation, groups, output_mask):
+    want_input, want_weight, want_bias = output_mask
+    return (
+        input.new_empty(input.shape) if want_input else None,
+        weight.new_empty(weight.shape) if want_weight else None,
+        weight.new_empty(weight.shape[:1]) if want_bias else None,
+        grad_output.new_empty(weight.shape[:1]) if output is not None else None,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, probe = inputs
+    # The output is kept only when saliency is wanted: it is h in sum(g * h).
+    ctx.want_saliency = probe is not None and ctx.needs_input_grad[9]
+    ctx.has_bias = bias is not None
+    ctx.conv_params = (stride, padding, dilation, groups)
+    saved = [input, weight, in_idx, out_idx]
+    if ctx.want_saliency:
+        saved.append(output)
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_output):
+    input, weight, in_idx, out_idx, *rest = ctx.saved_tensors
+    output = rest[0] if ctx.want_saliency else None
+    stride, padding, dilation, groups = ctx.conv_params
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_input, grad_weight, grad_bias, saliency = _BACKWARD(
+        grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation, groups,
+        mask)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, saliency
+
+
+torch.library.register_autograd(
+    "dce::channel_sparse_conv2d", _backward, setup_context=_setup_context)

@@ -1,0 +1,127 @@
+"""Build dce_kernels._C with torch.utils.cpp_extension.
+
+CPU kernels are always built. CUDA sources (csrc/cuda, csrc/kernels) are added
+when PyTorch is a CUDA build and nvcc is found, unless DCE_FORCE_CPU=1;
+DCE_FORCE_CUDA=1 makes a missing toolkit an error instead of a silent CPU build.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _nvcc_reported_home(nvcc):
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in dry.stderr.splitlines() + dry.stdout.splitlines():
+        if line.startswith("#$ _HERE_="):
+            return os.path.dirname(line.split("=", 1)[1].strip())
+    return None
+
+
+def find_cuda_home():
+    """CUDA_HOME from the environment, else the toolkit holding the nvcc on PATH,
+    else the standard install location; None when there is no toolkit."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+        # nvcc on PATH may be a wrapper script; nvcc itself knows where it lives.
+        home = _nvcc_reported_home(nvcc)
+        if home:
+            return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+def wheel_math_headers():
+    """Include dir of the CUDA math libraries (cusparse.h, cublas_v2.h, ...) that
+    PyTorch's CUDA wheels install under site-packages/nvidia/cu13/include."""
+    purelib = sysconfig.get_paths()["purelib"]
+    for candidate in sorted(glob.glob(os.path.join(purelib, "nvidia", "cu*", "include"))):
+        if os.path.exists(os.path.join(candidate, "cusparse.h")):
+            return candidate
+    return None
+
+
+def cuda_build_requested(torch_module, cuda_home):
+    if _flag("DCE_FORCE_CPU"):
+        return False
+    wanted = torch_module.version.cuda is not None and cuda_home is not None
+    if _flag("DCE_FORCE_CUDA") and not wanted:
+        sys.exit(
+            "DCE_FORCE_CUDA=1 but no CUDA build is possible: "
+            f"torch.version.cuda={torch_module.version.cuda!r}, CUDA toolkit={cuda_home!r}"
+        )
+    return wanted
+
+
+cuda_home = find_cuda_home()
+if cuda_home and not os.environ.get("CUDA_HOME"):
+    # cpp_extension reads CUDA_HOME once, at import time.
+    os.environ["CUDA_HOME"] = cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+with_cuda = cuda_build_requested(torch, cuda_home)
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+with_cuda = with_cuda and bool(cuda_sources)
+
+sources = ["csrc/python_module.cpp", "csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+include_dirs = [os.path.join(ROOT, "csrc")]
+cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
+define_macros = [("Py_LIMITED_API", "0x03090000")]
+extension = CppExtension
+extra_compile_args = {"cxx": cxx_flags}
+
+if with_cuda:
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    math_headers = wheel_math_headers()
+    if math_headers and not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        include_dirs.append(math_headers)
+    sources += cuda_sources
+    define_macros.append(("DCE_WITH_CUDA", "1"))
+    extension = CUDAExtension
+    extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
+
+print(f"dce_kernels: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension"
+      f" (torch {torch.__version__}, CUDA toolkit {cuda_home})")
+
+setup(
+    packages=find_packages(include=["dce_kernels", "dce_kernels.*"]),
+    ext_modules=[
+        extension(
+            "dce_kernels._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
