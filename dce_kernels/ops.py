@@ -13,12 +13,10 @@ from torch.nn.modules.utils import _pair
 
 from . import _C  # noqa: F401  (loads the shared library, which registers the ops)
 
-__all__ = ["channel_sparse_conv2d"]
+__all__ = ["channel_sparse_conv2d", "call_conv_op", "register_python_parts"]
 
 _IntOrPair = Union[int, Sequence[int]]
 
-_FORWARD = torch.ops.dce.channel_sparse_conv2d.default
-_BACKWARD = torch.ops.dce.channel_sparse_conv2d_backward.default
 
 
 def _resolve_padding(input, weight, stride, padding, dilation):
@@ -70,17 +68,24 @@ def channel_sparse_conv2d(
     channel (zero for inactive ones), reduced inside the backward kernel.
     Accepts batched (N, C, H, W) and unbatched (C, H, W) input, like F.conv2d.
     """
+    return call_conv_op(torch.ops.dce.channel_sparse_conv2d.default, input, weight, bias,
+                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe)
+
+
+def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, dilation=1,
+                 groups=1, saliency_probe=None):
+    """Normalizes F.conv2d-style arguments (ints or pairs, string padding,
+    unbatched input) and calls ``op``, any library's channel_sparse_conv2d."""
     stride, dilation = _pair(stride), _pair(dilation)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
     input, padding = _resolve_padding(input, weight, stride, padding, dilation)
-    out = _FORWARD(input, weight, bias, in_idx, out_idx, list(stride), list(padding),
-                   list(dilation), groups, saliency_probe)
+    out = op(input, weight, bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
+             groups, saliency_probe)
     return out.squeeze(0) if unbatched else out
 
 
-@torch.library.register_fake("dce::channel_sparse_conv2d")
 def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
                   saliency_probe):
     torch._check(in_idx.dim() == 1, lambda: "in_idx must be 1-D")
@@ -90,7 +95,6 @@ def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilatio
     return input.new_empty(shape)
 
 
-@torch.library.register_fake("dce::channel_sparse_conv2d_backward")
 def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
                    dilation, groups, output_mask):
     want_input, want_weight, want_bias = output_mask
@@ -114,17 +118,32 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*saved)
 
 
-def _backward(ctx, grad_output):
-    input, weight, in_idx, out_idx, *rest = ctx.saved_tensors
-    output = rest[0] if ctx.want_saliency else None
-    stride, padding, dilation, groups = ctx.conv_params
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_input, grad_weight, grad_bias, saliency = _BACKWARD(
-        grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation, groups,
-        mask)
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, saliency
+def _make_backward(backward_op):
+    def backward(ctx, grad_output):
+        input, weight, in_idx, out_idx, *rest = ctx.saved_tensors
+        output = rest[0] if ctx.want_saliency else None
+        stride, padding, dilation, groups = ctx.conv_params
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias, saliency = backward_op(
+            grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
+            groups, mask)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, saliency
+
+    return backward
 
 
-torch.library.register_autograd(
-    "dce::channel_sparse_conv2d", _backward, setup_context=_setup_context)
+def register_python_parts(namespace: str) -> None:
+    """Fake kernels and autograd for one library of the dce schemas. The
+    production library is ``dce``; the emulated CUDA kernels register the same
+    schemas under their own namespace and call this too."""
+    ops = getattr(torch.ops, namespace)
+    torch.library.register_fake(f"{namespace}::channel_sparse_conv2d")(_forward_fake)
+    torch.library.register_fake(f"{namespace}::channel_sparse_conv2d_backward")(_backward_fake)
+    torch.library.register_autograd(
+        f"{namespace}::channel_sparse_conv2d",
+        _make_backward(ops.channel_sparse_conv2d_backward.default),
+        setup_context=_setup_context)
+
+
+register_python_parts("dce")

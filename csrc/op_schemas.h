@@ -1,0 +1,26 @@
+// Operator schemas of dce, as strings, so that every library that registers
+// them (dce for the production backends, dce_emu for the emulated CUDA
+// kernels) declares exactly the same signature.
+#pragma once
+
+namespace dce::schema {
+
+// Convolution over lists of active channels. Output channels outside out_idx
+// are zero; input channels outside in_idx are never read. saliency_probe is a
+// [out_channels] tensor whose gradient, when it requires grad, is the batch-mean
+// Taylor saliency of the output channels (computed inside the backward).
+inline constexpr const char* kChannelSparseConv2d =
+    "channel_sparse_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor in_idx, "
+    "Tensor out_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+    "Tensor? saliency_probe) -> Tensor";
+
+// Gradients of the op above. output is the forward's result; when given, the
+// fourth result is the saliency [out_channels] (zero for inactive channels),
+// reduced in the same pass that reads grad_output. output_mask selects
+// grad_input, grad_weight, grad_bias; unselected results are undefined (None).
+inline constexpr const char* kChannelSparseConv2dBackward =
+    "channel_sparse_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+    "Tensor? output, Tensor in_idx, Tensor out_idx, int[2] stride, int[2] padding, "
+    "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)";
+
+}  // namespace dce::schema

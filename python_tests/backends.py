@@ -1,0 +1,39 @@
+"""The backends the correctness suite runs against.
+
+Each backend is the functional API of one implementation of the dce schemas
+plus the device its tensors live on. Every test that takes the `backend`
+fixture runs once per backend present on this machine.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import dce_kernels
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    conv: Callable  # same signature as dce_kernels.channel_sparse_conv2d
+    device: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def available_backends() -> list[Backend]:
+    found = [Backend("cpu", dce_kernels.channel_sparse_conv2d, "cpu")]
+    if importlib.util.find_spec("dce_kernels.emulated") is not None:
+        from dce_kernels import emulated
+
+        found.append(Backend("emulated", emulated.channel_sparse_conv2d, "cpu"))
+    if torch.cuda.is_available():
+        found.append(Backend("cuda", dce_kernels.channel_sparse_conv2d, "cuda"))
+    return found
+
+
+BACKENDS = available_backends()
