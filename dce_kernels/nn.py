@@ -20,12 +20,12 @@ def _as_index(idx: _Index, num_channels: int, device: torch.device, name: str) -
     if idx is None:
         return torch.arange(num_channels, device=device)
     t = torch.as_tensor(idx)
-    if t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: at least one channel must stay active")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name} must hold integer channel indices, got dtype {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty: at least one channel must stay active")
     t = t.to(device=device, dtype=torch.long)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_channels:

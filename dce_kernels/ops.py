@@ -88,8 +88,12 @@ def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, 
 
 def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
                   saliency_probe):
-    torch._check(in_idx.dim() == 1, lambda: "in_idx must be 1-D")
-    torch._check(out_idx.dim() == 1, lambda: "out_idx must be 1-D")
+    for name, idx in (("in_idx", in_idx), ("out_idx", out_idx)):
+        torch._check(idx.dim() == 1, lambda: f"{name} must be a 1-D tensor of channel indices")
+        # Without this, a meta index list would route a real call to this kernel.
+        torch._check(idx.device == input.device,
+                     lambda: f"{name} must be on the input's device ({input.device}), "
+                             f"got {idx.device}")
     # PyTorch's own conv shape rule (and its errors), evaluated on fake tensors.
     shape = F.conv2d(input, weight, None, stride, padding, dilation, groups).shape
     return input.new_empty(shape)

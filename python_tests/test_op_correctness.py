@@ -1,0 +1,205 @@
+"""The op against the masked dense reference, on every backend present.
+
+Shapes stay small so the emulated backend (CUDA kernels run by a CPU emulator)
+can run the same suite; odd sizes are deliberate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference import masked_dense, random_index
+
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation, bias)
+SHAPES = [
+    (1, 1, 1, 1, 1, (1, 1), 1, 0, 1, True),          # everything of size one
+    (2, 3, 5, 7, 7, (3, 3), 1, 1, 1, True),          # the common 3x3 same-size conv
+    (3, 7, 4, 9, 6, (3, 3), 2, 1, 1, False),         # stride 2, non-square input, no bias
+    (1, 5, 6, 8, 11, (5, 5), 1, 2, 1, True),         # 5x5
+    (2, 4, 3, 10, 9, (1, 1), 3, 0, 1, True),         # 1x1, stride 3
+    (2, 6, 5, 11, 10, (3, 2), (2, 1), (1, 0), 1, True),  # non-square kernel, mixed stride/pad
+    (1, 4, 4, 9, 9, (3, 3), 1, 2, 2, False),         # dilation
+    (2, 3, 2, 3, 3, (3, 3), 1, 0, 1, True),          # output 1x1
+    (1, 2, 3, 2, 5, (2, 3), 1, (1, 0), (1, 2), True),  # tiny, everything odd
+    (3, 13, 11, 5, 7, (3, 3), 1, 1, 1, True),        # prime channel counts
+]
+
+FRACTIONS = [(1.0, 1.0), (0.5, 0.5), (0.3, 1.0), (1.0, 0.3), (0.2, 0.7)]
+
+
+def _case(shape, dtype, device):
+    n, cin, cout, h, w, k, *_rest = shape
+    bias = shape[-1]
+    x = torch.randn(n, cin, h, w, dtype=dtype, device=device)
+    wt = torch.randn(cout, cin, *k, dtype=dtype, device=device)
+    b = torch.randn(cout, dtype=dtype, device=device) if bias else None
+    return x, wt, b
+
+
+def _conv_args(shape):
+    return dict(stride=shape[6], padding=shape[7], dilation=shape[8])
+
+
+def _run(backend, x, wt, b, in_idx, out_idx, conv_args, grad_output):
+    x = x.clone().requires_grad_()
+    wt = wt.clone().requires_grad_()
+    b = b.clone().requires_grad_() if b is not None else None
+    probe = torch.zeros(wt.shape[0], dtype=wt.dtype, device=wt.device, requires_grad=True)
+    y = backend.conv(x, wt, b, in_idx, out_idx, saliency_probe=probe, **conv_args)
+    y.backward(grad_output)
+    return y, x.grad, wt.grad, (b.grad if b is not None else None), probe.grad
+
+
+def _tolerances(dtype):
+    return dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("fractions", FRACTIONS, ids=lambda f: f"pin{f[0]}-pout{f[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+def test_forward_gradients_and_saliency_match_masked_dense(backend, shape, fractions, dtype):
+    x, wt, b = _case(shape, dtype, backend.device)
+    in_idx = random_index(x.shape[1], fractions[0]).to(backend.device)
+    out_idx = random_index(wt.shape[0], fractions[1]).to(backend.device)
+    args = _conv_args(shape)
+    probe_out = torch.nn.functional.conv2d(x, wt, None, **args)
+    grad_output = torch.randn_like(probe_out)
+
+    y, gx, gw, gb, sal = _run(backend, x, wt, b, in_idx, out_idx, args, grad_output)
+    ref = masked_dense(x, wt, b, in_idx, out_idx, grad_output, **args)
+    tol = _tolerances(dtype)
+    # Output sums over Cin*k*k products; scale the tolerance with the magnitude.
+    torch.testing.assert_close(y.double().cpu(), ref.output, **tol)
+    torch.testing.assert_close(gx.double().cpu(), ref.grad_input, **tol)
+    torch.testing.assert_close(gw.double().cpu(), ref.grad_weight, **tol)
+    if b is not None:
+        torch.testing.assert_close(gb.double().cpu(), ref.grad_bias, **tol)
+    torch.testing.assert_close(sal.double().cpu(), ref.saliency, **tol)
+
+
+def test_inactive_channels_are_exactly_zero(backend):
+    x, wt, b = _case((2, 9, 7, 8, 8, (3, 3), 1, 1, 1, True), torch.float32, backend.device)
+    in_idx = torch.tensor([0, 4, 5, 8], device=backend.device)
+    out_idx = torch.tensor([6, 1, 3], device=backend.device)
+    y, gx, gw, gb, sal = _run(backend, x, wt, b, in_idx, out_idx, dict(padding=1),
+                              torch.randn(2, 7, 8, 8, device=backend.device))
+    inactive_out = [c for c in range(7) if c not in out_idx.tolist()]
+    inactive_in = [c for c in range(9) if c not in in_idx.tolist()]
+    assert torch.count_nonzero(y[:, inactive_out]) == 0
+    assert torch.count_nonzero(gx[:, inactive_in]) == 0
+    assert torch.count_nonzero(gw[inactive_out]) == 0
+    assert torch.count_nonzero(gw[:, inactive_in]) == 0
+    assert torch.count_nonzero(gb[inactive_out]) == 0
+    assert torch.count_nonzero(sal[inactive_out]) == 0
+    # and the active part is really computed (guards against an all-zero result)
+    assert torch.count_nonzero(y[:, out_idx]) > 0
+    assert torch.count_nonzero(gw[out_idx][:, in_idx]) > 0
+
+
+def test_inactive_input_channels_are_never_read(backend):
+    x, wt, b = _case((2, 6, 5, 7, 7, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    in_idx = torch.tensor([1, 4], device=backend.device)
+    out_idx = torch.tensor([0, 2, 3], device=backend.device)
+    poisoned = x.clone()
+    poisoned[:, [0, 2, 3, 5]] = float("nan")
+    y = backend.conv(poisoned, wt, b, in_idx, out_idx, padding=1)
+    expected = backend.conv(x, wt, b, in_idx, out_idx, padding=1)
+    assert not torch.isnan(y).any()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_float64(backend, with_bias):
+    x = torch.randn(2, 5, 6, 5, dtype=torch.float64, device=backend.device, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64, device=backend.device, requires_grad=True)
+    b = (torch.randn(4, dtype=torch.float64, device=backend.device, requires_grad=True)
+         if with_bias else None)
+    in_idx = torch.tensor([4, 0, 2], device=backend.device)
+    out_idx = torch.tensor([1, 3], device=backend.device)
+
+    def f(x, w, b):
+        return backend.conv(x, w, b, in_idx, out_idx, stride=(2, 1), padding=1, dilation=1)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_index_order_and_int32_indices_do_not_change_the_result(backend):
+    x, wt, b = _case((2, 8, 6, 6, 6, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    in_idx = torch.tensor([7, 1, 3, 0], device=backend.device)
+    out_idx = torch.tensor([5, 2, 4], device=backend.device)
+    a = backend.conv(x, wt, b, in_idx, out_idx, padding=1)
+    s = backend.conv(x, wt, b, in_idx.sort().values.int(), out_idx.sort().values.int(), padding=1)
+    torch.testing.assert_close(a, s, rtol=1e-12, atol=1e-12)
+
+
+def test_unbatched_input_matches_batched(backend):
+    x, wt, b = _case((1, 4, 3, 7, 6, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    in_idx = torch.tensor([0, 3], device=backend.device)
+    out_idx = torch.tensor([1, 2], device=backend.device)
+    batched = backend.conv(x, wt, b, in_idx, out_idx, padding=1)
+    unbatched = backend.conv(x[0], wt, b, in_idx, out_idx, padding=1)
+    assert unbatched.shape == batched.shape[1:]
+    torch.testing.assert_close(unbatched, batched[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel", [(3, 3), (2, 4)])
+def test_string_padding_matches_reference(backend, padding, kernel):
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, device=backend.device)
+    w = torch.randn(4, 3, *kernel, dtype=torch.float64, device=backend.device)
+    in_idx = torch.tensor([0, 2], device=backend.device)
+    out_idx = torch.tensor([1, 3], device=backend.device)
+    y = backend.conv(x, w, None, in_idx, out_idx, padding=padding, dilation=(1, 2))
+    ref = masked_dense(x, w, None, in_idx, out_idx, torch.ones_like(y), padding=padding,
+                       dilation=(1, 2))
+    torch.testing.assert_close(y.cpu(), ref.output, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_convolution_matches_masked_dense(backend):
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64, device=backend.device)
+    w = torch.randn(9, 2, 3, 3, dtype=torch.float64, device=backend.device)
+    b = torch.randn(9, dtype=torch.float64, device=backend.device)
+    in_idx = torch.tensor([0, 1, 3, 5], device=backend.device)
+    out_idx = torch.tensor([0, 4, 7, 8], device=backend.device)
+    g = torch.randn(2, 9, 7, 7, dtype=torch.float64, device=backend.device)
+    y, gx, gw, gb, sal = _run(backend, x, w, b, in_idx, out_idx, dict(padding=1, groups=3), g)
+    ref = masked_dense(x, w, b, in_idx, out_idx, g, padding=1, groups=3)
+    for got, want in [(y, ref.output), (gx, ref.grad_input), (gw, ref.grad_weight),
+                      (gb, ref.grad_bias), (sal, ref.saliency)]:
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_non_contiguous_and_channels_last_inputs_give_correct_results(backend):
+    x, wt, b = _case((2, 6, 5, 9, 9, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    in_idx = torch.tensor([1, 2, 5], device=backend.device)
+    out_idx = torch.tensor([0, 4], device=backend.device)
+    want = backend.conv(x, wt, b, in_idx, out_idx, padding=1)
+    for variant in (x.to(memory_format=torch.channels_last),
+                    x.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert not variant.is_contiguous()
+        got = backend.conv(variant, wt.to(memory_format=torch.channels_last), b, in_idx,
+                           out_idx, padding=1)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_only_and_input_only_gradients(backend):
+    x, wt, b = _case((2, 5, 4, 6, 6, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    in_idx = torch.tensor([0, 3, 4], device=backend.device)
+    out_idx = torch.tensor([1, 2], device=backend.device)
+    g = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=backend.device)
+    ref = masked_dense(x, wt, b, in_idx, out_idx, g, padding=1)
+
+    w_only = wt.clone().requires_grad_()
+    backend.conv(x, w_only, b, in_idx, out_idx, padding=1).backward(g)
+    torch.testing.assert_close(w_only.grad.cpu(), ref.grad_weight, rtol=1e-10, atol=1e-10)
+
+    x_only = x.clone().requires_grad_()
+    backend.conv(x_only, wt, b, in_idx, out_idx, padding=1).backward(g)
+    torch.testing.assert_close(x_only.grad.cpu(), ref.grad_input, rtol=1e-10, atol=1e-10)
+
+
+def test_empty_batch(backend):
+    x = torch.randn(0, 4, 5, 5, device=backend.device)
+    w = torch.randn(3, 4, 3, 3, device=backend.device)
+    y = backend.conv(x, w, None, torch.tensor([0, 1], device=backend.device),
+                     torch.tensor([2], device=backend.device), padding=1)
+    assert y.shape == (0, 3, 5, 5)

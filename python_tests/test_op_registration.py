@@ -1,0 +1,109 @@
+"""The op as PyTorch sees it: schema, fake kernels, autograd registration,
+torch.compile, and the errors bad input gets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dce_kernels
+
+OP = torch.ops.dce.channel_sparse_conv2d.default
+
+
+def _args(requires_grad: bool, dtype=torch.float64, stride=(1, 1), padding=(1, 1),
+          dilation=(1, 1)):
+    x = torch.randn(2, 6, 7, 5, dtype=dtype, requires_grad=requires_grad)
+    w = torch.randn(5, 6, 3, 3, dtype=dtype, requires_grad=requires_grad)
+    b = torch.randn(5, dtype=dtype, requires_grad=requires_grad)
+    probe = torch.zeros(5, dtype=dtype, requires_grad=requires_grad)
+    return (x, w, b, torch.tensor([0, 2, 5]), torch.tensor([4, 1]), list(stride),
+            list(padding), list(dilation), 1, probe)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("geometry", [dict(), dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2))])
+def test_opcheck(requires_grad, geometry):
+    args = _args(requires_grad, **geometry)
+    torch.library.opcheck(OP, args)
+
+
+def test_opcheck_without_bias_and_probe():
+    x, w, _, in_idx, out_idx, *rest = _args(True)
+    args = (x, w, None, in_idx, out_idx, *rest[:-1], None)
+    torch.library.opcheck(OP, args)
+
+
+def test_backward_op_opcheck():
+    x, w, b, in_idx, out_idx, stride, padding, dilation, groups, _ = _args(False)
+    y = OP(x, w, b, in_idx, out_idx, stride, padding, dilation, groups, None)
+    g = torch.randn_like(y)
+    for mask in ([True, True, True], [False, True, False], [True, False, True]):
+        torch.library.opcheck(
+            torch.ops.dce.channel_sparse_conv2d_backward.default,
+            (g, x, w, y, in_idx, out_idx, stride, padding, dilation, groups, mask))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    x, w, b, in_idx, out_idx, stride, padding, dilation, groups, _ = _args(True, torch.float32)
+
+    def step(x, w, b, probe):
+        y = dce_kernels.channel_sparse_conv2d(x, w, b, in_idx, out_idx, stride, padding,
+                                              dilation, groups, saliency_probe=probe)
+        return (y.relu() * torch.arange(y.shape[-1], dtype=y.dtype)).sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        probe = torch.zeros(5, requires_grad=True)
+        loss = fn(*leaves, probe)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves] + [probe.grad])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert results[1][-1].abs().sum() > 0  # saliency really came through the compiled graph
+
+
+def _call(**overrides):
+    base = dict(input=torch.randn(2, 4, 6, 6), weight=torch.randn(3, 4, 3, 3), bias=None,
+                in_idx=torch.tensor([0, 1]), out_idx=torch.tensor([2]), padding=1)
+    base.update(overrides)
+    return dce_kernels.channel_sparse_conv2d(**base)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(in_idx=torch.tensor([0.0, 1.0])), "in_idx must hold int64 or int32"),
+    (dict(out_idx=torch.tensor([True, False])), "out_idx must hold int64 or int32"),
+    (dict(in_idx=torch.tensor([[0, 1]])), "in_idx must be a 1-D tensor"),
+    (dict(in_idx=torch.tensor([1, 1])), "in_idx contains channel 1 more than once"),
+    (dict(out_idx=torch.tensor([0, 3])), "out of range"),
+    (dict(in_idx=torch.tensor([-1])), "out of range"),
+    (dict(in_idx=torch.tensor([], dtype=torch.long)), "in_idx is empty"),
+    (dict(out_idx=torch.tensor([0, 1, 2, 0])), "out_idx has 4 entries"),
+    (dict(in_idx=torch.tensor([0, 1], device="meta")), "in_idx must be on the input's device"),
+    (dict(weight=torch.randn(3, 5, 3, 3)), "input has 4 channels but weight expects 5"),
+    (dict(weight=torch.randn(3, 4, 3, 3, dtype=torch.float64)), "weight dtype"),
+    (dict(input=torch.randn(4, 6)), "input must be 4-D"),
+    (dict(bias=torch.randn(4)), "bias must have shape"),
+    (dict(input=torch.randn(1, 4, 2, 2), padding=0), "smaller than the dilated kernel"),
+    (dict(input=torch.randint(0, 5, (2, 4, 6, 6))), "floating point"),
+])
+def test_bad_input_raises_a_clear_error(overrides, message):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        _call(**overrides)
+
+
+def test_bad_stride_and_padding_raise():
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        _call(stride=0)
+    with pytest.raises(RuntimeError, match="padding must be >= 0"):
+        _call(padding=-1)
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        _call(padding="same", stride=2)
+    with pytest.raises(ValueError, match="padding must be an int"):
+        _call(padding="full")
+
+
+def test_bad_saliency_probe_shape_raises():
+    with pytest.raises(RuntimeError, match="saliency_probe must have shape"):
+        _call(saliency_probe=torch.zeros(7, requires_grad=True))
