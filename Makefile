@@ -31,3 +31,13 @@ test: build
 
 clean:
 	rm -rf build dist *.egg-info dce_kernels/*.so $(VENV)/.built
+
+.PHONY: bench
+# Benchmarks: interleaved ratios vs dense / narrow / naive, then the table and plot.
+# DCE_BENCH_THREADS=1,2 measures both thread counts; DCE_BENCH_ROUNDS sets rounds.
+bench: build
+	$(PIP) install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))')
+	mkdir -p build/bench
+	$(PY) -m pytest bench --benchmark-json=build/bench/results.json -q
+	$(PY) bench/report.py build/bench/results.json --markdown build/bench/table.md --plot build/bench/layer.png
+	@cat build/bench/table.md

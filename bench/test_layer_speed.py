@@ -1,0 +1,57 @@
+"""Layer speed: one 3x3 conv forward+backward (batch 64, VGG-16 shapes) at
+active fraction p, ours against dense nn.Conv2d, a physically narrower conv of
+the active size, and the naive index_select + conv + index_copy.
+
+pytest-benchmark times ours; the ratios, which are what the targets are stated
+in, come from interleaved rounds in the same test (see timing.py) and are stored
+in each benchmark's extra_info for bench/report.py.
+
+Run: make bench   (or: pytest bench/test_layer_speed.py --benchmark-json=out.json)
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from layer_cases import VGG16_SHAPES, make_cases
+from timing import interleaved_medians
+
+FRACTIONS = [1.0, 0.75, 0.5, 0.25]
+ROUNDS = int(os.environ.get("DCE_BENCH_ROUNDS", "11"))
+THREADS = [int(t) for t in os.environ.get("DCE_BENCH_THREADS", "2").split(",")]
+
+
+@pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t}")
+@pytest.mark.parametrize("fraction", FRACTIONS, ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("shape", VGG16_SHAPES, ids=lambda s: f"C{s[0]}-S{s[1]}")
+def test_layer_forward_backward(benchmark, shape, fraction, threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = make_cases(*shape, fraction)
+        medians = interleaved_medians(cases, rounds=ROUNDS)
+        benchmark.extra_info.update(
+            kind="layer", channels=shape[0], size=shape[1], fraction=fraction, threads=threads,
+            **{f"ms_{name}": 1e3 * t for name, t in medians.items()},
+            ours_over_dense=medians["ours"] / medians["dense"],
+            ours_over_narrow=medians["ours"] / medians["narrow"],
+            narrow_over_dense=medians["narrow"] / medians["dense"],
+            naive_over_dense=medians["naive"] / medians["dense"],
+        )
+        benchmark.pedantic(cases["ours"], rounds=3, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("shape", VGG16_SHAPES, ids=lambda s: f"C{s[0]}-S{s[1]}")
+def test_saliency_overhead(benchmark, shape):
+    """Ours with and without the fused saliency, full activation."""
+    with_s = make_cases(*shape, 1.0, saliency=True)["ours"]
+    without = make_cases(*shape, 1.0, saliency=False)["ours"]
+    medians = interleaved_medians({"with": with_s, "without": without}, rounds=ROUNDS)
+    benchmark.extra_info.update(
+        kind="saliency", channels=shape[0], size=shape[1],
+        saliency_overhead=medians["with"] / medians["without"] - 1.0)
+    benchmark.pedantic(with_s, rounds=3, warmup_rounds=1)
