@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Sources whose change requires rebuilding the extension.
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test build clean
+.PHONY: test build clean fashion-mnist
 
 # torch, ninja and setuptools must be in the venv before the extension builds
 # (--no-build-isolation, as usual for torch extensions); read them from pyproject.
@@ -26,7 +26,15 @@ $(VENV)/.built: $(VENV)/.build-deps $(EXT_SOURCES)
 
 build: $(VENV)/.built
 
-test: build
+# Real Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo and the real-data tests;
+# installed when missing and apt is available, else set DCE_DATA_DIR (see dce_kernels/data.py).
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@if [ ! -d $(FASHION_MNIST_DIR) ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+test: build fashion-mnist
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
