@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Sources whose change requires rebuilding the extension.
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test build clean fashion-mnist
+.PHONY: test build clean fashion-mnist cpp-test
 
 # torch, ninja and setuptools must be in the venv before the extension builds
 # (--no-build-isolation, as usual for torch extensions); read them from pyproject.
@@ -34,8 +34,15 @@ fashion-mnist:
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
-test: build fashion-mnist
+test: build fashion-mnist cpp-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The CMake build for C++ users (LibTorch from the venv's torch) and its ctest suite.
+CMAKE_BUILD_DIR := build/cmake
+cpp-test: $(VENV)/.build-deps
+	cmake -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > $(CMAKE_BUILD_DIR).configure.log 2>&1 || (cat $(CMAKE_BUILD_DIR).configure.log; exit 1)
+	cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
+	ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
 clean:
 	rm -rf build dist *.egg-info dce_kernels/*.so $(VENV)/.built
