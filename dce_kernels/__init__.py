@@ -7,3 +7,7 @@ from .nn import ChannelSparseConv2d
 
 __all__ = ["channel_sparse_conv2d", "ChannelSparseConv2d"]
 __version__ = "0.1.0"
+
+from .selectors import CUCBSelector, RandomSelector  # noqa: E402
+
+__all__ += ["CUCBSelector", "RandomSelector"]
