@@ -11,3 +11,10 @@ __version__ = "0.1.0"
 from .selectors import CUCBSelector, RandomSelector  # noqa: E402
 
 __all__ += ["CUCBSelector", "RandomSelector"]
+
+from .nn import ChannelSparseBatchNorm2d  # noqa: E402
+from .channels import ChannelGroup, ChannelPlan, plan_for, sequential_groups  # noqa: E402
+from .optim import MaskedOptimizer  # noqa: E402
+
+__all__ += ["ChannelSparseBatchNorm2d", "ChannelGroup", "ChannelPlan", "plan_for",
+            "sequential_groups", "MaskedOptimizer"]
