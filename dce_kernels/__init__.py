@@ -18,3 +18,8 @@ from .optim import MaskedOptimizer  # noqa: E402
 
 __all__ += ["ChannelSparseBatchNorm2d", "ChannelGroup", "ChannelPlan", "plan_for",
             "sequential_groups", "MaskedOptimizer"]
+
+from .models import build_model  # noqa: E402
+from .compact import compact_model, export_compact  # noqa: E402
+
+__all__ += ["build_model", "compact_model", "export_compact"]
