@@ -23,3 +23,7 @@ from .models import build_model  # noqa: E402
 from .compact import compact_model, export_compact  # noqa: E402
 
 __all__ += ["build_model", "compact_model", "export_compact"]
+
+from .train import TrainConfig, train  # noqa: E402
+
+__all__ += ["TrainConfig", "train"]
