@@ -24,6 +24,8 @@ from .compact import compact_model, export_compact  # noqa: E402
 
 __all__ += ["build_model", "compact_model", "export_compact"]
 
-from .train import TrainConfig, train  # noqa: E402
+# The training entry point stays dce_kernels.train.train: a top-level `train`
+# would shadow the submodule of the same name.
+from .train import TrainConfig  # noqa: E402
 
-__all__ += ["TrainConfig", "train"]
+__all__ += ["TrainConfig"]
