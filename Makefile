@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Sources whose change requires rebuilding the extension.
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test build clean fashion-mnist cpp-test
+.PHONY: test build clean fashion-mnist cpp-test demo
 
 # torch, ninja and setuptools must be in the venv before the extension builds
 # (--no-build-isolation, as usual for torch extensions); read them from pyproject.
@@ -52,8 +52,16 @@ clean:
 # Benchmarks: interleaved ratios vs dense / narrow / naive, then the table and plot.
 # DCE_BENCH_THREADS=1,2 measures both thread counts; DCE_BENCH_ROUNDS sets rounds.
 bench: build
-	$(PIP) install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))')
 	mkdir -p build/bench
 	$(PY) -m pytest bench --benchmark-json=build/bench/results.json -q
 	$(PY) bench/report.py build/bench/results.json --markdown build/bench/table.md --plot build/bench/layer.png
 	@cat build/bench/table.md
+
+# -- make demo: the paper's pipeline on real Fashion-MNIST, a few minutes on 2 CPU cores --
+DEMO_DIR ?= runs/demo
+DEMO_ARGS ?= --model vgg11 --width 0.25 --fraction 0.5 --train-limit 6000 --test-limit 2000 \
+	--dense-epochs 2 --explore-epochs 1 --finetune-epochs 1 --tau 20 --batch-size 64
+
+demo: build fashion-mnist
+	rm -rf $(DEMO_DIR)
+	$(PY) -m dce_kernels.cli train --dataset fashion-mnist $(DEMO_ARGS) --run-dir $(DEMO_DIR)

@@ -19,3 +19,25 @@ __all__ = [
     "make_loaders",
 ]
 __version__ = "0.1.0"
+
+from .selectors import CUCBSelector, RandomSelector  # noqa: E402
+
+__all__ += ["CUCBSelector", "RandomSelector"]
+
+from .nn import ChannelSparseBatchNorm2d  # noqa: E402
+from .channels import ChannelGroup, ChannelPlan, plan_for, sequential_groups  # noqa: E402
+from .optim import MaskedOptimizer  # noqa: E402
+
+__all__ += ["ChannelSparseBatchNorm2d", "ChannelGroup", "ChannelPlan", "plan_for",
+            "sequential_groups", "MaskedOptimizer"]
+
+from .models import build_model  # noqa: E402
+from .compact import compact_model, export_compact  # noqa: E402
+
+__all__ += ["build_model", "compact_model", "export_compact"]
+
+# The training entry point stays dce_kernels.train.train: a top-level `train`
+# would shadow the submodule of the same name.
+from .train import TrainConfig  # noqa: E402
+
+__all__ += ["TrainConfig"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from .ops import channel_sparse_conv2d
 
-__all__ = ["ChannelSparseConv2d"]
+__all__ = ["ChannelSparseConv2d", "ChannelSparseBatchNorm2d"]
 
 _Index = Optional[Union[torch.Tensor, Sequence[int]]]
 
@@ -142,3 +142,63 @@ class ChannelSparseConv2d(nn.Conv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", active_out={self.active_out_channels}"
                 f", active_in={self.active_in_channels}")
+
+
+class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
+    """An ``nn.BatchNorm2d`` that normalizes only a list of active channels.
+
+    Same constructor and ``state_dict`` keys as ``nn.BatchNorm2d``. Active
+    channels are normalized exactly as ``nn.BatchNorm2d`` would normalize them;
+    inactive channels output zero (as the sparse conv before them does, so
+    ReLU/pooling keep them zero), get no gradient, and their running statistics
+    are left untouched: a channel that does not run is not measured.
+    ``num_batches_tracked`` is one counter per layer, so with ``momentum=None``
+    (cumulative averaging) channels share the layer's count.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        device = self.running_mean.device if self.running_mean is not None else None
+        # Non-persistent: state_dict keys stay exactly nn.BatchNorm2d's.
+        self.register_buffer("active_idx", torch.arange(self.num_features, device=device),
+                             persistent=False)
+
+    def set_active(self, idx: _Index = None) -> None:
+        """Activates the given channels; None means all."""
+        device = self.active_idx.device
+        self.active_idx = _as_index(idx, self.num_features, device, "idx")
+
+    @property
+    def active_channels(self) -> int:
+        return self.active_idx.numel()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        idx = self.active_idx
+        if idx.numel() == self.num_features:
+            return super().forward(input)
+        self._check_input_dim(input)
+        if input.dim() != 4:
+            raise ValueError("ChannelSparseBatchNorm2d with inactive channels needs (N, C, H, W)")
+        training = self.training or self.running_mean is None
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.momentum is None:
+            momentum = 1.0 / float(self.num_batches_tracked)
+        # Gathered copies of the active statistics: F.batch_norm updates them in
+        # place, and only they are written back.
+        mean = var = None
+        if self.running_mean is not None:
+            mean, var = self.running_mean[idx], self.running_var[idx]
+        weight = self.weight[idx] if self.weight is not None else None
+        bias = self.bias[idx] if self.bias is not None else None
+        active = F.batch_norm(input.index_select(1, idx), mean, var, weight, bias,
+                              training, momentum, self.eps)
+        if self.training and mean is not None:
+            with torch.no_grad():
+                self.running_mean.index_copy_(0, idx, mean)
+                self.running_var.index_copy_(0, idx, var)
+        return input.new_zeros(input.shape).index_copy(1, idx, active)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", active={self.active_channels}"

@@ -1,0 +1,115 @@
+"""Export of the physically smaller network that a channel selection defines.
+
+``compact_model`` copies a model whose channels have been selected (a
+:class:`~dce_kernels.channels.ChannelPlan` applied) and replaces every
+channel-sparse layer by a plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` holding only
+the active channels, and slices the Linear layers that read them. In eval mode
+it computes what the sparse model computes (inactive channels there are exactly
+zero, and nothing downstream reads them).
+
+``export_compact`` writes it as a ``state_dict`` and as a ``torch.export``
+program (``.pt2``), which ``torch.export.load`` runs without dce_kernels.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .channels import ChannelPlan, linear_features
+from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+
+__all__ = ["compact_model", "export_compact", "load_exported"]
+
+
+def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
+    out_idx, in_idx = conv.out_idx.cpu(), conv.in_idx.cpu()
+    if conv.groups != 1 and (out_idx.numel() != conv.out_channels
+                             or in_idx.numel() != conv.in_channels):
+        raise ValueError("compacting a grouped conv with inactive channels is not supported")
+    plain = nn.Conv2d(in_idx.numel(), out_idx.numel(), conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                      bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        weight = conv.weight.index_select(0, conv.out_idx)
+        if conv.groups == 1:
+            weight = weight.index_select(1, conv.in_idx)
+        plain.weight.copy_(weight)
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias.index_select(0, conv.out_idx))
+    plain.train(conv.training)
+    return plain
+
+
+def _plain_norm(bn: ChannelSparseBatchNorm2d) -> nn.BatchNorm2d:
+    idx = bn.active_idx
+    plain = nn.BatchNorm2d(idx.numel(), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                           track_running_stats=bn.track_running_stats,
+                           device=idx.device, dtype=(bn.weight.dtype if bn.weight is not None
+                                                     else torch.float32))
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(bn, name)
+            if src is not None:
+                getattr(plain, name).copy_(src.index_select(0, idx))
+        if bn.num_batches_tracked is not None:
+            plain.num_batches_tracked.copy_(bn.num_batches_tracked)
+    plain.train(bn.training)
+    return plain
+
+
+def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
+    """A copy of ``model`` with only the active channels, of plain torch layers."""
+    if plan.model is not model:
+        raise ValueError("the plan belongs to another model")
+    names = {id(m): n for n, m in model.named_modules()}
+    compact = copy.deepcopy(model)
+    # Linears first: their column selection reads the sparse producer's state.
+    for g in plan.groups:
+        cols = None
+        for lin in g.linears:
+            cols = linear_features(g.producer.out_idx, lin.in_features, g.num_channels)
+            target = compact.get_submodule(names[id(lin)])
+            with torch.no_grad():
+                target.weight = nn.Parameter(lin.weight.index_select(1, cols).clone())
+            target.in_features = cols.numel()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ChannelSparseConv2d):
+            plain = _plain_conv(module)
+        elif isinstance(module, ChannelSparseBatchNorm2d):
+            plain = _plain_norm(module)
+        else:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = compact.get_submodule(parent_name) if parent_name else compact
+        setattr(parent, attr, plain)
+    return compact
+
+
+def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: str,
+                   stem: str = "compact") -> dict[str, str]:
+    """Writes ``<stem>_state_dict.pt`` and ``<stem>.pt2`` (torch.export, batch
+    size dynamic) into ``directory``; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    was_training = compact.training
+    compact.eval()
+    paths = {"state_dict": os.path.join(directory, f"{stem}_state_dict.pt"),
+             "program": os.path.join(directory, f"{stem}.pt2")}
+    torch.save(compact.state_dict(), paths["state_dict"])
+    batch = torch.export.Dim("batch", min=1)
+    example = example_input[:2] if example_input.shape[0] >= 2 else example_input.repeat(2, 1, 1, 1)
+    program = torch.export.export(compact, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, paths["program"])
+    compact.train(was_training)
+    return paths
+
+
+def load_exported(path: str, device: Optional[str] = None) -> nn.Module:
+    """The exported program as a module (what a user without dce_kernels does:
+    ``torch.export.load(path).module()``)."""
+    module = torch.export.load(path).module()
+    return module.to(device) if device is not None else module

@@ -1,0 +1,108 @@
+"""Models of the registry, their channel groups, and export of the compact network."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dce_kernels import CUCBSelector, ChannelSparseConv2d
+from dce_kernels.channels import plan_for
+from dce_kernels.compact import compact_model, export_compact
+from dce_kernels.models import build_model
+from dce_kernels.optim import MaskedOptimizer
+
+
+@pytest.mark.parametrize("name,groups", [("vgg11", 8), ("vgg13", 10), ("vgg16", 13),
+                                         ("vgg19", 16), ("resnet20", 9), ("resnet56", 27)])
+def test_models_build_and_run_any_channels_and_classes(name, groups):
+    model = build_model(name, in_channels=2, num_classes=7, width=0.125)
+    plan = plan_for(model)
+    assert len(plan.groups) == groups
+    x = torch.randn(2, 2, 28, 28)
+    assert model(x).shape == (2, 7)
+    plan.apply([torch.arange(0, c, 2) for c in plan.num_channels])
+    assert model(torch.randn(2, 2, 32, 32)).shape == (2, 7)
+
+
+def test_resnet_selects_only_inner_block_channels():
+    model = build_model("resnet20", 3, 10, width=0.5)
+    plan = plan_for(model)
+    sel = [torch.arange(c // 2) for c in plan.num_channels]
+    plan.apply(sel)
+    block = model.layers[4]
+    assert torch.equal(block.conv1.out_idx, sel[4])
+    assert torch.equal(block.conv2.in_idx, sel[4])
+    assert block.conv2.out_idx.numel() == block.conv2.out_channels  # residual stream intact
+    assert model.conv1.out_idx.numel() == model.conv1.out_channels
+
+
+def test_bad_model_names_and_sizes():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg12")
+    with pytest.raises(ValueError, match="6n\\+2"):
+        from dce_kernels.models import ResNet
+        ResNet(21)
+
+
+def _trained_sparse(name):
+    model = build_model(name, in_channels=1, num_classes=5, width=0.25)
+    plan = plan_for(model)
+    sel = CUCBSelector(plan.num_channels, fraction=0.5, tau=2, seed=0)
+    opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                          plan.frozen_slices)
+    for _ in range(4):
+        plan.apply(sel.select())
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 1, 20, 20)),
+                                           torch.randint(0, 5, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sel.update(plan.saliency())
+    plan.apply(sel.best())
+    model.eval()
+    return model, plan
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20"])
+def test_export_equals_sparse_model_and_runs_without_dce_kernels(name, tmp_path):
+    model, plan = _trained_sparse(name)
+    compact = compact_model(model, plan).eval()
+    assert not any(isinstance(m, ChannelSparseConv2d) for m in compact.modules())
+    n_sparse = sum(p.numel() for p in model.parameters())
+    n_compact = sum(p.numel() for p in compact.parameters())
+    assert n_compact < 0.75 * n_sparse
+    x = torch.randn(16, 1, 20, 20)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(compact(x), ref, atol=1e-5)
+    if name != "vgg11":
+        return  # the export path is model-independent; one subprocess run is enough
+    paths = export_compact(compact, x, str(tmp_path))
+    torch.save({"x": x, "ref": ref}, tmp_path / "io.pt")
+    # A fresh interpreter in which importing dce_kernels fails.
+    script = (
+        "import sys, json, torch\n"
+        "sys.modules['dce_kernels'] = None\n"
+        f"m = torch.export.load({paths['program']!r}).module()\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "y = m(io['x'])\n"
+        "y1 = m(io['x'][:1])\n"
+        "print(json.dumps({'err': (y - io['ref']).abs().max().item(),\n"
+        "                  'err1': (y1 - io['ref'][:1]).abs().max().item(),\n"
+        "                  'same_argmax': bool((y.argmax(1) == io['ref'].argmax(1)).all())}))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["err"] < 1e-5 and result["err1"] < 1e-5 and result["same_argmax"]
+    state = torch.load(paths["state_dict"])
+    assert set(state) == set(compact.state_dict())
+
+
+def test_compact_rejects_foreign_plan():
+    model, plan = _trained_sparse("vgg11")
+    other = build_model("vgg11", 1, 5, width=0.25)
+    with pytest.raises(ValueError, match="another model"):
+        compact_model(other, plan)

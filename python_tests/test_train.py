@@ -1,0 +1,123 @@
+"""A tiny end-to-end run of all phases, resume equivalence, and the command line."""
+import importlib.util
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from dce_kernels.cli import build_parser, main
+from dce_kernels.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True)
+def _flops_module(monkeypatch):
+    # dce_kernels.flops comes from another branch; until it is merged, a
+    # stand-in with its interface lets the pipeline run end to end here.
+    if importlib.util.find_spec("dce_kernels.flops") is None:
+        fake = types.ModuleType("dce_kernels.flops")
+        fake.count_params = lambda model: sum(p.numel() for p in model.parameters())
+        fake.count_flops = lambda model, x: 2 * sum(p.numel() for p in model.parameters())
+        monkeypatch.setitem(sys.modules, "dce_kernels.flops", fake)
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = 0.5 * torch.randn(n, 1, 10, 10, generator=g)
+    x[:, 0, :4, :4] += y.view(-1, 1, 1).float()  # learnable signal
+    return TensorDataset(x, y)
+
+
+def _config(run_dir, **kw):
+    base = dict(model="vgg11", width=0.125, dense_epochs=1, explore_epochs=2, finetune_epochs=1,
+                batch_size=16, tau=4, fraction=0.5, run_dir=str(run_dir), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_three_phases_export_and_resume_equivalence(tmp_path):
+    data = (_data(64, 1), _data(32, 2))
+    full = train(_config(tmp_path / "full"), datasets=data)
+
+    assert [h["phase"] for h in full["history"]] == ["dense", "explore", "explore", "finetune"]
+    kept = full["selection"]["channels_kept"]
+    assert kept == [max(1, round(0.5 * c)) for c in full["selection"]["channels_total"]]
+    assert full["compact"]["params"] < full["dense"]["params"]
+    assert full["compact"]["flops"] < full["dense"]["flops"]
+    assert full["compact"]["test_acc"] == full["compact"]["sparse_test_acc"]
+    assert full["export"]["accuracy_matches_sparse"]
+    on_disk = json.loads((tmp_path / "full" / "report.json").read_text())
+    assert on_disk["compact"]["test_acc"] == full["compact"]["test_acc"]
+    assert set(on_disk["wall_clock_seconds"]) == {"dense", "explore", "finetune"}
+    program = torch.export.load(full["export"]["program"]).module()
+    assert program(data[1].tensors[0][:5]).shape == (5, 3)
+
+    # Interrupted after the dense epoch and the first exploration epoch, then resumed.
+    cfg = _config(tmp_path / "split")
+    assert train(cfg, datasets=data, stop_after_epochs=2) is None
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, datasets=data)
+    resumed = train(cfg, datasets=data, resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "train_seconds"} for r in h]
+    assert strip(resumed["history"]) == strip(full["history"])
+    assert resumed["selection"]["indices"] == full["selection"]["indices"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert resumed["compact"]["test_acc"] == full["compact"]["test_acc"]
+
+
+def test_random_selector_resnet_global_budget_without_dense(tmp_path):
+    data = (_data(32, 3), _data(16, 4))
+    report = train(_config(tmp_path, model="resnet20", width=0.25, selector="random",
+                           budget="global", dense_epochs=0, explore_epochs=1,
+                           finetune_epochs=1, optimizer="adam", lr=0.01, finetune_lr=0.005),
+                   datasets=data)
+    assert report["dense"]["test_acc"] is None and "dense" not in report["phases"]
+    sel = report["selection"]
+    total = sum(sel["channels_total"])
+    assert sum(sel["channels_kept"]) == round(0.5 * total) and min(sel["channels_kept"]) >= 1
+    assert report["export"]["accuracy_matches_sparse"]
+
+
+def test_resume_with_other_options_is_refused(tmp_path):
+    data = (_data(32, 5), _data(16, 6))
+    train(_config(tmp_path, dense_epochs=0, explore_epochs=2), datasets=data,
+          stop_after_epochs=1)
+    with pytest.raises(ValueError, match="fraction"):
+        train(_config(tmp_path, dense_epochs=0, explore_epochs=2, fraction=0.25), datasets=data,
+              resume=True)
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="fraction"):
+        TrainConfig(fraction=1.5).validate()
+    with pytest.raises(ValueError, match="selector"):
+        TrainConfig(selector="greedy").validate()
+    with pytest.raises(ValueError, match="explore_epochs"):
+        TrainConfig(explore_epochs=0).validate()
+
+
+def test_cli_help_explains_every_option(capsys):
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    for action in train_parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--fraction", "--selector", "--budget", "--tau", "--resume", "--run-dir",
+                   "--explore-epochs", "--finetune-epochs", "--dense-epochs", "--data-dir"):
+        assert option in out
+
+
+def test_cli_reports_missing_checkpoint(tmp_path, capsys):
+    code = main(["train", "--run-dir", str(tmp_path / "none"), "--resume", "--no-progress",
+                 "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert "error" in capsys.readouterr().err
