@@ -95,16 +95,52 @@ at::Tensor mask_channels(const at::Tensor& src, const at::Tensor& idx) {
 
 at::Tensor gather_weight(const at::Tensor& weight, const at::Tensor& out_idx,
                          const at::Tensor& in_idx) {
-  // Rows are whole [Cin, kH, kW] blocks: gather_channels on the transposed view
-  // would not be contiguous, so gather rows, then columns as planes of size kH*kW.
-  at::Tensor rows = gather_channels(weight.unsqueeze(0), out_idx).squeeze(0);
-  return gather_channels(rows, in_idx);
+  const int64_t Cin = weight.size(1), K = out_idx.numel(), J = in_idx.numel();
+  const int64_t P = weight.size(2) * weight.size(3);
+  at::Tensor dst = at::empty({K, J, weight.size(2), weight.size(3)}, weight.options());
+  const int64_t* oi = out_idx.const_data_ptr<int64_t>();
+  const int64_t* ii = in_idx.const_data_ptr<int64_t>();
+  const size_t bytes = P * weight.element_size();
+  const char* s = static_cast<const char*>(weight.const_data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  at::parallel_for(0, K, plane_grain(P * J), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      for (int64_t j = 0; j < J; ++j)
+        std::memcpy(d + (k * J + j) * bytes, s + (oi[k] * Cin + ii[j]) * bytes, bytes);
+  });
+  return dst;
 }
 
 at::Tensor scatter_weight(const at::Tensor& compact, const at::Tensor& out_idx,
                           const at::Tensor& in_idx, int64_t out_channels, int64_t in_channels) {
-  at::Tensor cols = scatter_channels(compact, in_idx, in_channels);
-  return scatter_channels(cols.unsqueeze(0), out_idx, out_channels).squeeze(0);
+  // One pass over the full gradient: every [kH, kW] block is written once.
+  const int64_t J = in_idx.numel(), P = compact.size(2) * compact.size(3);
+  at::Tensor dst = at::empty({out_channels, in_channels, compact.size(2), compact.size(3)},
+                             compact.options());
+  const auto out_slot = inverse_index(out_idx, out_channels);
+  const auto in_slot = inverse_index(in_idx, in_channels);
+  const size_t bytes = P * compact.element_size();
+  const char* s = static_cast<const char*>(compact.const_data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  at::parallel_for(0, out_channels, plane_grain(P * in_channels), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      char* row = d + o * in_channels * bytes;
+      const int64_t k = out_slot[o];
+      if (k < 0) {
+        std::memset(row, 0, in_channels * bytes);
+        continue;
+      }
+      for (int64_t c = 0; c < in_channels; ++c) {
+        const int64_t j = in_slot[c];
+        if (j >= 0) {
+          std::memcpy(row + c * bytes, s + (k * J + j) * bytes, bytes);
+        } else {
+          std::memset(row + c * bytes, 0, bytes);
+        }
+      }
+    }
+  });
+  return dst;
 }
 
 namespace {
