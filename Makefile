@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Sources whose change requires rebuilding the extension.
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test build clean
+.PHONY: test build clean sanitize ptxas-report
 
 # torch, ninja and setuptools must be in the venv before the extension builds
 # (--no-build-isolation, as usual for torch extensions); read them from pyproject.
@@ -31,3 +31,25 @@ test: build
 
 clean:
 	rm -rf build dist *.egg-info dce_kernels/*.so $(VENV)/.built
+
+# --- CUDA kernels: sanitizer run of the emulated backend, ptxas resource report.
+
+# The emulated backend (csrc/kernels run by csrc/emu) rebuilt with AddressSanitizer
+# and UBSan, then every emulated test (the shared suite's "emulated" backend
+# and the emulator's own tests) run against it. Python itself is not
+# instrumented, so the ASan runtime is preloaded.
+ASAN_RUNTIME = $(shell $${CXX:-g++} -print-file-name=libasan.so)
+SANITIZE_ENV = LD_PRELOAD=$(ASAN_RUNTIME) \
+	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+sanitize: build
+	MAX_JOBS=$(MAX_JOBS) $(SANITIZE_ENV) $(PY) csrc/emu/build_sanitized.py build/sanitize
+	$(SANITIZE_ENV) DCE_EMU_LIBRARY=$(CURDIR)/build/sanitize/dce_emu_sanitized.so \
+		$(PY) -m pytest -p no:cacheprovider -q python_tests -k "emulated or emulator" $(PYTEST_ARGS)
+
+# ptxas register / spill / shared-memory report of every CUDA kernel, per
+# architecture, in build/ptxas-report.txt (nvcc -Xptxas -v on the launchers).
+PTXAS_ARCHS ?= 80 90
+ptxas-report: build
+	mkdir -p build
+	$(PY) csrc/cuda/ptxas_report.py build/ptxas-report.txt $(PTXAS_ARCHS)
