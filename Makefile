@@ -38,8 +38,9 @@ clean:
 # and UBSan, then every emulated test (the shared suite's "emulated" backend
 # and the emulator's own tests) run against it. Python itself is not
 # instrumented, so the ASan runtime is preloaded.
-ASAN_RUNTIME = $(shell $${CXX:-g++} -print-file-name=libasan.so)
-SANITIZE_ENV = LD_PRELOAD=$(ASAN_RUNTIME) \
+# libstdc++ is preloaded too: ASan intercepts __cxa_throw only if it is present at start-up.
+SANITIZE_PRELOAD = $(shell g++ -print-file-name=libasan.so) $(shell g++ -print-file-name=libstdc++.so)
+SANITIZE_ENV = LD_PRELOAD="$(SANITIZE_PRELOAD)" \
 	ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 sanitize: build

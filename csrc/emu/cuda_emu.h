@@ -86,7 +86,7 @@ void syncthreads(const char* file, int line);
 // Deposits value for the calling lane, waits for every lane of mask, and
 // returns the 32 deposited values of this collective.
 const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what);
-[[noreturn]] void device_trap(const char* what, const char* file, int line);
+void device_trap(const char* what, const char* file, int line);
 
 inline ThreadInfo& current_thread() {
   if (tl_thread == nullptr) throw Error("CUDA built-in used outside an emulated kernel");

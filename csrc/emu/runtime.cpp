@@ -21,7 +21,12 @@
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define DCE_EMU_ASAN 1
+// For the frames at the bottom of every fiber, which never return: their
+// redzones would stay poisoned and trip the next block's frames at the same
+// addresses.
+#define DCE_EMU_NO_ASAN __attribute__((no_sanitize_address))
 #else
+#define DCE_EMU_NO_ASAN
 #define DCE_EMU_ASAN 0
 #endif
 
@@ -109,13 +114,11 @@ std::string dim_str(uint3 v) {
 class BlockRunner;
 thread_local BlockRunner* tl_runner = nullptr;
 
-[[noreturn]] void fiber_entry();
+void fiber_entry();
 
 class BlockRunner {
  public:
-  ~BlockRunner() {
-    if (stacks_ != nullptr) munmap(stacks_, capacity_ * kStackBytes);
-  }
+  ~BlockRunner() { release_stacks(); }
 
   void configure(dim3 block, size_t smem_bytes, const std::function<void()>* body) {
     block_dim_ = block;
@@ -123,6 +126,12 @@ class BlockRunner {
     body_ = body;
     smem_.assign(smem_bytes, 0);
     reserve_stacks(nthreads_);
+#if DCE_EMU_ASAN
+    // The bottom frames of every fiber (fiber_entry, run_current_and_exit) never
+    // return, so their redzones stay poisoned; the next kernel's frames need a
+    // clean stack.
+    ASAN_UNPOISON_MEMORY_REGION(stacks_, capacity_ * kStackBytes);
+#endif
     fibers_.resize(nthreads_);
     const int nwarps = (nthreads_ + kWarpSize - 1) / kWarpSize;
     warps_.assign(nwarps, Warp{});
@@ -143,7 +152,7 @@ class BlockRunner {
     tl_block.grid_dim = grid;
     // NaN in every floating-point width (and -1 in every integer width), so a
     // read of dynamic shared memory no thread has written shows in the result.
-    std::memset(smem_.data(), 0xff, smem_.size());
+    if (!smem_.empty()) std::memset(smem_.data(), 0xff, smem_.size());
     tl_block.dynamic_smem = smem_.empty() ? nullptr : smem_.data();
     tl_block.dynamic_smem_bytes = smem_.size();
     bar_arrived_ = 0;
@@ -182,7 +191,7 @@ class BlockRunner {
       s << "barrier divergence: thread " << dim_str(f.info.thread_idx) << " reached __syncthreads at "
         << file << ":" << line << " while " << bar_arrived_ << " thread(s) wait at " << bar_file_
         << ":" << bar_line_;
-      throw Error(s.str());
+      fail(s.str());
     }
     if (++bar_arrived_ == nthreads_) {
       bar_arrived_ = 0;
@@ -204,13 +213,13 @@ class BlockRunner {
       std::ostringstream s;
       s << what << ": calling lane " << lane << " (thread " << dim_str(f.info.thread_idx)
         << ") is not in mask 0x" << std::hex << mask;
-      throw Error(s.str());
+      fail(s.str());
     }
     if ((mask & ~w.present) != 0) {
       std::ostringstream s;
       s << what << ": mask 0x" << std::hex << mask << " names lanes that do not exist in warp "
         << std::dec << f.info.linear / kWarpSize << " (block of " << nthreads_ << " threads)";
-      throw Error(s.str());
+      fail(s.str());
     }
     if (w.arrived == 0) {
       w.expected = mask;
@@ -220,7 +229,7 @@ class BlockRunner {
       s << "warp divergence: lane " << lane << " calls " << what << " with mask 0x" << std::hex
         << mask << " while lanes 0x" << w.arrived << " wait in " << w.what << " with mask 0x"
         << w.expected;
-      throw Error(s.str());
+      fail(s.str());
     }
     w.slots[lane] = value;
     w.arrived |= 1u << lane;
@@ -244,7 +253,30 @@ class BlockRunner {
     return f.exchanged;
   }
 
-  [[noreturn]] void run_current_and_exit() {
+  // Ends the calling fiber with an error, without unwinding its stack: the
+  // scheduler aborts the block and throws from its own stack. (A C++ throw on a
+  // fiber stack is supported too, see below, but confuses ASan's stack
+  // bookkeeping after earlier aborted blocks, and this path needs no unwinding.)
+  // Not declared [[noreturn]] (nor is anything else called on a fiber stack):
+  // ASan instruments calls to noreturn functions with __asan_handle_no_return,
+  // which mishandles fiber stacks. It never returns all the same.
+  void fail(const std::string& message) {  // (the caller's frames are abandoned)
+    Fiber& f = *current_;
+    record_error(f, message.c_str());
+    f.state = State::Done;
+    ++done_;
+    exit_fiber();
+  }
+
+  DCE_EMU_NO_ASAN __attribute__((noinline)) void exit_fiber() {
+#if DCE_EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, sched_stack_bottom_, sched_stack_size_);
+#endif
+    void* dead_sp;
+    dce_emu_switch(&dead_sp, sched_sp_);  // never resumed
+  }
+
+  DCE_EMU_NO_ASAN void run_current_and_exit() {
     Fiber& f = *current_;
 #if DCE_EMU_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &sched_stack_bottom_, &sched_stack_size_);
@@ -258,18 +290,13 @@ class BlockRunner {
     }
     f.state = State::Done;
     ++done_;
-#if DCE_EMU_ASAN
-    __sanitizer_start_switch_fiber(nullptr, sched_stack_bottom_, sched_stack_size_);
-#endif
-    void* dead_sp;
-    dce_emu_switch(&dead_sp, sched_sp_);
-    __builtin_unreachable();
+    exit_fiber();
   }
 
  private:
   void reserve_stacks(int n) {
     if (static_cast<size_t>(n) <= capacity_) return;
-    if (stacks_ != nullptr) munmap(stacks_, capacity_ * kStackBytes);
+    release_stacks();
     const size_t bytes = static_cast<size_t>(n) * kStackBytes;
     void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                      -1, 0);
@@ -280,6 +307,18 @@ class BlockRunner {
     // crash at the overflowing access instead of silent corruption of its neighbour.
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     for (int i = 0; i < n; ++i) mprotect(stacks_ + i * kStackBytes, page, PROT_NONE);
+  }
+
+  void release_stacks() {
+    if (stacks_ == nullptr) return;
+#if DCE_EMU_ASAN
+    // Stale stack poisoning would otherwise outlive the mapping and hit
+    // whatever the address range is reused for.
+    ASAN_UNPOISON_MEMORY_REGION(stacks_, capacity_ * kStackBytes);
+#endif
+    munmap(stacks_, capacity_ * kStackBytes);
+    stacks_ = nullptr;
+    capacity_ = 0;
   }
 
   void* prepare_stack(int i) {
@@ -384,7 +423,7 @@ class BlockRunner {
   size_t sched_stack_size_ = 0;
 };
 
-void fiber_entry() { tl_runner->run_current_and_exit(); }
+DCE_EMU_NO_ASAN void fiber_entry() { tl_runner->run_current_and_exit(); }
 
 BlockRunner& thread_runner() {
   static thread_local BlockRunner runner;
@@ -406,7 +445,7 @@ const uint64_t* warp_exchange(unsigned mask, uint64_t value, const char* what) {
 }
 
 void device_trap(const char* what, const char* file, int line) {
-  throw Error(std::string(what) + " at " + file + ":" + std::to_string(line));
+  active_runner(what).fail(std::string(what) + " at " + file + ":" + std::to_string(line));
 }
 
 int worker_threads() {
