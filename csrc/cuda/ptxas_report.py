@@ -85,7 +85,7 @@ def main(out_file, archs):
     names = demangle([r["mangled"] for r in rows])
     lines = [f"{'arch':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'static smem':>12}  kernel"]
     for r, n in sorted(zip(rows, names), key=lambda t: (t[0]["arch"], short(t[1]))):
-        lines.append(f"sm_{r['arch']:>3} {r['regs']:>5} {r.get('spill_st', 0):>5}/{r.get('spill_ld', 0):<6}"
+        lines.append(f"sm_{r['arch']:<3} {r['regs']:>5} {r.get('spill_st', 0):>5}/{r.get('spill_ld', 0):<6}"
                      f" {r.get('stack', 0):>6} {r['smem']:>12}  {short(n)}")
     lines.append("igemm_kernel also takes dynamic shared memory BK*(BM+1 + BN+1)*sizeof(acc): "
                  "8320 B for fp32/fp16/bf16, 16640 B for fp64 (not in ptxas's static smem column)")
