@@ -129,3 +129,8 @@ def test_half_and_bfloat16_conversions_round_like_the_hardware():
 def test_invalid_launch_configuration_is_an_error():
     with pytest.raises(RuntimeError, match="not a valid CUDA block"):
         T.read_unwritten_smem(2048)
+
+
+def test_static_shared_memory_is_private_to_each_block():
+    x = torch.randn(53, 200)
+    assert torch.allclose(T.static_smem_sum(x).double(), x.double().sum(1), rtol=1e-5, atol=1e-4)

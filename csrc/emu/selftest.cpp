@@ -194,6 +194,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> convert(const at::Ten
   return {h, b, hb, bb};
 }
 
+// Per-block sum through a static __shared__ array (tree reduction), one block
+// per row: static shared memory must be private to each block in flight,
+// also when blocks run concurrently on several OS worker threads.
+__global__ void static_smem_sum_kernel(const float* in, float* out, int cols) {
+  __shared__ float buf[64];
+  const int t = threadIdx.x;
+  float v = 0.f;
+  for (int c = t; c < cols; c += 64) v += in[blockIdx.x * cols + c];
+  buf[t] = v;
+  __syncthreads();
+  for (int stride = 32; stride > 0; stride /= 2) {
+    if (t < stride) buf[t] += buf[t + stride];
+    __syncthreads();
+  }
+  if (t == 0) out[blockIdx.x] = buf[0];
+}
+
+at::Tensor static_smem_sum(const at::Tensor& x) {
+  const at::Tensor v = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({v.size(0)}, v.options());
+  DCE_LAUNCH(static_smem_sum_kernel, dim3(static_cast<unsigned>(v.size(0))), dim3(64), 0, 0,
+             v.const_data_ptr<float>(), out.data_ptr<float>(), static_cast<int>(v.size(1)));
+  return out;
+}
+
 }  // namespace
 }  // namespace dce::emu::selftest
 
@@ -204,5 +229,6 @@ TORCH_LIBRARY(dce_emu_test, m) {
   m.def("warp_ops(Tensor values, int threshold) -> Tensor", &dce::emu::selftest::warp_ops);
   m.def("atomics(int blocks, int threads) -> Tensor", &dce::emu::selftest::atomics);
   m.def("builtins(int[3] grid, int[3] block) -> Tensor", &dce::emu::selftest::builtins);
+  m.def("static_smem_sum(Tensor x) -> Tensor", &dce::emu::selftest::static_smem_sum);
   m.def("convert(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)", &dce::emu::selftest::convert);
 }
