@@ -108,13 +108,8 @@ if with_cuda:
 
 # --- dce_kernels._emu: the csrc/kernels CUDA kernels compiled by g++ against the
 # CPU emulator in csrc/emu (the `emulated` backend). Always built, never nvcc.
-# DCE_SANITIZE=1 adds AddressSanitizer + UBSan (see `make sanitize`).
+# (`make sanitize` builds its own ASan/UBSan copy: csrc/emu/build_sanitized.py.)
 emu_cxx_flags = ["-O2", "-std=c++20", "-mfma", "-fvisibility=hidden", "-fdiagnostics-color=always"]
-emu_link_flags = []
-if _flag("DCE_SANITIZE"):
-    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
-    emu_cxx_flags = ["-O1" if f == "-O2" else f for f in emu_cxx_flags] + san
-    emu_link_flags += san
 emu_extension = CppExtension(
     "dce_kernels._emu",
     ["csrc/emu/python_module.cpp", "csrc/emu/runtime.cpp", "csrc/emu/ops_emu.cpp",
@@ -122,7 +117,6 @@ emu_extension = CppExtension(
     include_dirs=[os.path.join(ROOT, "csrc")],
     define_macros=[("Py_LIMITED_API", "0x03090000")],
     extra_compile_args={"cxx": emu_cxx_flags},
-    extra_link_args=emu_link_flags,
     py_limited_api=True,
 )
 
