@@ -6,6 +6,7 @@ DCE_FORCE_CUDA=1 makes a missing toolkit an error instead of a silent CPU build.
 """
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,23 @@ if with_cuda:
     extension = CUDAExtension
     extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
 
+# --- dce_kernels._emu: the csrc/kernels CUDA kernels compiled by g++ against the
+# CPU emulator in csrc/emu (the `emulated` backend). Always built, never nvcc.
+# (`make sanitize` builds its own ASan/UBSan copy: csrc/emu/build_sanitized.py.)
+# The emulator's fiber switch is x86-64 assembly: elsewhere (e.g. aarch64 edge
+# boards) the package builds without the emulated backend.
+with_emulator = platform.machine().lower() in {"x86_64", "amd64"}
+emu_cxx_flags = ["-O2", "-std=c++20", "-mfma", "-fvisibility=hidden", "-fdiagnostics-color=always"]
+emu_extension = CppExtension(
+    "dce_kernels._emu",
+    ["csrc/emu/python_module.cpp", "csrc/emu/runtime.cpp", "csrc/emu/ops_emu.cpp",
+     "csrc/emu/selftest.cpp", "csrc/emu/conv_args_emu.cpp"],
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    define_macros=[("Py_LIMITED_API", "0x03090000")],
+    extra_compile_args={"cxx": emu_cxx_flags},
+    py_limited_api=True,
+)
+
 print(f"dce_kernels: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension"
       f" (torch {torch.__version__}, CUDA toolkit {cuda_home})")
 
@@ -120,8 +138,8 @@ setup(
             extra_compile_args=extra_compile_args,
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
-        )
-    ],
+        ),
+    ] + ([emu_extension] if with_emulator else []),
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -1,0 +1,36 @@
+"""The ``emulated`` backend: the CUDA kernels of csrc/kernels compiled by g++
+and executed on the CPU by the fiber-based CUDA emulator in csrc/emu.
+
+Same signature as :func:`dce_kernels.channel_sparse_conv2d`, CPU tensors in and
+out, autograd and saliency included. It exists so the GPU kernels and their
+launch code are tested on machines without a GPU; it is slow by design (one
+fiber per CUDA thread) and not meant for training.
+
+``DCE_EMU_LIBRARY=/path/to/lib.so`` loads a differently built copy of the
+emulated library instead of ``dce_kernels._emu`` (``make sanitize`` uses it for
+the AddressSanitizer/UBSan build).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .ops import call_conv_op, register_python_parts
+
+_library = os.environ.get("DCE_EMU_LIBRARY")
+if _library:
+    torch.ops.load_library(_library)
+else:
+    from . import _emu  # noqa: F401  (registers dce_emu and dce_emu_test)
+
+register_python_parts("dce_emu")
+
+__all__ = ["channel_sparse_conv2d"]
+
+
+def channel_sparse_conv2d(input, weight, bias, in_idx, out_idx, stride=1, padding=0, dilation=1,
+                          groups=1, saliency_probe=None):
+    """:func:`dce_kernels.channel_sparse_conv2d`, computed by the emulated CUDA kernels."""
+    return call_conv_op(torch.ops.dce_emu.channel_sparse_conv2d.default, input, weight, bias,
+                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe)

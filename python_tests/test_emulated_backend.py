@@ -1,0 +1,280 @@
+"""Focused tests of the emulated backend: the csrc/kernels CUDA kernels, run by
+the CPU emulator, against an independent reference (F.conv2d in float64 on
+masked dense tensors). The case runner is shared with test_cuda_backend.py,
+which runs the same checks on the real CUDA kernels when a GPU is present.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dce_kernels import emulated
+
+# Relative tolerance per dtype: the kernels accumulate in fp32 (fp64 for double)
+# and round once on the way out; the bound is scaled by the largest reference value.
+TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+def masked_reference(x, w, b, in_idx, out_idx, stride, padding, dilation, groups):
+    """F.conv2d(x * mask_in, w, b * mask_out) * mask_out, differentiable, in x's dtype."""
+    mask_in = torch.zeros(x.shape[1], dtype=x.dtype)
+    mask_in[in_idx] = 1
+    mask_out = torch.zeros(w.shape[0], dtype=x.dtype)
+    mask_out[out_idx] = 1
+    bias = b * mask_out if b is not None else None
+    y = F.conv2d(x * mask_in[None, :, None, None], w, bias, stride, padding, dilation, groups)
+    return y * mask_out[None, :, None, None]
+
+
+def assert_close(got, want, dtype, what):
+    got = got.detach().to("cpu", torch.float64)
+    want = want.detach().to(torch.float64)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = want.abs().max().item() + 1.0
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g}, {dtype})"
+
+
+def complement(idx, n):
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    return torch.nonzero(keep).flatten()
+
+
+def run_case(conv, device, dtype, N, Cin, Cout, H, W, kernel=(3, 3), stride=1, padding=1,
+             dilation=1, groups=1, bias=True, n_in=None, n_out=None, idx_dtype=torch.long):
+    """Runs forward + backward (with saliency) through `conv` and checks every
+    result against the float64 masked dense reference, including exact zeros."""
+    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x64 = torch.randn(N, Cin, H, W, dtype=torch.float64)
+    w64 = torch.randn(Cout, Cin // groups, *kernel, dtype=torch.float64)
+    b64 = torch.randn(Cout, dtype=torch.float64) if bias else None
+    in_idx = torch.randperm(Cin)[: n_in or Cin]
+    out_idx = torch.randperm(Cout)[: n_out or Cout]
+
+    x = x64.to(device, dtype).requires_grad_()
+    w = w64.to(device, dtype).requires_grad_()
+    b = b64.to(device, dtype).requires_grad_() if bias else None
+    probe = torch.zeros(Cout, device=device, dtype=dtype, requires_grad=True)
+    y = conv(x, w, b, in_idx.to(device, idx_dtype), out_idx.to(device, idx_dtype), stride,
+             padding, dilation, groups, saliency_probe=probe)
+    gy64 = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(gy64.to(device, dtype))
+
+    # The reference starts from the values the backend saw (rounded to dtype).
+    xr = x.detach().cpu().double().requires_grad_()
+    wr = w.detach().cpu().double().requires_grad_()
+    br = b.detach().cpu().double().requires_grad_() if bias else None
+    gyr = gy64.to(dtype).double()
+    yr = masked_reference(xr, wr, br, in_idx, out_idx, stride, padding, dilation, groups)
+    yr.backward(gyr)
+    M = yr.shape[2] * yr.shape[3]
+    # Saliency of h = the backend's own output, as the op contract defines it.
+    h = y.detach().cpu().double()
+    sal_ref = ((gyr * h).sum((2, 3)) / M).abs().mean(0)
+
+    assert_close(y, yr, dtype, "output")
+    assert_close(x.grad, xr.grad, dtype, "grad_input")
+    assert_close(w.grad, wr.grad, dtype, "grad_weight")
+    if bias:
+        assert_close(b.grad, br.grad, dtype, "grad_bias")
+    assert_close(probe.grad, sal_ref, dtype, "saliency")
+
+    off_out = complement(out_idx, Cout).to(device)
+    off_in = complement(in_idx, Cin).to(device)
+    assert (y.detach()[:, off_out] == 0).all(), "inactive outputs must be exactly zero"
+    assert (x.grad[:, off_in] == 0).all(), "grad of inactive inputs must be exactly zero"
+    assert (w.grad[off_out] == 0).all(), "grad of inactive weight rows must be exactly zero"
+    if groups == 1:
+        assert (w.grad[:, off_in] == 0).all(), "grad of inactive weight columns must be zero"
+    assert (probe.grad[off_out] == 0).all(), "saliency of inactive outputs must be zero"
+    if bias:
+        assert (b.grad[off_out] == 0).all(), "grad_bias of inactive outputs must be zero"
+
+
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation, groups, bias, n_in, n_out)
+CASES = [
+    (2, 5, 6, 7, 6, 3, 1, 1, 1, 1, True, 3, 4),
+    (3, 17, 13, 11, 9, 3, 2, 1, 1, 1, True, 11, 7),
+    (1, 7, 5, 8, 10, (1, 3), (2, 1), (0, 1), 1, 1, False, 7, 5),
+    (2, 8, 6, 9, 7, 3, 1, 2, 2, 2, True, 5, 4),
+    (2, 6, 6, 9, 9, 3, 1, 1, 1, 6, True, 4, 3),
+    (1, 4, 9, 5, 5, 5, 1, 2, 1, 1, True, 1, 1),
+    (3, 3, 2, 6, 11, 2, 3, 0, 1, 1, True, 2, 2),
+    (2, 9, 12, 10, 10, 3, 2, 3, 3, 3, False, 6, 9),
+]
+
+
+def case_id(c):
+    return "N{}_ci{}_co{}_{}x{}_k{}_s{}_p{}_d{}_g{}_b{}_a{}-{}".format(*[
+        "x".join(map(str, v)) if isinstance(v, tuple) else v for v in c])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float64_matches_reference(case):
+    N, Cin, Cout, H, W, k, s, p, d, g, bias, n_in, n_out = case
+    run_case(emulated.channel_sparse_conv2d, "cpu", torch.float64, N, Cin, Cout, H, W, k, s, p, d,
+             g, bias, n_in, n_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[:4], ids=case_id)
+def test_low_precision_matches_reference(case, dtype):
+    N, Cin, Cout, H, W, k, s, p, d, g, bias, n_in, n_out = case
+    run_case(emulated.channel_sparse_conv2d, "cpu", dtype, N, Cin, Cout, H, W, k, s, p, d, g,
+             bias, n_in, n_out)
+
+
+def test_int32_index_lists():
+    run_case(emulated.channel_sparse_conv2d, "cpu", torch.float64, 2, 6, 5, 6, 6, n_in=4, n_out=3,
+             idx_dtype=torch.int32)
+
+
+def test_inactive_inputs_and_weights_are_never_read():
+    torch.manual_seed(7)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    in_idx, out_idx = torch.tensor([4, 0, 2]), torch.tensor([3, 1])
+    off_in, off_out = complement(in_idx, 6), complement(out_idx, 5)
+    xn, wn, bn = x.clone(), w.clone(), b.clone()
+    xn[:, off_in] = float("nan")
+    wn[off_out] = float("nan")
+    wn[:, off_in] = float("nan")
+    bn[off_out] = float("nan")
+    y = emulated.channel_sparse_conv2d(xn, wn, bn, in_idx, out_idx, 1, 1)
+    x0, w0 = x.clone(), w.clone()
+    x0[:, off_in] = 0
+    w0[:, off_in] = 0
+    ref = masked_reference(x0, w0, b, in_idx, out_idx, 1, 1, 1, 1)
+    assert torch.isfinite(y).all()
+    assert_close(y, ref, torch.float64, "output")
+    gi, gw, gb, sal = torch.ops.dce_emu.channel_sparse_conv2d_backward(
+        torch.randn_like(y), xn, wn, y, in_idx, out_idx, [1, 1], [1, 1], [1, 1], 1,
+        [True, True, True])
+    for t in (gi, gw, gb, sal):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("mask", list(itertools.product([False, True], repeat=3)),
+                         ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("with_output", [False, True], ids=["no_h", "h"])
+def test_backward_output_mask(mask, with_output):
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    in_idx, out_idx = torch.tensor([1, 3, 4]), torch.tensor([0, 2])
+    y = emulated.channel_sparse_conv2d(x, w, b, in_idx, out_idx, 1, 1)
+    g = torch.randn_like(y)
+    gi, gw, gb, sal = torch.ops.dce_emu.channel_sparse_conv2d_backward(
+        g, x, w, y if with_output else None, in_idx, out_idx, [1, 1], [1, 1], [1, 1], 1, list(mask))
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    masked_reference(xr, wr, br, in_idx, out_idx, 1, 1, 1, 1).backward(g)
+    for want, got, ref, name in zip(mask, (gi, gw, gb), (xr.grad, wr.grad, br.grad),
+                                    ("grad_input", "grad_weight", "grad_bias")):
+        if want:
+            assert_close(got, ref, torch.float64, name)
+        else:
+            assert got is None, f"{name} was not requested and must be None"
+    if with_output:
+        assert_close(sal, ((g * y).mean((2, 3))).abs().mean(0), torch.float64, "saliency")
+    else:
+        assert sal is None
+
+
+def test_unbatched_same_padding_and_noncontiguous_input():
+    x = torch.randn(6, 11, 3, 4, dtype=torch.float64).permute(3, 2, 0, 1)  # (4, 3, 6, 11), strided
+    w = torch.randn(5, 3, 4, 3, dtype=torch.float64)  # even kernel height: asymmetric 'same'
+    in_idx, out_idx = torch.tensor([2, 0]), torch.tensor([4, 1, 0])
+    y = emulated.channel_sparse_conv2d(x, w, None, in_idx, out_idx, padding="same")
+    xm = x.clone()
+    xm[:, 1] = 0
+    ref = F.conv2d(xm, w, None, 1, "same")
+    ref[:, [2, 3]] = 0
+    assert_close(y, ref, torch.float64, "output")
+    y1 = emulated.channel_sparse_conv2d(x[0], w, None, in_idx, out_idx, padding=1)
+    assert y1.dim() == 3
+    assert_close(y1, masked_reference(x[:1], w, None, in_idx, out_idx, 1, 1, 1, 1)[0],
+                 torch.float64, "unbatched output")
+
+
+def test_gradcheck():
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    in_idx, out_idx = torch.tensor([0, 2]), torch.tensor([3, 1])
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: emulated.channel_sparse_conv2d(x, w, b, in_idx, out_idx, 1, 1),
+        (x, w, b))
+
+
+def test_opcheck():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(3, 4, 3, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    probe = torch.zeros(3, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.dce_emu.channel_sparse_conv2d.default,
+        (x, w, b, torch.tensor([0, 3]), torch.tensor([2]), [1, 1], [1, 1], [1, 1], 1, probe))
+
+
+BAD_INDEX = [
+    (torch.tensor([0, 0]), "more than once"),
+    (torch.tensor([0, 9]), "out of range"),
+    (torch.tensor([-1]), "out of range"),
+    (torch.tensor([], dtype=torch.long), "empty"),
+    (torch.tensor([0.0, 1.0]), "int64 or int32"),
+    (torch.tensor([[0, 1]]), "1-D"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_INDEX, ids=[m for _, m in BAD_INDEX])
+@pytest.mark.parametrize("which", ["in_idx", "out_idx"])
+def test_bad_index_lists_raise(bad, message, which):
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    good = torch.tensor([0, 1])
+    args = (bad, good) if which == "in_idx" else (good, bad)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.dce_emu.channel_sparse_conv2d(x, w, None, *args, [1, 1], [0, 0], [1, 1], 1, None)
+
+
+def test_bad_tensors_raise():
+    x, w, idx = torch.randn(1, 4, 5, 5), torch.randn(3, 4, 3, 3), torch.tensor([0, 1])
+    call = torch.ops.dce_emu.channel_sparse_conv2d
+    with pytest.raises(RuntimeError, match="differs from input dtype"):
+        call(x, w.double(), None, idx, idx, [1, 1], [0, 0], [1, 1], 1, None)
+    with pytest.raises(RuntimeError, match="channels but weight expects"):
+        call(x[:, :3], w, None, idx, idx, [1, 1], [0, 0], [1, 1], 1, None)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        call(x, w, torch.zeros(4), idx, idx, [1, 1], [0, 0], [1, 1], 1, None)
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        call(x, w, None, idx, idx, [1, 1], [0, 0], [3, 3], 1, None)
+    with pytest.raises(RuntimeError, match="grad_output shape"):
+        torch.ops.dce_emu.channel_sparse_conv2d_backward(
+            torch.randn(1, 3, 2, 2), x, w, None, idx, idx, [1, 1], [0, 0], [1, 1], 1,
+            [True, True, False])
+
+
+def test_layer_trains_with_emulated_op_and_reports_saliency():
+    """The emulated op drives ChannelSparseConv2d-like use: autograd through
+    two stacked convolutions, saliency delivered through the probe."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    w1 = torch.randn(6, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    probe = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    mid = torch.tensor([5, 1, 2])
+    h = emulated.channel_sparse_conv2d(x, w1, None, torch.arange(3), mid, 1, 1, saliency_probe=probe)
+    out = emulated.channel_sparse_conv2d(torch.relu(h), w2, None, mid, torch.arange(4), 1, 1)
+    out.square().sum().backward()
+    w1r, w2r = w1.detach().clone().requires_grad_(), w2.detach().clone().requires_grad_()
+    hr = masked_reference(x, w1r, None, torch.arange(3), mid, 1, 1, 1, 1)
+    hr.retain_grad()
+    masked_reference(torch.relu(hr), w2r, None, mid, torch.arange(4), 1, 1, 1, 1).square().sum().backward()
+    assert_close(w1.grad, w1r.grad, torch.float64, "grad w1")
+    assert_close(w2.grad, w2r.grad, torch.float64, "grad w2")
+    sal = (hr.grad * hr.detach()).mean((2, 3)).abs().mean(0)
+    assert_close(probe.grad, sal, torch.float64, "saliency")
+    assert (probe.grad[[0, 3, 4]] == 0).all() and (probe.grad[mid] > 0).all()
