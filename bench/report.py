@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from collections import defaultdict
 
 import torch
 
@@ -55,25 +54,30 @@ def plot_layer(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     layer = [r for r in rows if r.get("kind") == "layer"]
-    groups = defaultdict(list)
-    for r in layer:
-        groups[(r["channels"], r["size"], r["threads"])].append(r)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.6), squeeze=False)
-    for ax, (key, rs) in zip(axes[0], sorted(groups.items())):
-        rs.sort(key=lambda r: r["fraction"])
-        ps = [r["fraction"] for r in rs]
-        ax.plot(ps, [r["ours_over_dense"] for r in rs], "o-", label="ours")
-        ax.plot(ps, [r["narrow_over_dense"] for r in rs], "s--", label="narrow conv")
-        ax.plot(ps, [r["naive_over_dense"] for r in rs], "x:", label="naive gather")
-        ax.plot(ps, [p * p for p in ps], "k-", lw=0.8, alpha=0.5, label="p²")
-        ax.set_title(f"C={key[0]}, {key[1]}x{key[1]}, {key[2]} thr")
-        ax.set_xlabel("active fraction p")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("fwd+bwd time / dense nn.Conv2d")
-    axes[0][0].legend(fontsize=8)
+    shapes = sorted({(r["channels"], r["size"]) for r in layer})
+    threads = sorted({r["threads"] for r in layer})
+    # One row per thread count, one column per layer shape.
+    fig, axes = plt.subplots(len(threads), len(shapes), figsize=(3.4 * len(shapes),
+                             3.0 * len(threads)), squeeze=False)
+    for i, t in enumerate(threads):
+        for j, shape in enumerate(shapes):
+            ax = axes[i][j]
+            rs = sorted((r for r in layer if (r["channels"], r["size"]) == shape
+                         and r["threads"] == t), key=lambda r: r["fraction"])
+            ps = [r["fraction"] for r in rs]
+            ax.plot(ps, [r["ours_over_dense"] for r in rs], "o-", label="ours")
+            ax.plot(ps, [r["narrow_over_dense"] for r in rs], "s--", label="narrow conv")
+            ax.plot(ps, [r["naive_over_dense"] for r in rs], "x:", label="naive gather")
+            ax.plot(ps, [p * p for p in ps], "k-", lw=0.8, alpha=0.5, label="p²")
+            ax.set_title(f"C={shape[0]}, {shape[1]}x{shape[1]}, {t} thread(s)", fontsize=9)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            if i == len(threads) - 1:
+                ax.set_xlabel("active fraction p")
+        axes[i][0].set_ylabel("fwd+bwd time / dense")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
 
 
 def main() -> None:
