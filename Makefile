@@ -37,11 +37,12 @@ fashion-mnist:
 test: build fashion-mnist cpp-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The CMake build for C++ users (LibTorch from the venv's torch) and its ctest suite.
+# The CMake build for C++ users (LibTorch from the venv's torch) and its ctest suite:
+# CPU backend and emulated kernels vs a naive reference. CMAKE_ARGS=-DDCE_WITH_CUDA=ON adds CUDA.
 CMAKE_BUILD_DIR := build/cmake
 cpp-test: $(VENV)/.build-deps
 	mkdir -p build
-	cmake -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > $(CMAKE_BUILD_DIR).configure.log 2>&1 || (cat $(CMAKE_BUILD_DIR).configure.log; exit 1)
+	cmake -S . -B $(CMAKE_BUILD_DIR) $(CMAKE_ARGS) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > $(CMAKE_BUILD_DIR).configure.log 2>&1 || (cat $(CMAKE_BUILD_DIR).configure.log; exit 1)
 	cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
 	ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
