@@ -20,8 +20,12 @@ $(VENV)/.build-deps: pyproject.toml
 	$(PIP) install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 	touch $@
 
+# In CI (CI=true) the CUDA extension must build: a missing toolkit or a CUDA
+# compile error fails the run instead of falling back to a CPU-only build.
+DCE_FORCE_CUDA ?= $(if $(filter true 1,$(CI)),1,)
+
 $(VENV)/.built: $(VENV)/.build-deps $(EXT_SOURCES)
-	MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation -e ".[test]"
+	DCE_FORCE_CUDA=$(DCE_FORCE_CUDA) MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation -e ".[test]"
 	touch $@
 
 build: $(VENV)/.built
