@@ -64,8 +64,8 @@ bench: build
 
 # -- make demo: the paper's pipeline on real Fashion-MNIST, a few minutes on 2 CPU cores --
 DEMO_DIR ?= runs/demo
-DEMO_ARGS ?= --model vgg11 --width 0.25 --fraction 0.5 --train-limit 6000 --test-limit 2000 \
-	--dense-epochs 2 --explore-epochs 1 --finetune-epochs 1 --tau 20 --batch-size 64
+DEMO_ARGS ?= --model vgg11 --width 0.25 --fraction 0.5 --train-limit 20000 --test-limit 10000 \
+	--dense-epochs 2 --explore-epochs 2 --finetune-epochs 2 --tau 50 --batch-size 64
 
 demo: build fashion-mnist
 	rm -rf $(DEMO_DIR)
