@@ -93,4 +93,12 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
+void check_saliency_probe(const c10::optional<at::Tensor>& probe, int64_t out_channels,
+                          const char* op_name) {
+  if (probe.has_value() && probe->defined()) {
+    TORCH_CHECK(probe->dim() == 1 && probe->size(0) == out_channels, op_name,
+                ": saliency_probe must have shape [", out_channels, "], got ", probe->sizes());
+  }
+}
+
 }  // namespace dce

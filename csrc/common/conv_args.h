@@ -30,4 +30,9 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                      const char* op_name);
 
+// The saliency probe, when given, is a [out_channels] tensor (its gradient
+// carries the saliency out of backward).
+void check_saliency_probe(const c10::optional<at::Tensor>& probe, int64_t out_channels,
+                          const char* op_name);
+
 }  // namespace dce

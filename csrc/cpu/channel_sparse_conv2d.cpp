@@ -29,11 +29,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& saliency_probe) {
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, kForward);
   check_cpu(input, "input", kForward);
-  if (saliency_probe.has_value() && saliency_probe->defined()) {
-    TORCH_CHECK(saliency_probe->dim() == 1 && saliency_probe->size(0) == weight.size(0), kForward,
-                ": saliency_probe must have shape [", weight.size(0), "], got ",
-                saliency_probe->sizes());
-  }
+  check_saliency_probe(saliency_probe, weight.size(0), kForward);
   const auto in = check_channel_index(in_idx, input.size(1), input.device(), "in_idx");
   const auto out = check_channel_index(out_idx, weight.size(0), input.device(), "out_idx");
   const at::Tensor x = input.contiguous();

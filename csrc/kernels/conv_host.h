@@ -156,11 +156,7 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
   constexpr const char* op = "channel_sparse_conv2d";
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, op);
   check_device(input, "input", op);
-  if (saliency_probe.has_value() && saliency_probe->defined()) {
-    TORCH_CHECK(saliency_probe->dim() == 1 && saliency_probe->size(0) == weight.size(0), op,
-                ": saliency_probe must have shape [", weight.size(0), "], got ",
-                saliency_probe->sizes());
-  }
+  check_saliency_probe(saliency_probe, weight.size(0), op);
 #if defined(__CUDACC__)
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
