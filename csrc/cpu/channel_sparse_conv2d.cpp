@@ -86,7 +86,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   // otherwise the pass only reduces (grouped: masked dense, so g is masked below).
   const bool compact_path = groups == 1 && !out.is_all;
   GradOutputPass pass = grad_output_pass(g, h, out.idx, compact_path, want_gb);
-  if (want_gb && !pass.grad_bias.defined()) pass.grad_bias = at::zeros({weight.size(0)}, g.options());
 
   at::Tensor grad_input, grad_weight;
   if (want_gi || want_gw) {
@@ -128,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       }
     }
   }
-  return {grad_input, grad_weight, want_gb ? pass.grad_bias : at::Tensor(), pass.saliency};
+  return {grad_input, grad_weight, pass.grad_bias, pass.saliency};
 }
 
 }  // namespace
