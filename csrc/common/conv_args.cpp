@@ -50,6 +50,12 @@ ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
   return out;
 }
 
+ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& weight,
+                                     const at::Tensor& in_idx, const at::Tensor& out_idx) {
+  return {check_channel_index(in_idx, input.size(1), input.device(), "in_idx"),
+          check_channel_index(out_idx, weight.size(0), input.device(), "out_idx")};
+}
+
 void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

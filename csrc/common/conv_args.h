@@ -24,6 +24,15 @@ struct ChannelIndex {
 ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
                                  const at::Device& device, const char* name);
 
+// Both index lists of a conv: in_idx against the input's channels, out_idx
+// against the weight's output channels, each on the input's device.
+struct ChannelIndices {
+  ChannelIndex in;
+  ChannelIndex out;
+};
+ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& weight,
+                                     const at::Tensor& in_idx, const at::Tensor& out_idx);
+
 // Checks the tensors and conv parameters shared by forward and backward.
 void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,

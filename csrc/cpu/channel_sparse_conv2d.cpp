@@ -30,8 +30,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, kForward);
   check_cpu(input, "input", kForward);
   check_saliency_probe(saliency_probe, weight.size(0), kForward);
-  const auto in = check_channel_index(in_idx, input.size(1), input.device(), "in_idx");
-  const auto out = check_channel_index(out_idx, weight.size(0), input.device(), "out_idx");
+  const auto [in, out] = check_channel_indices(input, weight, in_idx, out_idx);
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const c10::optional<at::Tensor> b =
@@ -73,8 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     TORCH_CHECK(output->sizes() == grad_output.sizes(), kBackward, ": output shape ",
                 output->sizes(), " differs from grad_output shape ", grad_output.sizes());
   }
-  const auto in = check_channel_index(in_idx, input.size(1), input.device(), "in_idx");
-  const auto out = check_channel_index(out_idx, weight.size(0), input.device(), "out_idx");
+  const auto [in, out] = check_channel_indices(input, weight, in_idx, out_idx);
   const auto [want_gi, want_gw, want_gb] = output_mask;
 
   const at::Tensor g = grad_output.contiguous();

@@ -160,10 +160,9 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
 #if defined(__CUDACC__)
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
-  const auto in = make_plan(check_channel_index(in_idx, input.size(1), input.device(), "in_idx"),
-                            input.size(1), groups);
-  const auto out = make_plan(check_channel_index(out_idx, weight.size(0), input.device(), "out_idx"),
-                             weight.size(0), groups);
+  const auto indices = check_channel_indices(input, weight, in_idx, out_idx);
+  const auto in = make_plan(indices.in, input.size(1), groups);
+  const auto out = make_plan(indices.out, weight.size(0), groups);
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
@@ -226,10 +225,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
 #if defined(__CUDACC__)
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
-  const auto in = make_plan(check_channel_index(in_idx, input.size(1), input.device(), "in_idx"),
-                            input.size(1), groups);
-  const auto out = make_plan(check_channel_index(out_idx, weight.size(0), input.device(), "out_idx"),
-                             weight.size(0), groups);
+  const auto indices = check_channel_indices(input, weight, in_idx, out_idx);
+  const auto in = make_plan(indices.in, input.size(1), groups);
+  const auto out = make_plan(indices.out, weight.size(0), groups);
   const auto [want_gi, want_gw, want_gb] = output_mask;
   const at::Tensor g = grad_output.contiguous();
   const at::Tensor x = input.contiguous();
