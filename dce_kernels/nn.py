@@ -59,12 +59,18 @@ class ChannelSparseConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.track_saliency = True
-        factory = {"device": self.weight.device}
+        self._init_channel_state()
+
+    def _init_channel_state(self) -> None:
+        """All channels active, zero saliency and a fresh probe, on the weight's device."""
+        device, dtype = self.weight.device, self.weight.dtype
         # Non-persistent: state_dict keys stay exactly nn.Conv2d's.
-        self.register_buffer("in_idx", torch.arange(self.in_channels, **factory), persistent=False)
-        self.register_buffer("out_idx", torch.arange(self.out_channels, **factory), persistent=False)
-        self.register_buffer("saliency", torch.zeros(self.out_channels, dtype=self.weight.dtype,
-                                                     **factory), persistent=False)
+        self.register_buffer("in_idx", torch.arange(self.in_channels, device=device),
+                             persistent=False)
+        self.register_buffer("out_idx", torch.arange(self.out_channels, device=device),
+                             persistent=False)
+        self.register_buffer("saliency", torch.zeros(self.out_channels, dtype=dtype, device=device),
+                             persistent=False)
         self._make_probe()
 
     @classmethod
@@ -79,12 +85,8 @@ class ChannelSparseConv2d(nn.Conv2d):
                     device="meta", dtype=conv.weight.dtype)
         layer.weight = conv.weight
         layer.bias = conv.bias
-        device = conv.weight.device
-        layer.in_idx = torch.arange(conv.in_channels, device=device)
-        layer.out_idx = torch.arange(conv.out_channels, device=device)
-        layer.saliency = torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=device)
+        layer._init_channel_state()  # built on "meta" above; now on the parameters' device
         layer.train(conv.training)
-        layer._make_probe()
         return layer
 
     # -- active channels -------------------------------------------------------
