@@ -9,18 +9,28 @@ namespace dce::schema {
 // are zero; input channels outside in_idx are never read. saliency_probe is a
 // [out_channels] tensor whose gradient, when it requires grad, is the batch-mean
 // Taylor saliency of the output channels (computed inside the backward).
+//
+// Activation layouts: by default input and output keep their full channel
+// width. packed_input says the input holds only the channels of in_idx, in
+// that order (input.size(1) == in_idx.numel()); packed_output asks for only the
+// channels of out_idx. Packed layouts let a chain of channel-sparse layers pass
+// narrow activations, as a physically narrower network would; they need
+// groups == 1 and ascending index lists. Weight, bias and their gradients always
+// keep the layer's full shape.
 inline constexpr const char* kChannelSparseConv2d =
     "channel_sparse_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor in_idx, "
     "Tensor out_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-    "Tensor? saliency_probe) -> Tensor";
+    "Tensor? saliency_probe, bool packed_input=False, bool packed_output=False) -> Tensor";
 
 // Gradients of the op above. output is the forward's result; when given, the
 // fourth result is the saliency [out_channels] (zero for inactive channels),
 // reduced in the same pass that reads grad_output. output_mask selects
 // grad_input, grad_weight, grad_bias; unselected results are undefined (None).
+// grad_output, output and grad_input are in the forward's layouts.
 inline constexpr const char* kChannelSparseConv2dBackward =
     "channel_sparse_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor? output, Tensor in_idx, Tensor out_idx, int[2] stride, int[2] padding, "
-    "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor)";
+    "int[2] dilation, int groups, bool[3] output_mask, bool packed_input=False, "
+    "bool packed_output=False) -> (Tensor, Tensor, Tensor, Tensor)";
 
 }  // namespace dce::schema

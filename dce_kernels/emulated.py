@@ -30,7 +30,8 @@ __all__ = ["channel_sparse_conv2d"]
 
 
 def channel_sparse_conv2d(input, weight, bias, in_idx, out_idx, stride=1, padding=0, dilation=1,
-                          groups=1, saliency_probe=None):
+                          groups=1, saliency_probe=None, packed_input=False, packed_output=False):
     """:func:`dce_kernels.channel_sparse_conv2d`, computed by the emulated CUDA kernels."""
     return call_conv_op(torch.ops.dce_emu.channel_sparse_conv2d.default, input, weight, bias,
-                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe)
+                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe,
+                        packed_input, packed_output)

@@ -53,6 +53,8 @@ def channel_sparse_conv2d(
     dilation: _IntOrPair = 1,
     groups: int = 1,
     saliency_probe: Optional[torch.Tensor] = None,
+    packed_input: bool = False,
+    packed_output: bool = False,
 ) -> torch.Tensor:
     """2-D convolution over lists of active channels.
 
@@ -67,13 +69,21 @@ def channel_sparse_conv2d(
     Taylor saliency ``mean_n |mean_{h,w}(dL/dy * y)|`` of each active output
     channel (zero for inactive ones), reduced inside the backward kernel.
     Accepts batched (N, C, H, W) and unbatched (C, H, W) input, like F.conv2d.
+
+    Packed layouts (``groups=1``, ascending index lists): with ``packed_input``
+    the input holds only the channels of ``in_idx``, in that order
+    (``input.shape[1] == len(in_idx)``); with ``packed_output`` the result holds
+    only the channels of ``out_idx``. Chained layers that agree on a list pass
+    narrow activations, as a physically narrower network would; the weight and
+    all parameter gradients keep the layer's full shape either way.
     """
     return call_conv_op(torch.ops.dce.channel_sparse_conv2d.default, input, weight, bias,
-                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe)
+                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe,
+                        packed_input, packed_output)
 
 
 def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, dilation=1,
-                 groups=1, saliency_probe=None):
+                 groups=1, saliency_probe=None, packed_input=False, packed_output=False):
     """Normalizes F.conv2d-style arguments (ints or pairs, string padding,
     unbatched input) and calls ``op``, any library's channel_sparse_conv2d."""
     stride, dilation = _pair(stride), _pair(dilation)
@@ -82,25 +92,35 @@ def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, 
         input = input.unsqueeze(0)
     input, padding = _resolve_padding(input, weight, stride, padding, dilation)
     out = op(input, weight, bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
-             groups, saliency_probe)
+             groups, saliency_probe, packed_input, packed_output)
     return out.squeeze(0) if unbatched else out
 
 
 def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
-                  saliency_probe):
+                  saliency_probe, packed_input=False, packed_output=False):
     for name, idx in (("in_idx", in_idx), ("out_idx", out_idx)):
         torch._check(idx.dim() == 1, lambda: f"{name} must be a 1-D tensor of channel indices")
         # Without this, a meta index list would route a real call to this kernel.
         torch._check(idx.device == input.device,
                      lambda: f"{name} must be on the input's device ({input.device}), "
                              f"got {idx.device}")
+    if packed_input or packed_output:
+        torch._check(groups == 1, lambda: "packed channel layouts need groups == 1")
+    if packed_input:
+        torch._check(input.shape[1] == in_idx.shape[0],
+                     lambda: f"packed input has {input.shape[1]} channels but in_idx lists "
+                             f"{in_idx.shape[0]}")
+        # The full-width input the shape rule expects, built without touching data.
+        input = input.new_empty((input.shape[0], weight.shape[1], *input.shape[2:]))
     # PyTorch's own conv shape rule (and its errors), evaluated on fake tensors.
-    shape = F.conv2d(input, weight, None, stride, padding, dilation, groups).shape
+    shape = list(F.conv2d(input, weight, None, stride, padding, dilation, groups).shape)
+    if packed_output:
+        shape[1] = out_idx.shape[0]
     return input.new_empty(shape)
 
 
 def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
-                   dilation, groups, output_mask):
+                   dilation, groups, output_mask, packed_input=False, packed_output=False):
     want_input, want_weight, want_bias = output_mask
     return (
         input.new_empty(input.shape) if want_input else None,
@@ -111,11 +131,13 @@ def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, 
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, probe = inputs
+    (input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, probe,
+     *layout) = inputs
     # The output is kept only when saliency is wanted: it is h in sum(g * h).
     ctx.want_saliency = probe is not None and ctx.needs_input_grad[9]
     ctx.has_bias = bias is not None
     ctx.conv_params = (stride, padding, dilation, groups)
+    ctx.layout = tuple(layout) + (False,) * (2 - len(layout))  # (packed_input, packed_output)
     saved = [input, weight, in_idx, out_idx]
     if ctx.want_saliency:
         saved.append(output)
@@ -131,8 +153,9 @@ def _make_backward(backward_op):
                 ctx.has_bias and ctx.needs_input_grad[2]]
         grad_input, grad_weight, grad_bias, saliency = backward_op(
             grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
-            groups, mask)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, saliency
+            groups, mask, *ctx.layout)
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None, saliency,
+                None, None)
 
     return backward
 

@@ -25,7 +25,7 @@ ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
   if (device.is_cpu()) {
     const int64_t* p = out.idx.const_data_ptr<int64_t>();
     std::vector<uint8_t> seen(num_channels, 0);
-    bool in_order = true;
+    bool in_order = true, ascending = true;
     for (const auto i : c10::irange(out.count)) {
       const int64_t c = p[i];
       TORCH_CHECK(c >= 0 && c < num_channels, name, "[", i, "] = ", c,
@@ -33,8 +33,10 @@ ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
       TORCH_CHECK(!seen[c], name, " contains channel ", c, " more than once");
       seen[c] = 1;
       in_order = in_order && (c == i);
+      ascending = ascending && (i == 0 || c > p[i - 1]);
     }
     out.is_all = in_order && out.count == num_channels;
+    out.ascending = ascending;
   } else {
     // Device indices: one small reduction each; the sync this costs is the
     // price of the contract's clear exception instead of silent garbage.
@@ -44,6 +46,7 @@ ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
     bool unique = out.count < 2 ||
                   !sorted.slice(0, 1).eq(sorted.slice(0, 0, out.count - 1)).any().item<bool>();
     TORCH_CHECK(unique, name, " contains a channel more than once");
+    out.ascending = sorted.equal(out.idx);
     out.is_all = out.count == num_channels &&
                  out.idx.eq(at::arange(num_channels, out.idx.options())).all().item<bool>();
   }
@@ -51,9 +54,31 @@ ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
 }
 
 ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& weight,
-                                     const at::Tensor& in_idx, const at::Tensor& out_idx) {
-  return {check_channel_index(in_idx, input.size(1), input.device(), "in_idx"),
-          check_channel_index(out_idx, weight.size(0), input.device(), "out_idx")};
+                                     int64_t groups, const at::Tensor& in_idx,
+                                     const at::Tensor& out_idx, bool packed_input,
+                                     bool packed_output, const char* op_name) {
+  const int64_t in_channels = weight.size(1) * groups;
+  if (!packed_input) {
+    TORCH_CHECK(input.size(1) == in_channels, op_name, ": input has ", input.size(1),
+                " channels but weight expects ", in_channels, " (weight.size(1)=",
+                weight.size(1), " x groups=", groups, ")");
+  }
+  ChannelIndices result{check_channel_index(in_idx, in_channels, input.device(), "in_idx"),
+                        check_channel_index(out_idx, weight.size(0), input.device(), "out_idx")};
+  if (packed_input || packed_output) {
+    TORCH_CHECK(groups == 1, op_name, ": packed channel layouts need groups == 1, got groups=",
+                groups);
+  }
+  if (packed_input) {
+    TORCH_CHECK(input.size(1) == result.in.count, op_name, ": packed input has ",
+                input.size(1), " channels but in_idx lists ", result.in.count);
+    TORCH_CHECK(result.in.ascending, op_name, ": packed_input needs in_idx in ascending order");
+  }
+  if (packed_output) {
+    TORCH_CHECK(result.out.ascending, op_name,
+                ": packed_output needs out_idx in ascending order");
+  }
+  return result;
 }
 
 void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
@@ -75,9 +100,6 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(groups >= 1, op_name, ": groups must be positive, got ", groups);
   TORCH_CHECK(weight.size(0) % groups == 0, op_name, ": out_channels ", weight.size(0),
               " is not divisible by groups ", groups);
-  TORCH_CHECK(weight.size(1) * groups == input.size(1), op_name, ": input has ",
-              input.size(1), " channels but weight expects ", weight.size(1) * groups,
-              " (weight.size(1)=", weight.size(1), " x groups=", groups, ")");
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op_name,
                 ": bias must have shape [", weight.size(0), "], got ", bias->sizes());

@@ -17,6 +17,7 @@ struct ChannelIndex {
   at::Tensor idx;      // int64, contiguous, on the tensor's device
   int64_t count = 0;   // number of active channels
   bool is_all = false; // the list is exactly 0..C-1 in order: no gather needed
+  bool ascending = false;
 };
 
 // Checks dtype, rank, device and emptiness of an index list; for CPU index
@@ -24,16 +25,28 @@ struct ChannelIndex {
 ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
                                  const at::Device& device, const char* name);
 
-// Both index lists of a conv: in_idx against the input's channels, out_idx
-// against the weight's output channels, each on the input's device.
+// Both index lists of a conv and the input's channel count for its layout:
+// in_idx against the layer's input channels (weight.size(1) * groups), out_idx
+// against its output channels, each on the input's device. A full-width input
+// has every input channel; a packed one exactly the listed channels (see
+// op_schemas.h for the layouts).
 struct ChannelIndices {
   ChannelIndex in;
   ChannelIndex out;
 };
 ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& weight,
-                                     const at::Tensor& in_idx, const at::Tensor& out_idx);
+                                     int64_t groups, const at::Tensor& in_idx,
+                                     const at::Tensor& out_idx, bool packed_input,
+                                     bool packed_output, const char* op_name);
 
-// Checks the tensors and conv parameters shared by forward and backward.
+// Channels of the output (and grad_output) tensor in the requested layout.
+inline int64_t output_channels(const at::Tensor& weight, const ChannelIndex& out,
+                               bool packed_output) {
+  return packed_output ? out.count : weight.size(0);
+}
+
+// Checks the tensors and conv parameters shared by forward and backward (the
+// channel counts depend on the layout: check_channel_indices checks them).
 void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,

@@ -179,11 +179,11 @@ void reduce_plane(const scalar_t* __restrict__ g, const scalar_t* __restrict__ h
 
 template <typename scalar_t, bool kCopy, bool kWithH>
 void grad_output_planes(const scalar_t* g, const scalar_t* h, scalar_t* compact,
-                        const int64_t* idx, int64_t N, int64_t C, int64_t K, int64_t P,
-                        double* sum_g, double* sum_gh) {
+                        const int64_t* idx, bool packed, int64_t N, int64_t C, int64_t K,
+                        int64_t P, double* sum_g, double* sum_gh) {
   at::parallel_for(0, N * K, plane_grain(P), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t src = (i / K * C + idx[i % K]) * P;
+      const int64_t src = packed ? i * P : (i / K * C + idx[i % K]) * P;
       reduce_plane<scalar_t, kCopy, kWithH>(g + src, kWithH ? h + src : nullptr,
                                             kCopy ? compact + i * P : nullptr, P, sum_g[i],
                                             sum_gh[i]);
@@ -194,8 +194,9 @@ void grad_output_planes(const scalar_t* g, const scalar_t* h, scalar_t* compact,
 }  // namespace
 
 GradOutputPass grad_output_pass(const at::Tensor& grad_output, const at::Tensor& output,
-                                const at::Tensor& out_idx, bool want_compact,
-                                bool want_grad_bias) {
+                                const at::Tensor& out_idx, int64_t num_channels, bool packed,
+                                bool want_compact, bool want_grad_bias) {
+  TORCH_INTERNAL_ASSERT(!(packed && want_compact), "a packed grad_output is already compact");
   const int64_t N = grad_output.size(0), C = grad_output.size(1), K = out_idx.numel();
   const int64_t P = plane_size(grad_output);
   const bool with_h = output.defined();
@@ -217,7 +218,7 @@ GradOutputPass grad_output_pass(const at::Tensor& grad_output, const at::Tensor&
         scalar_t* dst = want_compact ? result.compact.data_ptr<scalar_t>() : nullptr;
         auto run = [&](auto copy, auto with_h_tag) {
           grad_output_planes<scalar_t, decltype(copy)::value, decltype(with_h_tag)::value>(
-              g, h, dst, idx, N, C, K, P, sum_g.data(), sum_gh.data());
+              g, h, dst, idx, packed, N, C, K, P, sum_g.data(), sum_gh.data());
         };
         using T = std::true_type;
         using F = std::false_type;
@@ -230,13 +231,13 @@ GradOutputPass grad_output_pass(const at::Tensor& grad_output, const at::Tensor&
   // Reduce over the batch in a fixed order so results are deterministic.
   auto opts = grad_output.options();
   if (want_grad_bias) {
-    std::vector<double> gb(C, 0.0);
+    std::vector<double> gb(num_channels, 0.0);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) gb[idx[k]] += sum_g[n * K + k];
     result.grad_bias = at::tensor(gb, opts.dtype(at::kDouble)).to(opts.dtype());
   }
   if (with_h) {
-    std::vector<double> sal(C, 0.0);
+    std::vector<double> sal(num_channels, 0.0);
     const double inv_p = 1.0 / static_cast<double>(P), inv_n = 1.0 / static_cast<double>(N);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k) sal[idx[k]] += std::abs(sum_gh[n * K + k] * inv_p) * inv_n;

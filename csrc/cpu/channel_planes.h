@@ -24,18 +24,19 @@ at::Tensor gather_weight(const at::Tensor& weight, const at::Tensor& out_idx,
 at::Tensor scatter_weight(const at::Tensor& compact, const at::Tensor& out_idx,
                           const at::Tensor& in_idx, int64_t out_channels, int64_t in_channels);
 
-// One pass over the active planes g[n, out_idx[k]] of grad_output:
-//  - compact (if requested): the [N, K, H, W] gather of those planes;
-//  - grad_bias (if requested): [C] with sum over n and space of g, zero elsewhere;
-//  - saliency (if output is defined): [C] with mean_n |mean_space(g * h)|, zero
-//    elsewhere, where h = output[n, out_idx[k]].
+// One pass over the active planes of grad_output: g[n, out_idx[k]] of a
+// full-width [N, C, H, W] grad_output, or g[n, k] of a packed [N, K, H, W] one.
+//  - compact (if requested; full width only): the [N, K, H, W] gather of those planes;
+//  - grad_bias (if requested): [num_channels] with sum over n and space of g, zero elsewhere;
+//  - saliency (if output is defined): [num_channels] with mean_n |mean_space(g * h)|,
+//    zero elsewhere, where h is output's plane at the same position as g's.
 struct GradOutputPass {
   at::Tensor compact;
   at::Tensor grad_bias;
   at::Tensor saliency;
 };
 GradOutputPass grad_output_pass(const at::Tensor& grad_output, const at::Tensor& output,
-                                const at::Tensor& out_idx, bool want_compact,
-                                bool want_grad_bias);
+                                const at::Tensor& out_idx, int64_t num_channels, bool packed,
+                                bool want_compact, bool want_grad_bias);
 
 }  // namespace dce::cpu

@@ -5,6 +5,9 @@
 // Around it we move only active planes: gather inputs, scatter outputs (each
 // output plane written once), and in backward one pass over grad_output that
 // gathers it and reduces bias gradient and Taylor saliency at the same time.
+// With packed layouts (op_schemas.h) the input is already compact and/or the
+// output stays compact: those gathers and scatters are skipped, which leaves
+// the narrow network's own work plus the fused grad_output pass.
 // groups > 1 takes a masked dense path (correct, not faster than dense).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -26,11 +29,13 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
                        const at::Tensor& out_idx, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                       const c10::optional<at::Tensor>& saliency_probe) {
+                       const c10::optional<at::Tensor>& saliency_probe, bool packed_input,
+                       bool packed_output) {
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, kForward);
   check_cpu(input, "input", kForward);
   check_saliency_probe(saliency_probe, weight.size(0), kForward);
-  const auto [in, out] = check_channel_indices(input, weight, in_idx, out_idx);
+  const auto [in, out] = check_channel_indices(input, weight, groups, in_idx, out_idx,
+                                               packed_input, packed_output, kForward);
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const c10::optional<at::Tensor> b =
@@ -44,24 +49,26 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
     return out.is_all ? y : mask_channels(y, out.idx);
   }
 
-  at::Tensor x_c = in.is_all ? x : gather_channels(x, in.idx);
+  at::Tensor x_c = (in.is_all || packed_input) ? x : gather_channels(x, in.idx);
   at::Tensor w_c = (in.is_all && out.is_all) ? w : gather_weight(w, out.idx, in.idx);
   c10::optional<at::Tensor> b_c = b;
   if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
   at::Tensor y_c =
       at::convolution(x_c, w_c, b_c, stride, padding, dilation, false, {0, 0}, 1).contiguous();
-  return out.is_all ? y_c : scatter_channels(y_c, out.idx, weight.size(0));
+  return (out.is_all || packed_output) ? y_c : scatter_channels(y_c, out.idx, weight.size(0));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
   check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, kBackward);
   check_cpu(input, "input", kBackward);
+  const auto [in, out] = check_channel_indices(input, weight, groups, in_idx, out_idx,
+                                               packed_input, packed_output, kBackward);
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
-                  grad_output.size(1) == weight.size(0),
+                  grad_output.size(1) == output_channels(weight, out, packed_output),
               kBackward, ": grad_output shape ", grad_output.sizes(),
               " does not match input/weight");
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), kBackward,
@@ -72,7 +79,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     TORCH_CHECK(output->sizes() == grad_output.sizes(), kBackward, ": output shape ",
                 output->sizes(), " differs from grad_output shape ", grad_output.sizes());
   }
-  const auto [in, out] = check_channel_indices(input, weight, in_idx, out_idx);
   const auto [want_gi, want_gw, want_gb] = output_mask;
 
   const at::Tensor g = grad_output.contiguous();
@@ -80,10 +86,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
 
-  // groups == 1 with a partial output list convolves the compact grad_output;
-  // otherwise the pass only reduces (grouped: masked dense, so g is masked below).
+  // groups == 1 with a partial output list convolves the compact grad_output
+  // (gathered here unless it arrives packed); otherwise the pass only reduces
+  // (grouped: masked dense, so g is masked below).
   const bool compact_path = groups == 1 && !out.is_all;
-  GradOutputPass pass = grad_output_pass(g, h, out.idx, compact_path, want_gb);
+  const bool gather_g = compact_path && !packed_output;
+  GradOutputPass pass = grad_output_pass(g, h, out.idx, weight.size(0), packed_output, gather_g,
+                                         want_gb);
 
   at::Tensor grad_input, grad_weight;
   if (want_gi || want_gw) {
@@ -98,10 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       }
       if (want_gw) grad_weight = std::get<1>(grads);
     } else {
-      const at::Tensor g_c = compact_path ? pass.compact : g;
+      const at::Tensor g_c = gather_g ? pass.compact : g;
       // The weight gradient needs the compact input; grad_input needs only its shape.
       at::Tensor x_c;
-      if (in.is_all) {
+      if (in.is_all || packed_input) {
         x_c = x;
       } else if (want_gw) {
         x_c = gather_channels(x, in.idx);
@@ -114,7 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                                             {want_gi, want_gw, false});
       if (want_gi) {
         grad_input = std::get<0>(grads).contiguous();
-        if (!in.is_all) grad_input = scatter_channels(grad_input, in.idx, input.size(1));
+        if (!in.is_all && !packed_input) {
+          grad_input = scatter_channels(grad_input, in.idx, input.size(1));
+        }
       }
       if (want_gw) {
         grad_weight = std::get<1>(grads).contiguous();

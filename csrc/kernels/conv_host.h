@@ -92,10 +92,13 @@ inline void check_device(const at::Tensor& t, const char* what, const char* op) 
               t.device());
 }
 
-inline ConvGeom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t Ho, int64_t Wo,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
+// Cout is the channel count of the output activation: the layer's, or the
+// active count when the output is packed (x.size(1) already is the input's).
+inline ConvGeom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t Cout, int64_t Ho,
+                          int64_t Wo, at::IntArrayRef stride, at::IntArrayRef padding,
                           at::IntArrayRef dilation, int64_t groups, const ListPlan& in,
-                          const ListPlan& out, const char* op) {
+                          const ListPlan& out, bool packed_input, bool packed_output,
+                          const char* op) {
   check_int_range(x.size(0) * std::max(x.size(2) * x.size(3), Ho * Wo), "N*H*W", op);
   check_int_range(x.size(1) * w.size(2) * w.size(3), "C_in*kH*kW", op);
   ConvGeom g{};
@@ -103,7 +106,7 @@ inline ConvGeom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t Ho, 
   g.Cin = static_cast<int>(x.size(1));
   g.H = static_cast<int>(x.size(2));
   g.W = static_cast<int>(x.size(3));
-  g.Cout = static_cast<int>(w.size(0));
+  g.Cout = static_cast<int>(Cout);
   g.Ho = static_cast<int>(Ho);
   g.Wo = static_cast<int>(Wo);
   g.kH = static_cast<int>(w.size(2));
@@ -120,6 +123,8 @@ inline ConvGeom make_geom(const at::Tensor& x, const at::Tensor& w, int64_t Ho, 
   g.in_off = in.offsets.const_data_ptr<int>();
   g.out_list = out.list.const_data_ptr<int>();
   g.out_off = out.offsets.const_data_ptr<int>();
+  g.in_packed = packed_input ? 1 : 0;
+  g.out_packed = packed_output ? 1 : 0;
   return g;
 }
 
@@ -152,7 +157,8 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
                                         const at::Tensor& in_idx, const at::Tensor& out_idx,
                                         at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation, int64_t groups,
-                                        const c10::optional<at::Tensor>& saliency_probe) {
+                                        const c10::optional<at::Tensor>& saliency_probe,
+                                        bool packed_input, bool packed_output) {
   constexpr const char* op = "channel_sparse_conv2d";
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, op);
   check_device(input, "input", op);
@@ -160,17 +166,20 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
 #if defined(__CUDACC__)
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
-  const auto indices = check_channel_indices(input, weight, in_idx, out_idx);
-  const auto in = make_plan(indices.in, input.size(1), groups);
+  const auto indices = check_channel_indices(input, weight, groups, in_idx, out_idx,
+                                             packed_input, packed_output, op);
+  const auto in = make_plan(indices.in, weight.size(1) * groups, groups);
   const auto out = make_plan(indices.out, weight.size(0), groups);
+  const int64_t Cy = output_channels(weight, indices.out, packed_output);
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const auto [Ho, Wo] = output_size(x, w, stride, padding, dilation);
-  at::Tensor y = at::empty({x.size(0), w.size(0), Ho, Wo}, x.options());
+  at::Tensor y = at::empty({x.size(0), Cy, Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
-  const ConvGeom geom = make_geom(x, w, Ho, Wo, stride, padding, dilation, groups, in, out, op);
+  const ConvGeom geom = make_geom(x, w, Cy, Ho, Wo, stride, padding, dilation, groups, in, out,
+                                  packed_input, packed_output, op);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dce_fwd", [&] {
     using T = typename DeviceType<scalar_t>::type;
@@ -182,7 +191,9 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
     const dim3 grid = gemm_grid(x.size(0) * Ho * Wo, out.max_per_group, groups, op);
     DCE_LAUNCH(igemm_kernel<Policy>, grid, dim3(ConvTile::kThreads),
                ConvTile::smem_bytes<acc_t<T>>(), current_stream(), prm);
-    zero_inactive(reinterpret_cast<T*>(y.data_ptr<scalar_t>()), out, x.size(0), Ho * Wo);
+    if (!packed_output) {
+      zero_inactive(reinterpret_cast<T*>(y.data_ptr<scalar_t>()), out, x.size(0), Ho * Wo);
+    }
   });
   return y;
 }
@@ -202,13 +213,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
   constexpr const char* op = "channel_sparse_conv2d_backward";
   check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_device(input, "input", op);
+  const auto indices = check_channel_indices(input, weight, groups, in_idx, out_idx,
+                                             packed_input, packed_output, op);
+  const int64_t Cy = output_channels(weight, indices.out, packed_output);
   const auto [Ho, Wo] = output_size(input, weight, stride, padding, dilation);
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
-                  grad_output.size(1) == weight.size(0) && grad_output.size(2) == Ho &&
+                  grad_output.size(1) == Cy && grad_output.size(2) == Ho &&
                   grad_output.size(3) == Wo,
               op, ": grad_output shape ", grad_output.sizes(), " does not match input/weight");
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output dtype ",
@@ -225,15 +239,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
 #if defined(__CUDACC__)
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
-  const auto indices = check_channel_indices(input, weight, in_idx, out_idx);
-  const auto in = make_plan(indices.in, input.size(1), groups);
+  const auto in = make_plan(indices.in, weight.size(1) * groups, groups);
   const auto out = make_plan(indices.out, weight.size(0), groups);
   const auto [want_gi, want_gw, want_gb] = output_mask;
   const at::Tensor g = grad_output.contiguous();
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor h = with_saliency ? output->contiguous() : at::Tensor();
-  const ConvGeom geom = make_geom(x, w, Ho, Wo, stride, padding, dilation, groups, in, out, op);
+  const ConvGeom geom = make_geom(x, w, Cy, Ho, Wo, stride, padding, dilation, groups, in, out,
+                                  packed_input, packed_output, op);
   const int64_t N = x.size(0), Cout = w.size(0);
   const at::ScalarType acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = x.options().dtype(acc_dtype);
@@ -259,7 +273,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
       using Policy = DgradPolicy<T, ConvTile>;
       DCE_LAUNCH(igemm_kernel<Policy>, grid, dim3(ConvTile::kThreads),
                  ConvTile::smem_bytes<Acc>(), current_stream(), prm);
-      zero_inactive(gx, in, N, x.size(2) * x.size(3));
+      if (!packed_input) zero_inactive(gx, in, N, x.size(2) * x.size(3));
     } else if (want_gi) {
       grad_input.zero_();
     }

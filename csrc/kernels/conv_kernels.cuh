@@ -24,16 +24,29 @@ namespace dce::kernels {
 inline namespace DCE_KERNEL_NS {
 
 // Shapes and index lists shared by all kernels. int is enough for every
-// count; element offsets are computed in int64_t.
+// count; element offsets are computed in int64_t. Cin and Cout are the channel
+// counts of the activation tensors: the layer's, or the active counts when a
+// side is packed (only the listed channels, in list order; see op_schemas.h).
 struct ConvGeom {
   int N, Cin, H, W, Cout, Ho, Wo, kH, kW;
   int sh, sw, ph, pw, dh, dw;
-  int cin_g, cout_g;  // channels per group (weight.size(1), Cout / groups)
+  int cin_g, cout_g;  // channels per group of the weight (weight.size(1), out_channels / groups)
   const int* in_list;
   const int* in_off;
   const int* out_list;
   const int* out_off;
+  int in_packed, out_packed;
 };
+
+// Plane of the activation tensor that holds the active channel in list slot
+// `slot`: the listed channel at full width, the slot itself when packed. The
+// weight is always indexed by the listed channel.
+__device__ __forceinline__ int input_plane(const ConvGeom& g, int slot) {
+  return g.in_packed ? slot : g.in_list[slot];
+}
+__device__ __forceinline__ int output_plane(const ConvGeom& g, int slot) {
+  return g.out_packed ? slot : g.out_list[slot];
+}
 
 template <typename T>
 struct FwdParams {
@@ -128,7 +141,7 @@ struct FwdPolicy {
     if (static_cast<unsigned>(ih) >= static_cast<unsigned>(g.H) ||
         static_cast<unsigned>(iw) >= static_cast<unsigned>(g.W))
       return Acc(0);
-    const int ci = g.in_list[ibase + a];
+    const int ci = input_plane(g, ibase + a);
     return to_acc(p.x[x_nbase + (static_cast<int64_t>(ci) * g.H + ih) * g.W + iw]);
   }
 
@@ -138,10 +151,11 @@ struct FwdPolicy {
     const ConvGeom& g = p.g;
     const int hw = g.Ho * g.Wo;
     if (m0 + m >= mg || n0 + n >= g.N * hw) return;
-    const int co = g.out_list[obase + m0 + m];
-    if (p.bias != nullptr) v += to_acc(p.bias[co]);
+    const int slot = obase + m0 + m;
+    if (p.bias != nullptr) v += to_acc(p.bias[g.out_list[slot]]);
     const int nb = (n0 + n) / hw, pix = n0 + n - nb * hw;
-    p.y[(static_cast<int64_t>(nb) * g.Cout + co) * hw + pix] = from_acc<T>(v);
+    p.y[(static_cast<int64_t>(nb) * g.Cout + output_plane(g, slot)) * hw + pix] =
+        from_acc<T>(v);
   }
 };
 
@@ -205,7 +219,7 @@ struct DgradPolicy {
     if (th < 0 || tw < 0) return Acc(0);
     const int oh = th / g.sh, ow = tw / g.sw;
     if (oh * g.sh != th || ow * g.sw != tw || oh >= g.Ho || ow >= g.Wo) return Acc(0);
-    const int co = g.out_list[obase + a];
+    const int co = output_plane(g, obase + a);
     return to_acc(p.gy[gy_nbase + (static_cast<int64_t>(co) * g.Ho + oh) * g.Wo + ow]);
   }
 
@@ -215,7 +229,7 @@ struct DgradPolicy {
     const ConvGeom& g = p.g;
     const int hw = g.H * g.W;
     if (m0 + m >= mg || n0 + n >= g.N * hw) return;
-    const int ci = g.in_list[ibase + m0 + m];
+    const int ci = input_plane(g, ibase + m0 + m);
     const int nb = (n0 + n) / hw, pix = n0 + n - nb * hw;
     p.gx[(static_cast<int64_t>(nb) * g.Cin + ci) * hw + pix] = from_acc<T>(v);
   }
@@ -273,7 +287,7 @@ struct WgradPolicy {
       col_ok[e] = n < ng;
       const int a = col_ok[e] ? n / kk : 0, r = n - a * kk;
       const int kh = r / g.kW, kw = r - kh * g.kW;
-      col_cioff[e] = col_ok[e] ? static_cast<int64_t>(g.in_list[ibase + a]) * g.H * g.W : 0;
+      col_cioff[e] = col_ok[e] ? static_cast<int64_t>(input_plane(g, ibase + a)) * g.H * g.W : 0;
       col_dh[e] = kh * g.dh;
       col_dw[e] = kw * g.dw;
     }
@@ -313,7 +327,7 @@ struct WgradPolicy {
     if (m0 + m >= mg || k >= k_end) return Acc(0);
     decode_k(k);
     const ConvGeom& g = p.g;
-    const int co = g.out_list[obase + m0 + m];
+    const int co = output_plane(g, obase + m0 + m);
     const int64_t off = (static_cast<int64_t>(k_nb) * g.Cout + co) * g.Ho * g.Wo + k_pix;
     const Acc v = to_acc(p.gy[off]);
     if (reduce) {

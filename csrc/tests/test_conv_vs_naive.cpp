@@ -18,11 +18,12 @@ std::string library = "dce";
 
 using Forward = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                           at::IntArrayRef, int64_t, const std::optional<at::Tensor>&);
+                           at::IntArrayRef, int64_t, const std::optional<at::Tensor>&, bool,
+                           bool);
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-    int64_t, std::array<bool, 3>);
+    int64_t, std::array<bool, 3>, bool, bool);
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                    const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
@@ -30,7 +31,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const std::optional
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow((library + "::channel_sparse_conv2d").c_str(), "")
                        .typed<Forward>();
-  return op.call(x, w, b, in_idx, out_idx, stride, padding, dilation, 1, std::nullopt);
+  return op.call(x, w, b, in_idx, out_idx, stride, padding, dilation, 1, std::nullopt, false,
+                 false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -40,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow((library + "::channel_sparse_conv2d_backward").c_str(), "")
                        .typed<Backward>();
-  return op.call(g, x, w, y, in_idx, out_idx, stride, padding, dilation, 1, mask);
+  return op.call(g, x, w, y, in_idx, out_idx, stride, padding, dilation, 1, mask, false, false);
 }
 
 void expect_close(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
