@@ -59,7 +59,8 @@ clean:
 bench: build
 	mkdir -p build/bench
 	$(PY) -m pytest bench --benchmark-json=build/bench/results.json -q
-	$(PY) bench/report.py build/bench/results.json --markdown build/bench/table.md --plot build/bench/layer.png
+	$(PY) bench/report.py build/bench/results.json --markdown build/bench/table.md \
+		--plot build/bench/layer.png --step-plot build/bench/step.png
 	@cat build/bench/table.md
 
 # -- make demo: the paper's pipeline on real Fashion-MNIST, a few minutes on 2 CPU cores --

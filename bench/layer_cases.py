@@ -25,7 +25,9 @@ def make_cases(channels: int, size: int, fraction: float, batch: int = BATCH,
                saliency: bool = True, seed: int = 0):
     """Callables for one fwd+bwd step: dense nn.Conv2d at full width, a
     physically narrower dense conv at the active width, the naive
-    index_select + conv + index_copy, and ours."""
+    index_select + conv + index_copy, ours at full width, and ours with packed
+    input and output (a layer inside a chain of packed sparse layers: it reads
+    and writes the same narrow tensors as the narrow conv)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, size, size, generator=g)
     w = torch.randn(channels, channels, 3, 3, generator=g) * 0.05
@@ -49,6 +51,7 @@ def make_cases(channels: int, size: int, fraction: float, batch: int = BATCH,
     xn, wn, bn = leaf("xn", x_narrow), leaf("wn", w_narrow), leaf("bn", b_narrow)
     xo, wo, bo = leaf("xo", x), leaf("wo", w), leaf("bo", b)
     xg, wg, bg = leaf("xg", x), leaf("wg", w), leaf("bg", b)
+    xp, wp, bp = leaf("xp", x_narrow), leaf("wp", w), leaf("bp", b)
     probe = torch.zeros(channels, requires_grad=True) if saliency else None
 
     def clear():
@@ -70,6 +73,12 @@ def make_cases(channels: int, size: int, fraction: float, batch: int = BATCH,
         dce_kernels.channel_sparse_conv2d(xo, wo, bo, in_idx, out_idx, 1, 1,
                                           saliency_probe=probe).backward(grad_full)
 
+    def ours_packed():
+        clear()
+        dce_kernels.channel_sparse_conv2d(xp, wp, bp, in_idx, out_idx, 1, 1,
+                                          saliency_probe=probe, packed_input=True,
+                                          packed_output=True).backward(grad_narrow)
+
     def naive():
         clear()
         xs = xg.index_select(1, in_idx)
@@ -78,4 +87,5 @@ def make_cases(channels: int, size: int, fraction: float, batch: int = BATCH,
         full = torch.zeros(batch, channels, size, size).index_copy(1, out_idx, y)
         full.backward(grad_full)
 
-    return {"dense": dense, "narrow": narrow, "ours": ours, "naive": naive}
+    return {"dense": dense, "narrow": narrow, "ours": ours, "ours_packed": ours_packed,
+            "naive": naive}

@@ -1,6 +1,6 @@
 """Turns pytest-benchmark JSON from bench/ into a markdown table and a plot.
 
-    python bench/report.py results.json --markdown table.md --plot layer.png
+    python bench/report.py results.json --markdown table.md --plot layer.png --step-plot step.png
 """
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ def machine_line(data: dict) -> str:
 
 
 def layer_table(rows: list[dict]) -> str:
-    lines = ["| shape (C, HxW) | threads | p | narrow/dense | ours/narrow | ours/dense | naive/dense | ours ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape (C, HxW) | threads | p | narrow/dense | ours/narrow | packed/narrow | "
+             "ours/dense | naive/dense | ours ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r.get("kind") == "layer"),
                     key=lambda r: (r["channels"], r["threads"], -r["fraction"])):
         lines.append(
             f"| {r['channels']}, {r['size']}x{r['size']} | {r['threads']} | {r['fraction']} | "
             f"{r['narrow_over_dense']:.3f} | {r['ours_over_narrow']:.3f} | "
-            f"{r['ours_over_dense']:.3f} | {r['naive_over_dense']:.3f} | {r['ms_ours']:.1f} |")
+            f"{r['packed_over_narrow']:.3f} | {r['ours_over_dense']:.3f} | {r['naive_over_dense']:.3f} | {r['ms_ours']:.1f} |")
     return "\n".join(lines)
 
 
@@ -40,10 +41,44 @@ def saliency_table(rows: list[dict]) -> str:
     sal = [r for r in rows if r.get("kind") == "saliency"]
     if not sal:
         return ""
-    lines = ["| shape (C, HxW) | saliency overhead |", "|---|---|"]
-    for r in sorted(sal, key=lambda r: r["channels"]):
-        lines.append(f"| {r['channels']}, {r['size']}x{r['size']} | "
-                     f"{100 * r['saliency_overhead']:+.2f}% |")
+    lines = ["| layer shape (C, HxW) | threads | saliency overhead | ± (half IQR) |",
+             "|---|---|---|---|"]
+    for r in sorted(sal, key=lambda r: (r["channels"], r["threads"])):
+        lines.append(f"| {r['channels']}, {r['size']}x{r['size']} | {r['threads']} | "
+                     f"{100 * r['saliency_overhead']:+.2f}% | "
+                     f"{100 * r['saliency_resolution']:.2f}% |")
+    return "\n".join(lines)
+
+
+def step_table(rows: list[dict]) -> str:
+    steps = [r for r in rows if r.get("kind") == "step"]
+    if not steps:
+        return ""
+    lines = ["| threads | p | narrow/dense | ours/narrow | ours/dense | dense ms | narrow ms | "
+             "ours ms |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(steps, key=lambda r: (r["threads"], -r["fraction"])):
+        lines.append(f"| {r['threads']} | {r['fraction']} | {r['narrow_over_dense']:.3f} | "
+                     f"{r['ours_over_narrow']:.3f} | {r['ours_over_dense']:.3f} | "
+                     f"{r['ms_dense']:.0f} | {r['ms_narrow']:.0f} | {r['ms_ours']:.0f} |")
+    sal = [r for r in rows if r.get("kind") == "step_saliency"]
+    if sal:
+        lines += ["", "| whole step, p | threads | saliency overhead | ± (half IQR) |",
+                  "|---|---|---|---|"]
+        for r in sorted(sal, key=lambda r: -r["fraction"]):
+            lines.append(f"| {r['fraction']} | {r['threads']} | "
+                         f"{100 * r['saliency_overhead']:+.2f}% | "
+                         f"{100 * r['saliency_resolution']:.2f}% |")
+    return "\n".join(lines)
+
+
+def memory_table(rows: list[dict]) -> str:
+    mem = [r for r in rows if r.get("kind") == "memory"]
+    if not mem:
+        return ""
+    lines = ["| p | dense MiB | narrow MiB | ours MiB | ours/dense |", "|---|---|---|---|---|"]
+    for r in sorted(mem, key=lambda r: -r["fraction"]):
+        lines.append(f"| {r['fraction']} | {r['mib_dense']:.0f} | {r['mib_narrow']:.0f} | "
+                     f"{r['mib_ours']:.0f} | {r['mib_ours'] / r['mib_dense']:.2f} |")
     return "\n".join(lines)
 
 
@@ -80,22 +115,53 @@ def plot_layer(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=80)
 
 
+def plot_step(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in rows if r.get("kind") == "step"]
+    threads = sorted({r["threads"] for r in steps})
+    fig, axes = plt.subplots(1, len(threads), figsize=(4.2 * len(threads), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], threads):
+        rs = sorted((r for r in steps if r["threads"] == t), key=lambda r: r["fraction"])
+        ps = [r["fraction"] for r in rs]
+        ax.plot(ps, [r["ours_over_dense"] for r in rs], "o-", label="ours")
+        ax.plot(ps, [r["narrow_over_dense"] for r in rs], "s--", label="narrow network")
+        ax.plot(ps, [p * p for p in ps], "k-", lw=0.8, alpha=0.5, label="p²")
+        ax.set_title(f"VGG-16-BN training step, {t} thread(s)", fontsize=9)
+        ax.set_xlabel("active fraction p")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("step time / dense step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="pytest-benchmark --benchmark-json output")
     parser.add_argument("--markdown", help="write the tables here (default: print)")
-    parser.add_argument("--plot", help="write a PNG plot of time vs p here")
+    parser.add_argument("--plot", help="write a PNG plot of layer time vs p here")
+    parser.add_argument("--step-plot", help="write a PNG plot of whole-step time vs p here")
     args = parser.parse_args()
     rows, data = load_rows(args.json)
-    text = "\n\n".join(t for t in (f"Measured on: {machine_line(data)}", layer_table(rows),
-                                   saliency_table(rows)) if t)
+    sections = [f"Measured on: {machine_line(data)}", "### Whole training step", step_table(rows),
+                "### Peak memory of a training step", memory_table(rows),
+                "### Layer forward + backward", layer_table(rows),
+                "### Fused saliency, layer", saliency_table(rows)]
+    text = "\n\n".join(t for t in sections if t)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
-    if args.plot:
+    if args.plot and any(r.get("kind") == "layer" for r in rows):
         plot_layer(rows, args.plot)
+    if args.step_plot and any(r.get("kind") == "step" for r in rows):
+        plot_step(rows, args.step_plot)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from layer_cases import VGG16_SHAPES, make_cases
-from timing import interleaved_medians
+from timing import interleaved_medians, paired_ratio
 
 FRACTIONS = [1.0, 0.75, 0.5, 0.25]
 ROUNDS = int(os.environ.get("DCE_BENCH_ROUNDS", "11"))
-THREADS = [int(t) for t in os.environ.get("DCE_BENCH_THREADS", "2").split(",")]
+THREADS = [int(t) for t in os.environ.get("DCE_BENCH_THREADS", "1,2").split(",")]
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t}")
@@ -37,6 +37,7 @@ def test_layer_forward_backward(benchmark, shape, fraction, threads):
             **{f"ms_{name}": 1e3 * t for name, t in medians.items()},
             ours_over_dense=medians["ours"] / medians["dense"],
             ours_over_narrow=medians["ours"] / medians["narrow"],
+            packed_over_narrow=medians["ours_packed"] / medians["narrow"],
             narrow_over_dense=medians["narrow"] / medians["dense"],
             naive_over_dense=medians["naive"] / medians["dense"],
         )
@@ -45,13 +46,23 @@ def test_layer_forward_backward(benchmark, shape, fraction, threads):
         torch.set_num_threads(previous)
 
 
+SALIENCY_ROUNDS = int(os.environ.get("DCE_BENCH_SALIENCY_ROUNDS", "41"))
+
+
+@pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t}")
 @pytest.mark.parametrize("shape", VGG16_SHAPES, ids=lambda s: f"C{s[0]}-S{s[1]}")
-def test_saliency_overhead(benchmark, shape):
-    """Ours with and without the fused saliency, full activation."""
-    with_s = make_cases(*shape, 1.0, saliency=True)["ours"]
-    without = make_cases(*shape, 1.0, saliency=False)["ours"]
-    medians = interleaved_medians({"with": with_s, "without": without}, rounds=ROUNDS)
-    benchmark.extra_info.update(
-        kind="saliency", channels=shape[0], size=shape[1],
-        saliency_overhead=medians["with"] / medians["without"] - 1.0)
-    benchmark.pedantic(with_s, rounds=3, warmup_rounds=1)
+def test_saliency_overhead(benchmark, shape, threads):
+    """Ours with and without the fused saliency, full activation: the ratio of
+    back-to-back runs, median over many rounds (timing.paired_ratio)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with_s = make_cases(*shape, 1.0, saliency=True)["ours"]
+        without = make_cases(*shape, 1.0, saliency=False)["ours"]
+        ratio, spread = paired_ratio(with_s, without, rounds=SALIENCY_ROUNDS)
+        benchmark.extra_info.update(
+            kind="saliency", channels=shape[0], size=shape[1], threads=threads,
+            saliency_overhead=ratio - 1.0, saliency_resolution=spread)
+        benchmark.pedantic(with_s, rounds=3, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(previous)

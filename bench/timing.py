@@ -27,3 +27,28 @@ def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int = 15
             cases[name]()
             samples[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def paired_ratio(numerator: Callable[[], object], denominator: Callable[[], object],
+                 rounds: int = 41, warmup: int = 2,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """Median over rounds of the time ratio of two calls made back to back
+    (order alternating), and half the interquartile range of those ratios.
+
+    For small differences (a fused reduction of ~1%) a ratio per round cancels
+    the slow drift of a shared machine that separate medians keep; the spread
+    says how small a difference this run could resolve."""
+    for _ in range(warmup):
+        numerator(), denominator()
+    ratios = []
+    for r in range(rounds):
+        first, second = (numerator, denominator) if r % 2 == 0 else (denominator, numerator)
+        t0 = clock()
+        first()
+        t1 = clock()
+        second()
+        t2 = clock()
+        a, b = (t1 - t0, t2 - t1) if r % 2 == 0 else (t2 - t1, t1 - t0)
+        ratios.append(a / b)
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), (q[2] - q[0]) / 2

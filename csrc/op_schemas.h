@@ -33,4 +33,13 @@ inline constexpr const char* kChannelSparseConv2dBackward =
     "int[2] dilation, int groups, bool[3] output_mask, bool packed_input=False, "
     "bool packed_output=False) -> (Tensor, Tensor, Tensor, Tensor)";
 
+// Blocks of parameter-shaped tensors, for optimizer steps over the active
+// channels only: a tensor is viewed as [rows, cols, rest...]; a block is the
+// listed rows (dim 0) and columns (dim 1; None: all) with every trailing
+// element. gather_block copies one out; scatter_block_ writes one back in place.
+inline constexpr const char* kGatherBlock =
+    "gather_block(Tensor src, Tensor? rows, Tensor? cols) -> Tensor";
+inline constexpr const char* kScatterBlock =
+    "scatter_block_(Tensor(a!) dst, Tensor? rows, Tensor? cols, Tensor block) -> ()";
+
 }  // namespace dce::schema

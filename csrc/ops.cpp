@@ -8,4 +8,6 @@
 TORCH_LIBRARY(dce, m) {
   m.def(dce::schema::kChannelSparseConv2d);
   m.def(dce::schema::kChannelSparseConv2dBackward);
+  m.def(dce::schema::kGatherBlock);
+  m.def(dce::schema::kScatterBlock);
 }

@@ -8,8 +8,15 @@ Two separate steps:
   selection: the channel-sparse BatchNorms after it, the convs that read it
   (their input channels) and a Linear that reads it after flattening.
 * *Applying* (:class:`ChannelPlan`): given one index tensor per group, call
-  ``set_active`` on every layer, and list the parameter slices that are
-  inactive (for :class:`dce_kernels.optim.MaskedOptimizer`).
+  ``set_active`` on every layer, and list the parameter blocks that are
+  active (for :class:`dce_kernels.optim.MaskedOptimizer`).
+
+A group whose producer output is read by nothing but the group's own layers
+(``packed=True``, proven by the linker) can pass *packed* activations: the
+producer emits only its active channels, the norms and channel-wise layers in
+between run on those, and the consumers read them directly. That is what makes
+a training step cost close to the physically narrower network's; full-width
+groups stay correct for any graph.
 
 Only sequential networks are linked automatically here; a later torch.fx pass
 can build the same groups for arbitrary graphs without touching ``ChannelPlan``.
@@ -23,6 +30,7 @@ import torch
 from torch import nn
 
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .optim import ActiveBlock
 
 __all__ = ["ChannelGroup", "ChannelPlan", "sequential_groups", "plan_for"]
 
@@ -42,10 +50,19 @@ class ChannelGroup:
     consumers: list[ChannelSparseConv2d] = field(default_factory=list)
     linears: list[nn.Linear] = field(default_factory=list)
     name: str = ""
+    # Whether activations of this group may be packed (see the module doc):
+    # only a linker that has seen every reader of the producer's output may set it.
+    packed: bool = False
 
     @property
     def num_channels(self) -> int:
         return self.producer.out_channels
+
+    @property
+    def can_pack(self) -> bool:
+        """Packing is on for this group and every layer in it supports it."""
+        return (self.packed and not self.linears and self.producer.groups == 1
+                and all(conv.groups == 1 for conv in self.consumers))
 
     def validate(self) -> None:
         c = self.num_channels
@@ -65,7 +82,9 @@ class ChannelGroup:
 
 def sequential_groups(model: nn.Module) -> list[ChannelGroup]:
     """Links the layers of a sequential network, whose modules are registered
-    in the order they run (as in VGG). Raises on layers it cannot see through."""
+    in the order they run (as in VGG). Raises on layers it cannot see through.
+    Between a conv and the next there are only channel-wise layers, so every
+    group without a Linear reader may pass packed activations."""
     names = {m: n for n, m in model.named_modules()}
     groups: list[ChannelGroup] = []
     current: Optional[ChannelGroup] = None
@@ -75,7 +94,7 @@ def sequential_groups(model: nn.Module) -> list[ChannelGroup]:
         if isinstance(module, ChannelSparseConv2d):
             if current is not None:
                 current.consumers.append(module)
-            current = ChannelGroup(module, name=names[module])
+            current = ChannelGroup(module, name=names[module], packed=True)
             groups.append(current)
         elif isinstance(module, ChannelSparseBatchNorm2d):
             if current is None:
@@ -100,9 +119,14 @@ def sequential_groups(model: nn.Module) -> list[ChannelGroup]:
 
 
 class ChannelPlan:
-    """Applies selections to a model whose channel groups are known."""
+    """Applies selections to a model whose channel groups are known.
 
-    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
+    ``packed`` (default True) sets the packed layouts on the layers of every
+    group that allows them, for as long as the plan's model is used; with
+    ``packed=False`` every activation keeps its full width."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup],
+                 packed: bool = True) -> None:
         self.model = model
         self.groups = list(groups)
         for g in self.groups:
@@ -113,6 +137,20 @@ class ChannelPlan:
         self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
         self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
         self._selection: Optional[list[torch.Tensor]] = None
+        self._set_layouts(packed)
+
+    def _set_layouts(self, packed: bool) -> None:
+        for conv in self.convs:
+            conv.packed_input = conv.packed_output = False
+        for bn in self.norms:
+            bn.packed = False
+        for g in self.groups:
+            on = packed and g.can_pack
+            g.producer.packed_output = on
+            for conv in g.consumers:
+                conv.packed_input = on
+            for bn in g.norms:
+                bn.packed = on
 
     @property
     def num_channels(self) -> list[int]:
@@ -157,29 +195,34 @@ class ChannelPlan:
         """The saliency each group's producer reported in the last backward."""
         return [g.producer.saliency for g in self.groups]
 
-    def frozen_slices(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-        """``(parameter, dim, indices)`` of every inactive slice: what an
-        optimizer step must leave as it was."""
-        slices = []
+    def active_blocks(self) -> list[ActiveBlock]:
+        """The trainable block of every parameter that has inactive channels:
+        what an optimizer step may change (:class:`~dce_kernels.optim.MaskedOptimizer`)."""
+        blocks = []
 
-        def add(param, dim, active, size):
-            if param is None or active.numel() == size:
-                return
-            slices.append((param, dim, _complement(active, size)))
+        def partial(active, size):
+            return None if active.numel() == size else active
+
+        def add(param, rows=None, cols=None):
+            if param is not None and (rows is not None or cols is not None):
+                blocks.append(ActiveBlock(param, rows, cols))
 
         for conv in self.convs:
-            add(conv.weight, 0, conv.out_idx, conv.out_channels)
-            add(conv.bias, 0, conv.out_idx, conv.out_channels)
-            if conv.groups == 1:
-                add(conv.weight, 1, conv.in_idx, conv.in_channels)
+            rows = partial(conv.out_idx, conv.out_channels)
+            cols = partial(conv.in_idx, conv.in_channels) if conv.groups == 1 else None
+            add(conv.weight, rows, cols)
+            add(conv.bias, rows)
         for bn in self.norms:
-            add(bn.weight, 0, bn.active_idx, bn.num_features)
-            add(bn.bias, 0, bn.active_idx, bn.num_features)
+            rows = partial(bn.active_idx, bn.num_features)
+            add(bn.weight, rows)
+            add(bn.bias, rows)
         for g in self.groups:
+            if g.producer.out_idx.numel() == g.num_channels:
+                continue
             for lin in g.linears:
-                add(lin.weight, 1, linear_features(g.producer.out_idx, lin.in_features,
-                                                   g.num_channels), lin.in_features)
-        return slices
+                add(lin.weight, cols=linear_features(g.producer.out_idx, lin.in_features,
+                                                     g.num_channels))
+        return blocks
 
 
 def linear_features(channels: torch.Tensor, in_features: int, num_channels: int) -> torch.Tensor:
@@ -189,15 +232,9 @@ def linear_features(channels: torch.Tensor, in_features: int, num_channels: int)
     return (channels.unsqueeze(1) * spatial + offsets).reshape(-1)
 
 
-def _complement(active: torch.Tensor, size: int) -> torch.Tensor:
-    keep = torch.ones(size, dtype=torch.bool, device=active.device)
-    keep[active] = False
-    return keep.nonzero().squeeze(1)
-
-
-def plan_for(model: nn.Module) -> ChannelPlan:
+def plan_for(model: nn.Module, packed: bool = True) -> ChannelPlan:
     """The model's own ``channel_groups()`` if it has one, else sequential linking."""
     groups = model.channel_groups() if hasattr(model, "channel_groups") else sequential_groups(model)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no ChannelSparseConv2d to select channels of")
-    return ChannelPlan(model, groups)
+    return ChannelPlan(model, groups, packed=packed)

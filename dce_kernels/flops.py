@@ -40,15 +40,17 @@ def _conv_shapes(x_shape, w_shape, out_shape, in_idx_shape, out_idx_shape, group
 
 @register_flop_formula(torch.ops.dce.channel_sparse_conv2d)
 def _forward_flop(x_shape, w_shape, _bias, in_idx_shape, out_idx_shape, _stride, _padding,
-                  _dilation, groups, _probe, *, out_shape, **kwargs) -> int:
+                  _dilation, groups, _probe, _packed_input=False, _packed_output=False, *,
+                  out_shape, **kwargs) -> int:
+    # The active shapes come from the index lists, so both layouts count alike.
     x, w, out = _conv_shapes(x_shape, w_shape, out_shape, in_idx_shape, out_idx_shape, groups)
     return conv_flop_count(x, w, out)
 
 
 @register_flop_formula(torch.ops.dce.channel_sparse_conv2d_backward)
 def _backward_flop(grad_out_shape, x_shape, w_shape, _output, in_idx_shape, out_idx_shape,
-                   _stride, _padding, _dilation, groups, output_mask, *, out_shape,
-                   **kwargs) -> int:
+                   _stride, _padding, _dilation, groups, output_mask, _packed_input=False,
+                   _packed_output=False, *, out_shape, **kwargs) -> int:
     x, w, g = _conv_shapes(x_shape, w_shape, grad_out_shape, in_idx_shape, out_idx_shape, groups)
 
     def t(shape):

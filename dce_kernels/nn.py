@@ -54,11 +54,20 @@ class ChannelSparseConv2d(nn.Conv2d):
 
     ``groups > 1`` is computed correctly by a masked dense path: it saves no
     time yet.
+
+    Layouts: by default input and output keep the full channel width.
+    ``packed_input`` / ``packed_output`` (set by a
+    :class:`~dce_kernels.channels.ChannelPlan` on the layers of a channel group
+    that nothing else reads) make the layer take and return only its active
+    channels, in ascending channel order, so that activations between sparse
+    layers are as narrow as in a physically narrower network.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.track_saliency = True
+        self.packed_input = False
+        self.packed_output = False
         self._init_channel_state()
 
     def _init_channel_state(self) -> None:
@@ -120,6 +129,13 @@ class ChannelSparseConv2d(nn.Conv2d):
             self.saliency.copy_(probe.grad)
         probe.grad = None
 
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle rebuild the probe tensor without its hook:
+        # give the copy a probe of its own, or its saliency would never arrive.
+        super().__setstate__(state)
+        if self.weight.device.type != "meta":
+            self._make_probe()
+
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
         if self.weight.device.type != "meta":
@@ -139,11 +155,15 @@ class ChannelSparseConv2d(nn.Conv2d):
             padding = 0
         return channel_sparse_conv2d(input, self.weight, self.bias, self.in_idx, self.out_idx,
                                      self.stride, padding, self.dilation, self.groups,
-                                     saliency_probe=probe)
+                                     saliency_probe=probe, packed_input=self.packed_input,
+                                     packed_output=self.packed_output)
 
     def extra_repr(self) -> str:
+        packed = [side for side, on in (("input", self.packed_input),
+                                         ("output", self.packed_output)) if on]
         return (super().extra_repr() + f", active_out={self.active_out_channels}"
-                f", active_in={self.active_in_channels}")
+                f", active_in={self.active_in_channels}"
+                + (f", packed={'+'.join(packed)}" if packed else ""))
 
 
 class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
@@ -156,10 +176,15 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
     are left untouched: a channel that does not run is not measured.
     ``num_batches_tracked`` is one counter per layer, so with ``momentum=None``
     (cumulative averaging) channels share the layer's count.
+
+    With ``packed`` (set by a :class:`~dce_kernels.channels.ChannelPlan`, like
+    the conv layouts) input and output hold only the active channels, in
+    ascending order.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.packed = False
         device = self.running_mean.device if self.running_mean is not None else None
         # Non-persistent: state_dict keys stay exactly nn.BatchNorm2d's.
         self.register_buffer("active_idx", torch.arange(self.num_features, device=device),
@@ -181,6 +206,9 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         if input.dim() != 4:
             raise ValueError("ChannelSparseBatchNorm2d with inactive channels needs (N, C, H, W)")
+        if self.packed and input.shape[1] != idx.numel():
+            raise ValueError(f"packed input has {input.shape[1]} channels, but {idx.numel()} "
+                             "are active")
         training = self.training or self.running_mean is None
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -194,13 +222,16 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
             mean, var = self.running_mean[idx], self.running_var[idx]
         weight = self.weight[idx] if self.weight is not None else None
         bias = self.bias[idx] if self.bias is not None else None
-        active = F.batch_norm(input.index_select(1, idx), mean, var, weight, bias,
-                              training, momentum, self.eps)
+        active = F.batch_norm(input if self.packed else input.index_select(1, idx), mean, var,
+                              weight, bias, training, momentum, self.eps)
         if self.training and mean is not None:
             with torch.no_grad():
                 self.running_mean.index_copy_(0, idx, mean)
                 self.running_var.index_copy_(0, idx, var)
+        if self.packed:
+            return active
         return input.new_zeros(input.shape).index_copy(1, idx, active)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", active={self.active_channels}"
+        return (super().extra_repr() + f", active={self.active_channels}"
+                + (", packed" if self.packed else ""))

@@ -13,7 +13,8 @@ from torch.nn.modules.utils import _pair
 
 from . import _C  # noqa: F401  (loads the shared library, which registers the ops)
 
-__all__ = ["channel_sparse_conv2d", "call_conv_op", "register_python_parts"]
+__all__ = ["channel_sparse_conv2d", "call_conv_op", "register_python_parts", "gather_block",
+           "scatter_block_"]
 
 _IntOrPair = Union[int, Sequence[int]]
 
@@ -174,3 +175,42 @@ def register_python_parts(namespace: str) -> None:
 
 
 register_python_parts("dce")
+
+
+def gather_block(src: torch.Tensor, rows: Optional[torch.Tensor],
+                 cols: Optional[torch.Tensor]) -> torch.Tensor:
+    """``src[rows][:, cols]`` (None: all of that dim) as a new contiguous tensor.
+    CPU tensors take our copy kernel; other devices ATen's index_select."""
+    if src.device.type == "cpu":
+        return torch.ops.dce.gather_block(src, rows, cols)
+    block = src if rows is None else src.index_select(0, rows)
+    return block if cols is None else block.index_select(1, cols)
+
+
+def scatter_block_(dst: torch.Tensor, rows: Optional[torch.Tensor],
+                   cols: Optional[torch.Tensor], block: torch.Tensor) -> None:
+    """Writes ``block`` into ``dst[rows][:, cols]`` in place (the inverse of
+    :func:`gather_block`); indices must be unique."""
+    if dst.device.type == "cpu" and dst.is_contiguous():
+        torch.ops.dce.scatter_block_(dst, rows, cols, block)
+    elif rows is None:
+        dst.index_copy_(1, cols, block)
+    elif cols is None:
+        dst.index_copy_(0, rows, block)
+    else:
+        dst.index_put_((rows.unsqueeze(1), cols), block)
+
+
+@torch.library.register_fake("dce::gather_block")
+def _gather_block_fake(src, rows, cols):
+    shape = list(src.shape)
+    if rows is not None:
+        shape[0] = rows.shape[0]
+    if cols is not None:
+        shape[1] = cols.shape[0]
+    return src.new_empty(shape)
+
+
+@torch.library.register_fake("dce::scatter_block_")
+def _scatter_block_fake(dst, rows, cols, block):
+    return None

@@ -1,38 +1,63 @@
 """Optimizer steps that update only the weights of active channels.
 
-Why a post-step restore rather than masking gradients: a zero gradient does not
-stop an optimizer from moving a weight (momentum keeps pushing, weight decay
-shrinks it, Adam's moments decay), and each optimizer applies those in its own
-way. Instead, before the step we copy the inactive slices of every parameter
-and of every parameter-shaped state tensor (SGD's momentum buffer, Adam's
-moments), let the wrapped optimizer do its ordinary (fused or foreach) step, and
-copy the slices back. This works for any optimizer with elementwise state,
-costs one ``index_select`` and one ``index_copy_`` per slice (no loop over
-channels), and leaves inactive weights and their state bit-for-bit unchanged.
+Why not mask gradients: a zero gradient does not stop an optimizer from moving
+a weight (momentum keeps pushing, weight decay shrinks it, Adam's moments
+decay), and each optimizer applies those in its own way.
+
+Why not step everything and restore the inactive part: that costs a full
+optimizer step over every weight plus a copy of every inactive slice, which at
+a quarter of the channels active is many times the work of the narrow
+network's step.
+
+Instead the wrapped optimizer steps the *active block* of each partly active
+parameter: for the duration of ``step()`` the parameter, its gradient and every
+parameter-shaped state tensor (SGD's momentum buffer, Adam's moments) are
+swapped for compact copies of their active rows and columns; the optimizer does
+its ordinary (fused or foreach) step on those, and the results are written back.
+Inactive weights and their state are never touched, and the work is that of
+the narrow network's step plus one gather and one scatter of the active part.
+This works for any optimizer whose state is elementwise.
 
 One per-tensor quantity cannot be per channel: Adam's step counter, which
 drives its bias correction, counts the steps of the whole tensor.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["MaskedOptimizer"]
+from .ops import gather_block, scatter_block_
 
-Slices = list[tuple[torch.Tensor, int, torch.Tensor]]
+__all__ = ["ActiveBlock", "MaskedOptimizer"]
+
+
+@dataclass(frozen=True, eq=False)
+class ActiveBlock:
+    """The part of ``param`` that trains: ``rows`` of dim 0 and ``cols`` of
+    dim 1 (None: all of that dim)."""
+
+    param: torch.Tensor
+    rows: Optional[torch.Tensor] = None
+    cols: Optional[torch.Tensor] = None
+
+    def gather(self, full: torch.Tensor) -> torch.Tensor:
+        return gather_block(full, self.rows, self.cols)
+
+    def scatter(self, full: torch.Tensor, block: torch.Tensor) -> None:
+        scatter_block_(full, self.rows, self.cols, block)
 
 
 class MaskedOptimizer:
-    """Wraps ``optimizer`` so that its steps leave the slices listed by
-    ``frozen()`` (``(parameter, dim, indices)``, e.g.
-    :meth:`dce_kernels.channels.ChannelPlan.frozen_slices`) untouched, with
-    their optimizer state."""
+    """Wraps ``optimizer`` so that each step updates only the active blocks
+    that ``active()`` lists (e.g. :meth:`dce_kernels.channels.ChannelPlan.active_blocks`),
+    with their optimizer state; parameters not listed are stepped whole."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, frozen: Callable[[], Slices]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 active: Callable[[], list[ActiveBlock]]) -> None:
         self.optimizer = optimizer
-        self.frozen = frozen
+        self.active = active
 
     @property
     def param_groups(self):
@@ -53,25 +78,48 @@ class MaskedOptimizer:
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
-        saved = []
-        for param, dim, idx in self.frozen():
-            state = self.optimizer.state.get(param, {})
-            tensors = [param] + [s for s in state.values()
-                                 if torch.is_tensor(s) and s.shape == param.shape]
-            saved.append((param, dim, idx, [(t, t.index_select(dim, idx)) for t in tensors]))
-        if closure is None:
-            loss = self.optimizer.step()
-        else:
+        loss = None
+        if closure is not None:
+            # The closure computes loss and gradients of the full tensors, which
+            # cannot happen while they are swapped for blocks: run it first
+            # (fine for one-evaluation optimizers such as SGD and Adam).
             with torch.enable_grad():
-                loss = self.optimizer.step(closure)
-        for param, dim, idx, copies in saved:
-            state = self.optimizer.state.get(param, {})
-            for t, copy in copies:
-                t.index_copy_(dim, idx, copy)
-            # State created by this very step (first step) has no "before": its
-            # inactive slices start at zero, as if the channel had not been seen.
-            known = {id(t) for t, _ in copies}
-            for s in state.values():
-                if torch.is_tensor(s) and s.shape == param.shape and id(s) not in known:
-                    s.index_fill_(dim, idx, 0)
+                loss = closure()
+        swapped = [self._swap_in(block) for block in self.active() if block.param.grad is not None]
+        try:
+            self.optimizer.step()
+        finally:
+            for swap in reversed(swapped):
+                self._swap_out(*swap)
         return loss
+
+    def _swap_in(self, block: ActiveBlock):
+        param = block.param
+        full_data, full_grad = param.data, param.grad
+        state = self.optimizer.state.get(param, {})
+        full_state = {k: v for k, v in state.items()
+                      if torch.is_tensor(v) and v.shape == full_data.shape}
+        param.data = block.gather(full_data)
+        param.grad = block.gather(full_grad)
+        for key, value in full_state.items():
+            state[key] = block.gather(value)
+        return block, full_data, full_grad, full_state
+
+    def _swap_out(self, block: ActiveBlock, full_data, full_grad, full_state) -> None:
+        param = block.param
+        compact = param.data
+        param.data = full_data
+        block.scatter(full_data, compact)
+        param.grad = full_grad
+        state = self.optimizer.state.get(param, {})
+        for key, value in list(state.items()):
+            if key not in full_state and not (torch.is_tensor(value)
+                                              and value.shape == compact.shape):
+                continue
+            # State created by this very step has no "before": its inactive
+            # part starts at zero, as if those channels had not been seen.
+            full = full_state.get(key)
+            if full is None:
+                full = torch.zeros_like(full_data, dtype=value.dtype)
+            block.scatter(full, value)
+            state[key] = full

@@ -165,7 +165,7 @@ class _Run:
             opt = torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay)
-        return MaskedOptimizer(opt, self.plan.frozen_slices)
+        return MaskedOptimizer(opt, self.plan.active_blocks)
 
     @property
     def phase(self) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -160,3 +161,19 @@ def test_compile_fullgraph_delivers_saliency_and_matches_eager():
         assert torch.count_nonzero(compiled_net[i].saliency) == compiled_net[i].active_out_channels
         torch.testing.assert_close(compiled_net[i].saliency, eager[i].saliency,
                                    rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))],
+                         ids=["deepcopy", "pickle"])
+def test_copied_layer_reports_its_own_saliency(clone):
+    """A copy gets a probe of its own: its saliency arrives in the copy, and the
+    original's stays as it was."""
+    original = ChannelSparseConv2d(3, 5, 3, padding=1)
+    copied = clone(original)
+    x = torch.randn(2, 3, 6, 6)
+    copied(x).square().sum().backward()
+    assert copied.saliency.abs().sum() > 0
+    assert original.saliency.eq(0).all()
+    # The same computation on the original gives the same saliency.
+    original(x).square().sum().backward()
+    torch.testing.assert_close(copied.saliency, original.saliency)

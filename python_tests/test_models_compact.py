@@ -51,7 +51,7 @@ def _trained_sparse(name):
     plan = plan_for(model)
     sel = CUCBSelector(plan.num_channels, fraction=0.5, tau=2, seed=0)
     opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                          plan.frozen_slices)
+                          plan.active_blocks)
     for _ in range(4):
         plan.apply(sel.select())
         loss = nn.functional.cross_entropy(model(torch.randn(8, 1, 20, 20)),

@@ -7,7 +7,7 @@ from torch import nn
 
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from dce_kernels.channels import ChannelPlan, plan_for, sequential_groups
-from dce_kernels.optim import MaskedOptimizer
+from dce_kernels.optim import ActiveBlock, MaskedOptimizer
 
 
 # -- BatchNorm skip ---------------------------------------------------------------
@@ -143,8 +143,8 @@ def test_linking_errors_are_clear():
 
 # -- optimizer masking -------------------------------------------------------------
 
-def _frozen_rows(param, idx):
-    return lambda: [(param, 0, idx)]
+def _active_rows(param, idx):
+    return lambda: [ActiveBlock(param, rows=idx)]
 
 
 @pytest.mark.parametrize("make_opt", [
@@ -157,7 +157,7 @@ def test_inactive_rows_untouched_and_active_rows_train_as_a_narrow_tensor(make_o
     full = torch.randn(6, 3, requires_grad=True)
     active = torch.tensor([0, 2, 5])
     inactive = torch.tensor([1, 3, 4])
-    opt = MaskedOptimizer(make_opt([full]), _frozen_rows(full, inactive))
+    opt = MaskedOptimizer(make_opt([full]), _active_rows(full, active))
     # Reference: the same optimizer on a physically narrow tensor of the active rows.
     narrow = full.detach()[active].clone().requires_grad_(True)
     ref = make_opt([narrow])
@@ -182,15 +182,15 @@ def test_inactive_rows_untouched_and_active_rows_train_as_a_narrow_tensor(make_o
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_state_of_channels_that_go_inactive_is_kept(kind):
     w = torch.randn(4, 5, 3, 3, requires_grad=True)
-    frozen = []
+    blocks = []
     opt_cls = (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2)) \
         if kind == "sgd" else (lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=1e-2))
-    opt = MaskedOptimizer(opt_cls([w]), lambda: frozen)
+    opt = MaskedOptimizer(opt_cls([w]), lambda: blocks)
     for _ in range(2):  # all channels active: every row gets state
         opt.zero_grad()
         w.square().sum().backward()
         opt.step()
-    frozen[:] = [(w, 0, torch.tensor([1, 3])), (w, 1, torch.tensor([0, 4]))]
+    blocks[:] = [ActiveBlock(w, rows=torch.tensor([0, 2]), cols=torch.tensor([1, 2, 3]))]
     before = w.detach().clone()
     state_before = {k: v.clone() for k, v in opt.state[w].items() if v.shape == w.shape}
     for _ in range(3):
@@ -204,13 +204,13 @@ def test_state_of_channels_that_go_inactive_is_kept(kind):
         assert not torch.equal(t_now[[0, 2]][:, 1:4], t_before[[0, 2]][:, 1:4])
 
 
-def test_plan_frozen_slices_keep_a_whole_network_step():
+def test_plan_active_blocks_keep_a_whole_network_step():
     net = _net()
     plan = plan_for(net)
     sel = [torch.tensor([1, 4]), torch.tensor([0, 2, 6]), torch.tensor([3, 4])]
     plan.apply(sel)
     opt = MaskedOptimizer(torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9,
-                                          weight_decay=0.1), plan.frozen_slices)
+                                          weight_decay=0.1), plan.active_blocks)
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
     for _ in range(2):
         opt.zero_grad()

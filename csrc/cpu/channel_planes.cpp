@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/util/irange.h>
 
 #include <cmath>
@@ -35,6 +36,7 @@ std::vector<int64_t> inverse_index(const at::Tensor& idx, int64_t num_channels) 
 }  // namespace
 
 at::Tensor gather_channels(const at::Tensor& src, const at::Tensor& idx) {
+  RECORD_FUNCTION("dce::cpu::gather_channels", c10::ArrayRef<const c10::IValue>{});
   const int64_t N = src.size(0), C = src.size(1), K = idx.numel(), P = plane_size(src);
   auto sizes = src.sizes().vec();
   sizes[1] = K;
@@ -53,6 +55,7 @@ at::Tensor gather_channels(const at::Tensor& src, const at::Tensor& idx) {
 }
 
 at::Tensor scatter_channels(const at::Tensor& src, const at::Tensor& idx, int64_t num_channels) {
+  RECORD_FUNCTION("dce::cpu::scatter_channels", c10::ArrayRef<const c10::IValue>{});
   const int64_t N = src.size(0), K = src.size(1), C = num_channels, P = plane_size(src);
   auto sizes = src.sizes().vec();
   sizes[1] = C;
@@ -75,6 +78,7 @@ at::Tensor scatter_channels(const at::Tensor& src, const at::Tensor& idx, int64_
 }
 
 at::Tensor mask_channels(const at::Tensor& src, const at::Tensor& idx) {
+  RECORD_FUNCTION("dce::cpu::mask_channels", c10::ArrayRef<const c10::IValue>{});
   const int64_t N = src.size(0), C = src.size(1), P = plane_size(src);
   at::Tensor dst = at::empty_like(src, at::MemoryFormat::Contiguous);
   const auto slot = inverse_index(idx, C);
@@ -95,6 +99,7 @@ at::Tensor mask_channels(const at::Tensor& src, const at::Tensor& idx) {
 
 at::Tensor gather_weight(const at::Tensor& weight, const at::Tensor& out_idx,
                          const at::Tensor& in_idx) {
+  RECORD_FUNCTION("dce::cpu::gather_weight", c10::ArrayRef<const c10::IValue>{});
   const int64_t Cin = weight.size(1), K = out_idx.numel(), J = in_idx.numel();
   const int64_t P = weight.size(2) * weight.size(3);
   at::Tensor dst = at::empty({K, J, weight.size(2), weight.size(3)}, weight.options());
@@ -113,31 +118,25 @@ at::Tensor gather_weight(const at::Tensor& weight, const at::Tensor& out_idx,
 
 at::Tensor scatter_weight(const at::Tensor& compact, const at::Tensor& out_idx,
                           const at::Tensor& in_idx, int64_t out_channels, int64_t in_channels) {
-  // One pass over the full gradient: every [kH, kW] block is written once.
+  RECORD_FUNCTION("dce::cpu::scatter_weight", c10::ArrayRef<const c10::IValue>{});
+  // Each row is zeroed with one memset (fast, streaming) and then only the
+  // active runs are copied in; per-run memsets cost more than they save.
   const int64_t J = in_idx.numel(), P = compact.size(2) * compact.size(3);
   at::Tensor dst = at::empty({out_channels, in_channels, compact.size(2), compact.size(3)},
                              compact.options());
   const auto out_slot = inverse_index(out_idx, out_channels);
-  const auto in_slot = inverse_index(in_idx, in_channels);
+  const int64_t* ii = in_idx.const_data_ptr<int64_t>();
   const size_t bytes = P * compact.element_size();
   const char* s = static_cast<const char*>(compact.const_data_ptr());
   char* d = static_cast<char*>(dst.data_ptr());
   at::parallel_for(0, out_channels, plane_grain(P * in_channels), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       char* row = d + o * in_channels * bytes;
+      std::memset(row, 0, in_channels * bytes);
       const int64_t k = out_slot[o];
-      if (k < 0) {
-        std::memset(row, 0, in_channels * bytes);
-        continue;
-      }
-      for (int64_t c = 0; c < in_channels; ++c) {
-        const int64_t j = in_slot[c];
-        if (j >= 0) {
-          std::memcpy(row + c * bytes, s + (k * J + j) * bytes, bytes);
-        } else {
-          std::memset(row + c * bytes, 0, bytes);
-        }
-      }
+      if (k < 0) continue;
+      const char* src_row = s + k * J * bytes;
+      for (int64_t j = 0; j < J; ++j) std::memcpy(row + ii[j] * bytes, src_row + j * bytes, bytes);
     }
   });
   return dst;
@@ -196,6 +195,7 @@ void grad_output_planes(const scalar_t* g, const scalar_t* h, scalar_t* compact,
 GradOutputPass grad_output_pass(const at::Tensor& grad_output, const at::Tensor& output,
                                 const at::Tensor& out_idx, int64_t num_channels, bool packed,
                                 bool want_compact, bool want_grad_bias) {
+  RECORD_FUNCTION("dce::cpu::grad_output_pass", c10::ArrayRef<const c10::IValue>{});
   TORCH_INTERNAL_ASSERT(!(packed && want_compact), "a packed grad_output is already compact");
   const int64_t N = grad_output.size(0), C = grad_output.size(1), K = out_idx.numel();
   const int64_t P = plane_size(grad_output);

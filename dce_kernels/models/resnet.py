@@ -66,7 +66,9 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def channel_groups(self) -> list[ChannelGroup]:
-        return [ChannelGroup(b.conv1, norms=[b.bn1], consumers=[b.conv2], name=f"layers.{i}.conv1")
+        # Inside a block conv1's output reaches only bn1, a ReLU and conv2: packable.
+        return [ChannelGroup(b.conv1, norms=[b.bn1], consumers=[b.conv2], name=f"layers.{i}.conv1",
+                             packed=True)
                 for i, b in enumerate(self.layers)]
 
     def forward(self, x):
