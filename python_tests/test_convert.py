@@ -79,9 +79,17 @@ class Dense(nn.Module):
 
 
 def _grads(model, x, params, seed):
+    torch.manual_seed(seed)  # the same dropout masks in both models
     out = model(x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return out, torch.autograd.grad(out, [x] + params, g, allow_unused=True)
+
+
+def _close(a, b, tol):
+    """Equal up to rounding, measured against the tensor's scale (gradients of
+    deep networks with random BatchNorms reach 1e4, and elements that cancel
+    out carry the rounding of the large ones)."""
+    return bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
 
 
 def check_against_reference(model, ref, plan, x, atol=1e-10):
@@ -96,11 +104,11 @@ def check_against_reference(model, ref, plan, x, atol=1e-10):
         ref_out, ref_grads = _grads(ref, xr, params, 7)
     finally:
         masked.remove()
-    assert torch.allclose(out, ref_out, atol=atol, rtol=1e-8)
+    assert _close(out, ref_out, atol)
     for a, b in zip(grads, ref_grads):
         a = torch.zeros_like(b) if a is None else a
         b = torch.zeros_like(a) if b is None else b
-        assert torch.allclose(a, b, atol=atol, rtol=1e-8)
+        assert _close(a, b, atol)
     return masked.violations
 
 
