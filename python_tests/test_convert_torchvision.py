@@ -126,3 +126,54 @@ def test_training_steps_with_cucb_then_export(converted, tmp_path):
         paths = export_compact(compact, x, str(tmp_path))
         with torch.no_grad():
             assert torch.allclose(load_exported(paths["program"])(x), expected, atol=tol)
+
+
+# -- the training pipeline: --model torchvision:NAME ---------------------------------------
+
+def test_build_model_adapts_stem_classes_and_small_images():
+    from dce_kernels.models import build_model
+
+    # vgg11_bn's five poolings cannot take 28x28 (28 -> 0): the images are padded to 32.
+    model = build_model("torchvision:vgg11_bn", in_channels=1, num_classes=7, image_size=28)
+    assert model.net.features[0].in_channels == 1
+    assert len(plan_for(model).groups) == 8
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    with pytest.raises(ValueError, match="no classification model 'resnet7'"):
+        build_model("torchvision:resnet7")
+    with pytest.raises(ValueError, match="width scales our own models only"):
+        build_model("torchvision:resnet18", width=0.5)
+    with pytest.raises(ValueError, match="torchvision:NAME"):
+        build_model("timm:resnet18")
+
+
+def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from dce_kernels.train import TrainConfig, train
+
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):  # one channel, 28x28, three classes with a learnable signal
+        y = torch.randint(0, 3, (n,), generator=g)
+        x = 0.5 * torch.randn(n, 1, 28, 28, generator=g)
+        x[:, 0, :8, :8] += y.view(-1, 1, 1).float()
+        return TensorDataset(x, y)
+
+    config = TrainConfig(model="torchvision:resnet18", dense_epochs=0, explore_epochs=1,
+                         finetune_epochs=1, batch_size=16, tau=1, fraction=0.5,
+                         lr=0.01, run_dir=str(tmp_path), progress=False)
+    report = train(config, datasets=(data(32), data(16)))
+    sel = report["selection"]
+    assert len(sel["channels_total"]) == MODELS["resnet18"]
+    assert report["export"]["accuracy_matches_sparse"]
+    assert report["compact"]["flops"] < 0.5 * report["dense"]["flops"]
+    program = torch.export.load(report["export"]["program"]).module()
+    assert program(torch.randn(3, 1, 28, 28)).shape == (3, 3)
+    # The command line documents such names.
+    from dce_kernels.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    model_help = next(a.help for a in train_parser._actions if "--model" in a.option_strings)
+    assert "torchvision:resnet18" in model_help
