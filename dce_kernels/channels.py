@@ -351,6 +351,9 @@ def plan_for(model: nn.Module) -> ChannelPlan:
     from .convert import converted_groups  # convert imports this module
 
     groups = converted_groups(model)
+    if groups == []:
+        raise ValueError(f"dce_kernels.convert found no selectable channels in "
+                         f"{type(model).__name__}; conversion_notes(model) says why")
     if groups is None:
         groups = (model.channel_groups() if hasattr(model, "channel_groups")
                   else sequential_groups(model))

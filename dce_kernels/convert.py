@@ -190,6 +190,7 @@ class _Analysis:
     space_of: dict[str, int] = field(default_factory=dict)  # conv name -> its output space
     uses: list[_Use] = field(default_factory=list)
     inplace_after: list[tuple[str, torch.fx.Node]] = field(default_factory=list)
+    opaque_calls: set[str] = field(default_factory=set)  # layers also run on unknown channels
     order: list[str] = field(default_factory=list)  # conv names in the order they run
 
 
@@ -249,6 +250,10 @@ class _Analyzer:
         self.value: dict[torch.fx.Node, Union[Layout, _Flat, None]] = {}
 
     # -- helpers -------------------------------------------------------------------
+
+    def _val(self, arg):
+        """The layout of an argument (None for constants and untracked values)."""
+        return self.value.get(arg) if isinstance(arg, torch.fx.Node) else None
 
     def _layouts_in(self, args) -> list[Union[Layout, _Flat]]:
         found = []
@@ -322,11 +327,13 @@ class _Analyzer:
 
     def _on_call_module(self, node):
         m = self.modules[node.target]
-        x = self.value.get(node.args[0]) if node.args else None
+        x = self._val(node.args[0]) if node.args else None
         others = self._layouts_in((node.args[1:], node.kwargs))
         if others:
             self._opaque(node, f"{node.target}: module called with several channel inputs")
             return
+        if x is None and (_is_conv(m) or _is_norm(m) or type(m) is nn.Linear):
+            self.a.opaque_calls.add(node.target)
         if _is_conv(m):
             self.value[node] = self._conv(node.target, m, x)
         elif _is_norm(m):
@@ -382,10 +389,13 @@ class _Analyzer:
         if not values:
             self.value[node] = None  # nothing of ours flows through here
             return
+        if target is getattr:
+            self.value[node] = None  # x.shape, x.dtype: metadata only
+            return
         if not _is_torch_function(target):
             self._opaque(node, f"{node.name}: unknown function {name}")
             return
-        x = self.value.get(node.args[0]) if node.args else None
+        x = self._val(node.args[0]) if node.args else None
         if target in _ADD:
             self._binary_add(node)
         elif target in _MUL or target in (operator.truediv, torch.div):
@@ -413,7 +423,7 @@ class _Analyzer:
         if not values:
             self.value[node] = None
             return
-        x = self.value.get(node.args[0])
+        x = self._val(node.args[0])
         if name in _METADATA_NAMES:
             self.value[node] = None
         elif name in ("add", "sub", "add_", "sub_"):
@@ -440,8 +450,7 @@ class _Analyzer:
     def _binary_add(self, node):
         a = node.args[0] if node.args else None
         b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        va = self.value.get(a) if isinstance(a, torch.fx.Node) else None
-        vb = self.value.get(b) if isinstance(b, torch.fx.Node) else None
+        va, vb = self._val(a), self._val(b)
         if va is not None and vb is not None:
             self.value[node] = self._tie(va, vb, node)
         else:
@@ -451,8 +460,7 @@ class _Analyzer:
     def _binary_mul(self, node, divide: bool):
         a = node.args[0] if node.args else None
         b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        va = self.value.get(a) if isinstance(a, torch.fx.Node) else None
-        vb = self.value.get(b) if isinstance(b, torch.fx.Node) else None
+        va, vb = self._val(a), self._val(b)
         if va is not None and isinstance(b, (int, float)):
             self.value[node] = va  # scaling keeps zeros zero
         elif not divide and vb is not None and isinstance(a, (int, float)):
@@ -466,8 +474,7 @@ class _Analyzer:
     def _cat(self, node):
         tensors = _argument(node, 0, "tensors")
         dim = _argument(node, 1, "dim", 0)
-        parts = [self.value.get(t) if isinstance(t, torch.fx.Node) else None
-                 for t in (tensors if isinstance(tensors, (list, tuple)) else [])]
+        parts = [self._val(t) for t in (tensors if isinstance(tensors, (list, tuple)) else [])]
         if dim != 1 or not parts or any(p is None or isinstance(p, _Flat) for p in parts):
             self._opaque(node, f"{node.name}: concatenation that is not along the channels "
                                "of conv outputs")
@@ -500,22 +507,42 @@ class _Analyzer:
 
 # -- from the analysis to channel groups ---------------------------------------------------
 
-def _spec_from_analysis(a: _Analysis, modules: dict[str, nn.Module]) -> dict:
-    """Plain-data channel groups: one per class of tied spaces that may be selected."""
+def _keep_conflicts_full(a: _Analysis) -> None:
+    """A layer follows one channel list per role. Groups it cannot follow stay
+    full: a group it sees at two offsets, groups that overlap other channels it
+    sees (a module called on several tensors), flattened maps of different sizes,
+    and every group of a layer that is also called on a tensor of unknown channels."""
     sp = a.spaces
-    # A layer that sees one class at two offsets cannot follow one selection: full.
+    by_layer: dict[tuple[str, str], set[tuple[int, int, int, int]]] = {}
+    for u in a.uses:
+        by_layer.setdefault((u.layer, u.role), set()).add(
+            (u.offset, u.offset + sp.size[u.space], u.space, u.total))
     changed = True
     while changed:
         changed = False
-        seen: dict[tuple[str, str, int], int] = {}
-        for u in a.uses:
-            root = sp.find(u.space)
-            if root in sp.reason:
-                continue
-            key = (u.layer, u.role, root)
-            if seen.setdefault(key, u.offset) != u.offset:
-                sp.keep_full(root, f"{u.layer} sees the channels of one group twice")
-                changed = True
+        for (layer, role), uses in by_layer.items():
+            spans = sorted({(lo, hi, sp.find(s), t) for lo, hi, s, t in uses})
+            bad = set()
+            if layer in a.opaque_calls or len({t for *_, t in spans}) > 1:
+                bad = {r for _, _, r, _ in spans}
+            first: dict[int, int] = {}
+            for i, (lo, hi, r, _) in enumerate(spans):
+                if first.setdefault(r, lo) != lo:
+                    bad.add(r)
+                for lo2, _, r2, _ in spans[i + 1:]:
+                    if lo2 < hi and r2 != r:
+                        bad.update((r, r2))
+            for r in bad:
+                if r not in sp.reason:
+                    sp.keep_full(r, f"{layer} ({role}) cannot follow one channel list for "
+                                    "everything it reads")
+                    changed = True
+
+
+def _spec_from_analysis(a: _Analysis, modules: dict[str, nn.Module]) -> dict:
+    """Plain-data channel groups: one per class of tied spaces that may be selected."""
+    sp = a.spaces
+    _keep_conflicts_full(a)
     classes: dict[int, list[str]] = {}
     for conv, space in a.space_of.items():
         classes.setdefault(sp.find(space), []).append(conv)

@@ -167,7 +167,7 @@ def test_concatenation_offsets_and_depthwise_follow_their_groups():
     assert cols.tolist() == [8, 9, 10, 11, 20, 21, 22, 23]  # channels 2 and 5, 4 features each
 
 
-@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque"])
+@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque", "Shared"])
 def test_random_selection_matches_masked_reference_and_exports(make):
     make = globals()[make]
     torch.manual_seed(3)
@@ -223,6 +223,36 @@ def test_ops_it_cannot_see_through_keep_channels_full():
     assert "output" in notes["c5"] and "getitem" in notes["c2"]
     assert type(model.c2) is ChannelSparseConv2d  # reads c1's group
     assert type(model.c3) is nn.Conv2d            # nothing to select around it
+
+
+class Shared(nn.Module):
+    """Modules called on several tensors: a conv reading two different groups, a
+    BatchNorm that also normalizes a tensor of unknown channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1, self.c2, self.c3 = (nn.Conv2d(3, 4, 3, padding=1) for _ in range(4))
+        self.shared = nn.Conv2d(4, 5, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.c4 = nn.Conv2d(4, 5, 1)
+        self.c5 = nn.Conv2d(4, 5, 1)
+        self.head = nn.Conv2d(5, 5, 1)
+
+    def forward(self, x):
+        a = self.shared(F.relu(self.c0(x)))
+        b = self.shared(F.relu(self.c1(x)))
+        g = self.c4(self.norm(self.c2(x)))
+        h = self.c5(self.norm(torch.sigmoid(self.c3(x))))
+        return self.head(F.relu(a + b)) + g + h
+
+
+def test_modules_called_on_several_tensors_keep_what_they_cannot_follow_full():
+    model = convert(Shared())
+    assert [g.name for g in plan_for(model).groups] == ["shared"]
+    notes = conversion_notes(model)
+    assert "shared (consumer) cannot follow" in notes["c0"] and "c1" in notes
+    assert "norm (norm) cannot follow" in notes["c2"]
+    assert type(model.norm) is nn.BatchNorm2d
 
 
 def test_exclude_keeps_a_submodule_full_and_copy_leaves_the_original():
