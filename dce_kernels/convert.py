@@ -48,6 +48,9 @@ analysis follows every tensor's list of spaces through the graph):
   correct, just not selected. The stem conv reads all of the image's channels;
   its output channels are selectable.
 
+The model is traced in training and in eval mode and both graphs are analysed
+together, so layers that run in one mode only (auxiliary heads) are linked too.
+
 Eligible: an ``nn.Conv2d`` (exactly that class, or already a
 ``ChannelSparseConv2d``) that produces, carries or reads a selectable group.
 Other convs stay plain ``nn.Conv2d`` (nothing to skip there).
@@ -239,11 +242,11 @@ def _is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 class _Analyzer:
-    """Walks the fx graph once, computing every node's channel layout."""
+    """Walks fx graphs, computing every node's channel layout. Several graphs of
+    one model (its training and eval forwards) share one analysis: one space per
+    conv module, and every use of any graph."""
 
-    def __init__(self, graph: torch.fx.Graph, modules: dict[str, nn.Module],
-                 exclude: tuple[str, ...]) -> None:
-        self.graph = graph
+    def __init__(self, modules: dict[str, nn.Module], exclude: tuple[str, ...]) -> None:
         self.modules = modules
         self.exclude = exclude
         self.a = _Analysis()
@@ -306,8 +309,9 @@ class _Analyzer:
 
     # -- the walk ------------------------------------------------------------------
 
-    def run(self) -> _Analysis:
-        for node in self.graph.nodes:
+    def run(self, graph: torch.fx.Graph) -> _Analysis:
+        self.value = {}
+        for node in graph.nodes:
             handler = getattr(self, f"_on_{node.op}")
             handler(node)
             if node.op == "call_module" and _is_conv(self.modules[node.target]):
@@ -539,7 +543,7 @@ def _keep_conflicts_full(a: _Analysis) -> None:
                     changed = True
 
 
-def _spec_from_analysis(a: _Analysis, modules: dict[str, nn.Module]) -> dict:
+def _spec_from_analysis(a: _Analysis) -> dict:
     """Plain-data channel groups: one per class of tied spaces that may be selected."""
     sp = a.spaces
     _keep_conflicts_full(a)
@@ -691,8 +695,14 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     if copy:
         model = copy_module.deepcopy(model)
 
+    # Both modes' forwards: a model may run other layers in training (auxiliary
+    # heads) and all of them must agree on the channels.
+    was_training = model.training
+    graphs = []
     try:
-        graph = _Tracer().trace(model, concrete_args=concrete_args)
+        for mode in (True, False):
+            model.train(mode)
+            graphs.append(_Tracer().trace(model, concrete_args=concrete_args))
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
         warnings.warn(
             f"dce_kernels.convert: torch.fx cannot trace {type(model).__name__} "
@@ -704,10 +714,13 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
         spec = _fallback_spec(model, exclude)
         inplace_convs = []
     else:
-        modules = dict(model.named_modules())
-        analysis = _Analyzer(graph, modules, exclude).run()
-        spec = _spec_from_analysis(analysis, modules)
+        analyzer = _Analyzer(dict(model.named_modules()), exclude)
+        for graph in graphs:
+            analysis = analyzer.run(graph)
+        spec = _spec_from_analysis(analysis)
         inplace_convs = analysis.inplace_after
+    finally:
+        model.train(was_training)
 
     modules = dict(model.named_modules())
     to_conv = set()
@@ -740,14 +753,16 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
 
 def _make_saliency_safe(model: nn.Module, inplace_after: list[tuple[str, torch.fx.Node]],
                         converted: set[str]) -> None:
+    warned = set()
     for conv_name, user in inplace_after:
-        if conv_name not in converted:
+        if conv_name not in converted or conv_name in warned:
             continue
         if user.op == "call_module":
             model.get_submodule(user.target).inplace = False
             continue
         conv = model.get_submodule(conv_name)
         conv.track_saliency = False
+        warned.add(conv_name)
         warnings.warn(
             f"dce_kernels.convert: {user.format_node()} modifies the output of {conv_name} in "
             "place, which the saliency of a channel-sparse conv needs unmodified; that conv "

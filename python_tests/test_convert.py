@@ -255,6 +255,26 @@ def test_modules_called_on_several_tensors_keep_what_they_cannot_follow_full():
     assert type(model.norm) is nn.BatchNorm2d
 
 
+def test_layers_that_run_only_in_training_are_linked_too():
+    class AuxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n1 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+            self.c2, self.aux = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            h = F.relu(self.n1(self.c1(x)))
+            out = self.c2(h).mean((2, 3))
+            if self.training:
+                return out, self.aux(h).mean((2, 3))
+            return out
+
+    model = convert(AuxHead().eval())
+    assert not model.training
+    (group,) = plan_for(model).groups
+    assert set(group.consumers) == {model.c2, model.aux}
+
+
 def test_exclude_keeps_a_submodule_full_and_copy_leaves_the_original():
     original = Residual()
     model = convert(original, exclude=["b1"], copy=True)
