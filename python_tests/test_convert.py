@@ -293,6 +293,10 @@ def test_parameters_are_shared_and_state_dict_keys_kept():
     assert set(model.state_dict()) == keys
     for name, p in model.named_parameters():
         assert p is params[name]
+    # The groups are recorded by name: a deep copy's plan drives the copy's layers.
+    twin = copy.deepcopy(model)
+    groups = plan_for(twin).groups
+    assert groups[0].producer is twin.stem and groups[0].producer is not model.stem
 
 
 def test_inplace_activation_after_a_conv_is_made_out_of_place_or_warned():
