@@ -32,20 +32,30 @@ from dce_kernels.channels import plan_for
 from dce_kernels.optim import MaskedOptimizer
 
 
-def _step_fn(model, x, y, plan=None, selector=None):
+def _step_fn(model, x, y, plan=None, selector=None, parts=None):
+    """One training step; with ``parts`` (a dict of lists) the time of each part
+    of it is recorded: selection, forward + backward, optimizer, selector update."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     if plan is not None:
         opt = MaskedOptimizer(opt, plan.frozen_slices)
 
     def step():
+        t = [time.perf_counter()]
         if selector is not None:
             plan.apply(selector.select())
+        t.append(time.perf_counter())
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
+        t.append(time.perf_counter())
         opt.step()
+        t.append(time.perf_counter())
         if selector is not None:
             selector.update(plan.saliency())
+        t.append(time.perf_counter())
+        if parts is not None:
+            for key, a, b in zip(("select", "fwd_bwd", "opt", "update"), t, t[1:]):
+                parts.setdefault(key, []).append(b - a)
     return step
 
 
@@ -69,11 +79,14 @@ def measure(name: str, p: float, batch: int, size: int, rounds: int) -> dict:
 
     for m in (original, converted, full):
         m.train()
-    steps = {"dense": _step_fn(original, x, y),
-             "sparse": _step_fn(converted, x, y, plan, selector),
+    dense_parts: dict = {}
+    sparse_parts: dict = {}
+    steps = {"dense": _step_fn(original, x, y, parts=dense_parts),
+             "sparse": _step_fn(converted, x, y, plan, selector, parts=sparse_parts),
              "all_active": _step_fn(full, x, y, plan_for(full))}
     for step in steps.values():  # warm-up
         step()
+    dense_parts.clear(), sparse_parts.clear()
     times = {k: [] for k in steps}
     for _ in range(rounds):
         for k, step in steps.items():
@@ -86,7 +99,10 @@ def measure(name: str, p: float, batch: int, size: int, rounds: int) -> dict:
             "skipped_fwd_bwd": 1 - flops["sparse_fwd_bwd"] / flops["dense_fwd_bwd"],
             "dense_ms": 1e3 * med["dense"], "sparse_ms": 1e3 * med["sparse"],
             "ratio": med["sparse"] / med["dense"],
-            "all_active_ratio": med["all_active"] / med["dense"]}
+            "all_active_ratio": med["all_active"] / med["dense"],
+            "parts": {k: (1e3 * statistics.median(dense_parts[k]),
+                          1e3 * statistics.median(sparse_parts[k]))
+                      for k in ("select", "fwd_bwd", "opt", "update")}}
 
 
 def main() -> None:
@@ -104,12 +120,20 @@ def main() -> None:
     print("| model | groups | fwd FLOPs dense | skipped fwd | skipped fwd+bwd | dense step ms "
           "| DCE step / dense | all-active step / dense |")
     print("|---|---|---|---|---|---|---|---|")
+    results = []
     for name in args.models.split(","):
         r = measure(name, args.p, args.batch, args.size, args.rounds)
+        results.append(r)
         print(f"| {r['model']} | {r['groups']} | {r['dense_fwd'] / 1e6:.1f}M "
               f"| {100 * r['skipped_fwd']:.1f}% | {100 * r['skipped_fwd_bwd']:.1f}% "
               f"| {r['dense_ms']:.0f} | {r['ratio']:.2f} | {r['all_active_ratio']:.2f} |",
               flush=True)
+    print("\nWhere the time goes (median ms, dense -> DCE at p):\n")
+    print("| model | select + apply | forward + backward | optimizer step | selector update |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        cells = " | ".join(f"{d:.0f} -> {s:.0f}" for d, s in r["parts"].values())
+        print(f"| {r['model']} | {cells} |")
 
 
 if __name__ == "__main__":
