@@ -36,6 +36,12 @@ from .compact import compact_model, export_compact  # noqa: E402
 
 __all__ += ["build_model", "compact_model", "export_compact"]
 
+# dce_kernels.convert is the function (as DESIGN.md promises); the module's other
+# names stay importable with `from dce_kernels.convert import conversion_notes`.
+from .convert import convert  # noqa: E402
+
+__all__ += ["convert"]
+
 # The training entry point stays dce_kernels.train.train: a top-level `train`
 # would shadow the submodule of the same name.
 from .train import TrainConfig  # noqa: E402

@@ -7,6 +7,13 @@ the active channels, and slices the Linear layers that read them. In eval mode
 it computes what the sparse model computes (inactive channels there are exactly
 zero, and nothing downstream reads them).
 
+Converted models (:func:`dce_kernels.convert`) export the same way: producers
+tied through a residual add all keep the same channel list, so both inputs of
+the add shrink alike; a layer after a concatenation keeps the union of the
+offset-shifted selections, in order, which is exactly the concatenation of the
+compacted inputs; a depthwise conv keeps its active channels as a narrower
+depthwise conv.
+
 ``export_compact`` writes it as a ``state_dict`` and as a ``torch.export``
 program (``.pt2``), which ``torch.export.load`` runs without dce_kernels.
 """
@@ -19,7 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .channels import ChannelPlan, linear_features
+from .channels import ChannelPlan
+from .convert import SPEC_ATTR
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 
 __all__ = ["compact_model", "export_compact", "load_exported"]
@@ -27,11 +35,16 @@ __all__ = ["compact_model", "export_compact", "load_exported"]
 
 def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
     out_idx, in_idx = conv.out_idx.cpu(), conv.in_idx.cpu()
-    if conv.groups != 1 and (out_idx.numel() != conv.out_channels
-                             or in_idx.numel() != conv.in_channels):
-        raise ValueError("compacting a grouped conv with inactive channels is not supported")
+    groups = conv.groups
+    if groups != 1 and (out_idx.numel() != conv.out_channels
+                        or in_idx.numel() != conv.in_channels):
+        depthwise = groups == conv.in_channels == conv.out_channels
+        if not depthwise or not torch.equal(out_idx, in_idx):
+            raise ValueError("compacting a grouped conv with inactive channels is supported "
+                             "only for depthwise convs whose active inputs and outputs agree")
+        groups = out_idx.numel()  # still depthwise, over the active channels only
     plain = nn.Conv2d(in_idx.numel(), out_idx.numel(), conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                      padding=conv.padding, dilation=conv.dilation, groups=groups,
                       bias=conv.bias is not None, padding_mode=conv.padding_mode,
                       device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
@@ -66,17 +79,21 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """A copy of ``model`` with only the active channels, of plain torch layers."""
     if plan.model is not model:
         raise ValueError("the plan belongs to another model")
+    for g in plan.groups:
+        if not g.readers_known and g.producer.out_idx.numel() != g.num_channels:
+            raise ValueError(f"group {g.name!r}: the layers reading its channels are unknown "
+                             "(the model was converted without a torch.fx graph), so its "
+                             "channels cannot be removed")
     names = {id(m): n for n, m in model.named_modules()}
     compact = copy.deepcopy(model)
+    # The copy is plain torch: the channel groups convert recorded no longer apply.
+    compact.__dict__.pop(SPEC_ATTR, None)
     # Linears first: their column selection reads the sparse producer's state.
-    for g in plan.groups:
-        cols = None
-        for lin in g.linears:
-            cols = linear_features(g.producer.out_idx, lin.in_features, g.num_channels)
-            target = compact.get_submodule(names[id(lin)])
-            with torch.no_grad():
-                target.weight = nn.Parameter(lin.weight.index_select(1, cols).clone())
-            target.in_features = cols.numel()
+    for lin, cols in plan.linear_columns():
+        target = compact.get_submodule(names[id(lin)])
+        with torch.no_grad():
+            target.weight = nn.Parameter(lin.weight.index_select(1, cols).clone())
+        target.in_features = cols.numel()
     for name, module in list(model.named_modules()):
         if isinstance(module, ChannelSparseConv2d):
             plain = _plain_conv(module)

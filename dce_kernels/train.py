@@ -146,7 +146,8 @@ class _Run:
         # Same seed for the dense baseline and the sparse run: same initial weights.
         torch.manual_seed(self.config.seed)
         model = build_model(self.config.model, self.info["in_channels"],
-                            self.info["num_classes"], width=self.config.width)
+                            self.info["num_classes"], width=self.config.width,
+                            image_size=self.info.get("image_size"))
         return model.to(self.device)
 
     def _new_selector(self, plan: ChannelPlan):

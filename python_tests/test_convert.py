@@ -1,0 +1,383 @@
+"""dce_kernels.convert: channel dependencies of hand-made graphs (residual adds,
+concatenation, depthwise convs, flatten into Linear, ops it cannot see through,
+untraceable models), and bad input."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from convert_reference import MaskedReference, capture_original
+from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
+from dce_kernels.channels import plan_for
+from dce_kernels.compact import compact_model
+from dce_kernels.convert import conversion_notes
+
+
+def _randomize_norms(model):
+    # Default BatchNorms (weight 1, bias 0) map a zero channel to zero: a
+    # BatchNorm left dense by mistake would go unnoticed. Random ones do not.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+class Residual(nn.Module):
+    """Stem, two residual blocks (identity, then a 1x1 projection), flatten into Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.a1 = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+        self.a1n = nn.BatchNorm2d(5)
+        self.a2 = nn.Conv2d(5, 6, 3, padding=1, bias=False)
+        self.a2n = nn.BatchNorm2d(6)
+        self.b1 = nn.Conv2d(6, 7, 3, stride=2, padding=1)
+        self.b2 = nn.Conv2d(7, 9, 1)
+        self.proj = nn.Conv2d(6, 9, 1, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(36, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(x + self.a2n(self.a2(F.relu(self.a1n(self.a1(x))))))
+        y = self.b2(torch.relu(self.b1(x)))
+        x = y + self.proj(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class Dense(nn.Module):
+    """Concatenations (a DenseNet block), a depthwise conv and x.view(n, -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.l1 = nn.Conv2d(4, 3, 3, padding=1)
+        self.n2 = nn.BatchNorm2d(7)
+        self.l2 = nn.Conv2d(7, 5, 3, padding=1)
+        self.n3 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.dwn = nn.BatchNorm2d(12)
+        self.out = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(6 * 4, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        c1 = torch.cat([s, self.l1(s)], 1)
+        c2 = torch.cat([c1, self.l2(F.relu(self.n2(c1)))], dim=1)
+        h = F.relu6(self.dwn(self.dw(F.relu(self.n3(c2)))))
+        h = F.max_pool2d(self.out(h), 2)
+        h = F.adaptive_avg_pool2d(h, 2)
+        return self.fc(h.view(h.size(0), -1))
+
+
+def _grads(model, x, params, seed):
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    out = model(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return out, torch.autograd.grad(out, [x] + params, g, allow_unused=True)
+
+
+def _close(a, b, tol):
+    """Equal up to rounding, measured against the tensor's scale (gradients of
+    deep networks with random BatchNorms reach 1e4, and elements that cancel
+    out carry the rounding of the large ones)."""
+    a, b = a.detach(), b.detach()
+    return bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
+
+
+def check_against_reference(model, ref, plan, x, atol=1e-10):
+    """Outputs and gradients (input and every parameter) of the sparse model equal
+    the masked reference's; returns the reference's skip violations."""
+    masked = MaskedReference(ref, model, plan.linear_columns())
+    try:
+        params = [p for p in model.parameters()]
+        xs = x.clone().requires_grad_(True)
+        xr = x.clone().requires_grad_(True)
+        out, grads = _grads(model, xs, params, 7)
+        ref_out, ref_grads = _grads(ref, xr, params, 7)
+    finally:
+        masked.remove()
+    assert _close(out, ref_out, atol)
+    for a, b in zip(grads, ref_grads):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        assert _close(a, b, atol)
+    return masked.violations
+
+
+def _random_selection(plan, gen, lo=0.3, hi=0.8):
+    sel = []
+    for c in plan.num_channels:
+        k = max(1, min(c - 1, round(c * float(torch.empty(1).uniform_(lo, hi, generator=gen)))))
+        sel.append(torch.randperm(c, generator=gen)[:max(k, 1)])
+    return sel
+
+
+# -- what the analysis finds ---------------------------------------------------------------
+
+def test_residual_adds_tie_their_producers():
+    model = convert(Residual())
+    plan = plan_for(model)
+    by_name = {g.name: g for g in plan.groups}
+    assert set(by_name) == {"stem", "a1", "b1", "b2"}
+    # The identity block: its stem output and a2's output are summed: one group.
+    assert by_name["stem"].tied == [model.a2]
+    assert set(by_name["stem"].norms) == {model.bn, model.a2n}
+    assert set(by_name["stem"].consumers) == {model.a1, model.b1, model.proj}
+    # The projection block: b2 and proj are summed, then flattened into fc.
+    assert by_name["b2"].tied == [model.proj]
+    assert by_name["b2"].linears == [model.fc]
+    assert by_name["a1"].consumers == [model.a2]
+    assert isinstance(model.a1n, ChannelSparseBatchNorm2d)
+    assert conversion_notes(model) == {}
+
+    plan.apply(_random_selection(plan, torch.Generator().manual_seed(0)))
+    assert torch.equal(model.stem.out_idx, model.a2.out_idx)
+    assert torch.equal(model.b2.out_idx, model.proj.out_idx)
+    assert torch.equal(model.a1.in_idx, model.stem.out_idx)
+
+
+def test_concatenation_offsets_and_depthwise_follow_their_groups():
+    model = convert(Dense())
+    plan = plan_for(model)
+    g = {grp.name: grp for grp in plan.groups}
+    assert set(g) == {"stem", "l1", "l2", "out"}
+    assert g["l2"].offsets[model.n3] == 7 and g["l2"].offsets[model.dw] == 7
+    assert g["l1"].offsets[model.l2] == 4 and g["stem"].offset(model.l2) == 0
+    assert g["out"].total_channels(model.fc) == 6 and g["out"].linears == [model.fc]
+    assert all(model.dw in grp.depthwise for grp in plan.groups if grp.name != "out")
+
+    sel = [torch.tensor([0, 3]), torch.tensor([1]), torch.tensor([0, 2, 4]),
+           torch.tensor([2, 5])]
+    order = [grp.name for grp in plan.groups]
+    plan.apply([sel[order.index(n)] for n in ("stem", "l1", "l2", "out")])
+    assert model.l2.in_idx.tolist() == [0, 3, 5]            # stem [0,3] + l1 [1] at 4
+    assert model.n3.active_idx.tolist() == [0, 3, 5, 7, 9, 11]
+    assert model.dw.in_idx.tolist() == model.dw.out_idx.tolist() == [0, 3, 5, 7, 9, 11]
+    assert model.out.in_idx.tolist() == [0, 3, 5, 7, 9, 11]
+    cols = dict((id(lin), c) for lin, c in plan.linear_columns())[id(model.fc)]
+    assert cols.tolist() == [8, 9, 10, 11, 20, 21, 22, 23]  # channels 2 and 5, 4 features each
+
+
+@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque", "Shared"])
+def test_random_selection_matches_masked_reference_and_exports(make):
+    make = globals()[make]
+    torch.manual_seed(3)
+    model = make().double()
+    _randomize_norms(model)
+    ref = capture_original(model)
+    original = copy.deepcopy(model)
+    convert(model)
+    x = torch.randn(3, next(model.parameters()).shape[1], 9, 11, dtype=torch.float64)
+    plan = plan_for(model)
+    # All channels: the original model, outputs and gradients.
+    assert check_against_reference(model, ref, plan, x) == []
+    for a, b in zip(model(x), original(x)):
+        assert torch.allclose(a, b, atol=1e-12)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        plan.apply(_random_selection(plan, gen))
+        assert check_against_reference(model, ref, plan, torch.randn_like(x)) == []
+    model.eval()
+    compact = compact_model(model, plan).eval()
+    assert sum(p.numel() for p in compact.parameters()) < sum(
+        p.numel() for p in model.parameters())
+    with torch.no_grad():
+        x = torch.randn_like(x)
+        assert torch.allclose(compact(x), model(x), atol=1e-12)
+
+
+class Opaque(nn.Module):
+    """Ops the analysis cannot see through: channel slicing, sigmoid gating, an
+    add of a number; the model's own output is a conv's."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 6, 3, padding=1)
+        self.c4 = nn.Conv2d(6, 5, 1)
+        self.c5 = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        h = self.c2(F.relu(self.c1(x)))
+        h = self.c3(h[:, :4])                   # slicing: c2's channels stay
+        h = self.c4(torch.sigmoid(h) + 1)       # sigmoid: c3's channels stay
+        return self.c5(F.relu(h))               # c4 is selectable; c5 is the output
+
+
+def test_ops_it_cannot_see_through_keep_channels_full():
+    model = convert(Opaque())
+    plan = plan_for(model)
+    assert [g.name for g in plan.groups] == ["c1", "c4"]
+    notes = conversion_notes(model)
+    assert set(notes) == {"c2", "c3", "c5"}
+    assert "output" in notes["c5"] and "getitem" in notes["c2"]
+    assert type(model.c2) is ChannelSparseConv2d  # reads c1's group
+    assert type(model.c3) is nn.Conv2d            # nothing to select around it
+
+
+class Shared(nn.Module):
+    """Modules called on several tensors: a conv reading two different groups, a
+    BatchNorm that also normalizes a tensor of unknown channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1, self.c2, self.c3 = (nn.Conv2d(3, 4, 3, padding=1) for _ in range(4))
+        self.shared = nn.Conv2d(4, 5, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.c4 = nn.Conv2d(4, 5, 1)
+        self.c5 = nn.Conv2d(4, 5, 1)
+        self.head = nn.Conv2d(5, 5, 1)
+
+    def forward(self, x):
+        a = self.shared(F.relu(self.c0(x)))
+        b = self.shared(F.relu(self.c1(x)))
+        g = self.c4(self.norm(self.c2(x)))
+        h = self.c5(self.norm(torch.sigmoid(self.c3(x))))
+        return self.head(F.relu(a + b)) + g + h
+
+
+def test_modules_called_on_several_tensors_keep_what_they_cannot_follow_full():
+    model = convert(Shared())
+    assert [g.name for g in plan_for(model).groups] == ["shared"]
+    notes = conversion_notes(model)
+    assert "shared (consumer) cannot follow" in notes["c0"] and "c1" in notes
+    assert "norm (norm) cannot follow" in notes["c2"]
+    assert type(model.norm) is nn.BatchNorm2d
+
+
+def test_layers_that_run_only_in_training_are_linked_too():
+    class AuxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n1 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+            self.c2, self.aux = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            h = F.relu(self.n1(self.c1(x)))
+            out = self.c2(h).mean((2, 3))
+            if self.training:
+                return out, self.aux(h).mean((2, 3))
+            return out
+
+    model = convert(AuxHead().eval())
+    assert not model.training
+    (group,) = plan_for(model).groups
+    assert set(group.consumers) == {model.c2, model.aux}
+
+
+def test_exclude_keeps_a_submodule_full_and_copy_leaves_the_original():
+    original = Residual()
+    model = convert(original, exclude=["b1"], copy=True)
+    assert type(original.stem) is nn.Conv2d and model is not original
+    names = [g.name for g in plan_for(model).groups]
+    assert "b1" not in names and "excluded" in conversion_notes(model)["b1"]
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        convert(Residual(), exclude="nope")
+
+
+def test_parameters_are_shared_and_state_dict_keys_kept():
+    model = Residual()
+    params = dict(model.named_parameters())
+    keys = set(model.state_dict())
+    convert(model)
+    assert set(model.state_dict()) == keys
+    for name, p in model.named_parameters():
+        assert p is params[name]
+    # The groups are recorded by name: a deep copy's plan drives the copy's layers.
+    twin = copy.deepcopy(model)
+    groups = plan_for(twin).groups
+    assert groups[0].producer is twin.stem and groups[0].producer is not model.stem
+
+
+def test_inplace_activation_after_a_conv_is_made_out_of_place_or_warned():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 4, 3)
+            self.act = nn.ReLU(inplace=True)
+            self.c2 = nn.Conv2d(4, 5, 3)
+            self.c3 = nn.Conv2d(5, 3, 1)
+
+        def forward(self, x):
+            x = F.relu(self.c2(self.act(self.c1(x))), inplace=True)
+            return self.c3(x)
+
+    with pytest.warns(UserWarning, match="modifies the output of c2 in place"):
+        model = convert(Net())
+    assert model.act.inplace is False
+    assert model.c1.track_saliency and not model.c2.track_saliency
+    plan = plan_for(model)
+    plan.apply([torch.tensor([0, 2]), torch.tensor([1, 3, 4])])
+    model(torch.randn(2, 3, 8, 8)).sum().backward()  # would raise with in-place ops
+    assert model.c1.saliency[[0, 2]].gt(0).all()
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = nn.ReLU(inplace=True)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.c1(x)))
+        if h.mean() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = h * 2
+        return self.fc(self.c2(h).mean((2, 3)))
+
+
+def test_untraceable_model_converts_with_a_warning_and_reads_all_inputs():
+    torch.manual_seed(0)
+    original = Untraceable()
+    _randomize_norms(original)
+    with pytest.warns(UserWarning, match="cannot trace Untraceable.*reading all its input"):
+        model = convert(original, copy=True)
+    assert type(model.c1) is ChannelSparseConv2d and type(model.bn) is nn.BatchNorm2d
+    x = torch.randn(4, 3, 6, 6)
+    assert torch.allclose(model(x), original(x), atol=1e-6)
+    plan = plan_for(model)
+    assert [g.readers_known for g in plan.groups] == [False, False]
+    plan.apply([torch.tensor([1, 2, 5]), torch.tensor([0, 3])])
+    assert model.c2.in_idx.numel() == 6  # reads every input channel
+    # Reference: the original with conv outputs masked (and nothing else).
+    handles = [original.c1.register_forward_hook(
+        lambda m, a, y: y * torch.isin(torch.arange(6), torch.tensor([1, 2, 5])).view(1, -1, 1, 1)),
+        original.c2.register_forward_hook(
+        lambda m, a, y: y * torch.isin(torch.arange(4), torch.tensor([0, 3])).view(1, -1, 1, 1))]
+    assert torch.allclose(model(x), original(x), atol=1e-6)
+    for h in handles:
+        h.remove()
+    model(x).sum().backward()  # in-place ReLU was made out-of-place: saliency works
+    assert model.c1.saliency.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot be removed"):
+        compact_model(model, plan)
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        convert(torch.randn(3))
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        convert(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="was not converted"):
+        conversion_notes(Residual())
+    model = convert(Residual())
+    plan = plan_for(model)
+    sel = [torch.arange(c) for c in plan.num_channels]
+    sel[0] = torch.tensor([0, 6])  # stem has 6 channels
+    with pytest.raises(ValueError, match="selection of group 'stem'.*outside"):
+        plan.apply(sel)
+    model.a1 = nn.Conv2d(6, 5, 3, padding=1)  # changed after conversion
+    with pytest.raises(ValueError, match="'a1' is a Conv2d"):
+        plan_for(model)
