@@ -621,7 +621,10 @@ def _groups_from_spec(model: nn.Module, spec: dict) -> list[ChannelGroup]:
             tied=layers["tied"], depthwise=layers["depthwise"],
             offsets={by_name[n]: off for n, off in g["offsets"].items()},
             linear_channels={by_name[n]: c for n, c in g["linear_channels"].items()},
-            readers_known=g["readers_known"]))
+            readers_known=g["readers_known"],
+            # Traced: every reader of the group is known (norms, channel-wise ops,
+            # consumers), so ChannelPlan may pack it where can_pack allows.
+            packed=g["readers_known"]))
     return groups
 
 
