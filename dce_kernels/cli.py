@@ -260,8 +260,7 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .results import write_results
-    from .sweep import plan_runs, run_sweep, sweep_dir
+    from .sweep import plan_runs, run_sweep, sweep_dir, write_table
 
     _set_threads(args.threads)
     try:
@@ -269,7 +268,7 @@ def _sweep(args) -> int:
         base = config_from_args(args)
         root = sweep_dir(args.out, base)
         if args.collect_only:
-            rows, missing = write_results(root, runs)
+            rows, missing = write_table(root, runs)
             print(f"{len(rows)} finished, {len(missing)} missing; table: {root}/results.json")
             return 0
         log = lambda message: print(message, flush=True)

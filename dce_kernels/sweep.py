@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from .train import CHECKPOINT, REPORT, TrainConfig, train
 
 __all__ = ["RunSpec", "SweepOutcome", "DEFAULT_FRACTIONS", "SELECTORS", "BASELINE",
-           "plan_runs", "sweep_dir", "run_sweep", "try_claim", "release"]
+           "plan_runs", "sweep_dir", "run_sweep", "write_table", "try_claim", "release"]
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 SELECTORS = ("cucb", "random")
@@ -235,8 +235,6 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
     ``max_runs``: start at most this many runs in this call (the rest stay for later).
     A run that raises is recorded in ``failed`` and the sweep moves on.
     """
-    from .results import write_results  # another module's job; imported on use
-
     if max_runs is not None and max_runs < 0:
         raise ValueError(f"max_runs must be >= 0, got {max_runs}")
     base.validate()
@@ -284,6 +282,16 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
             log(f"[{i + 1}/{len(runs)}] {spec.name} FAILED: {type(e).__name__}: {e}")
         finally:
             release(config.run_dir)
-    with _mutex(root):
-        write_results(root, runs)
+    write_table(root, runs)
     return outcome
+
+
+def write_table(root: str, runs: Sequence[RunSpec]) -> tuple[list[dict], list[str]]:
+    """(Re)writes ``results.json``/``.csv`` of ``root`` from its finished runs, under the
+    mutex so that the last process to finish writes the complete table."""
+    from .results import write_results  # another module's job; imported on use
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no sweep at {root}")
+    with _mutex(root):
+        return write_results(root, runs)

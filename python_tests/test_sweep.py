@@ -372,3 +372,8 @@ def test_cli_sweep_collect_only(tmp_path, capsys):
     assert "1 finished, 1 missing" in capsys.readouterr().out
     table = json.load(open(os.path.join(root, "results.json")))
     assert [r["name"] for r in table["runs"]] == [runs[0].name]
+
+
+def test_cli_collect_only_without_a_sweep(tmp_path, capsys):
+    assert main(["sweep", "--collect-only", "--out", str(tmp_path / "none")]) == 2
+    assert "no sweep at" in capsys.readouterr().err
