@@ -36,21 +36,27 @@ def _pyplot():
     return plt
 
 
-def _dense_line(ax, cells: list[dict]) -> None:
+def _dense_line(ax, cells: list[dict]) -> Optional[dict]:
     dense = [c for c in cells if c["selector"] == "dense"]
     if not dense:
-        return
+        return None
     d = dense[0]
     ax.axhline(100 * d["acc_mean"], color="black", linestyle="--", linewidth=1,
                label=f"dense baseline (n={d['n']})")
     ax.axhspan(100 * d["acc_min"], 100 * d["acc_max"], color="black", alpha=0.08, linewidth=0)
+    return d
 
 
 def accuracy_figure(rows: Sequence[dict], path: str, title: Optional[str] = None) -> str:
     plt = _pyplot()
     cells = aggregate(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    _dense_line(ax, cells)
+    dense = _dense_line(ax, cells)
+    if dense is not None:  # the baseline is also the point at 100 % active channels
+        ax.errorbar([100 * dense["fraction"]], [100 * dense["acc_mean"]],
+                    yerr=[[100 * (dense["acc_mean"] - dense["acc_min"])],
+                          [100 * (dense["acc_max"] - dense["acc_mean"])]],
+                    color="black", marker="D", capsize=3, zorder=4)
     for selector, style in _STYLE.items():
         mine = [c for c in cells if c["selector"] == selector]
         if not mine:

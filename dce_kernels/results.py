@@ -144,11 +144,13 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _fmt_acc(cell: Optional[dict]) -> str:
+def _fmt_acc(cell: Optional[dict], seeds: int) -> str:
     if cell is None:
         return "-"
-    return (f"{100 * cell['acc_mean']:.2f} ± {100 * cell['acc_std']:.2f} "
+    text = (f"{100 * cell['acc_mean']:.2f} ± {100 * cell['acc_std']:.2f} "
             f"({100 * cell['acc_min']:.2f}–{100 * cell['acc_max']:.2f})")
+    # A partial sweep: say which cells rest on fewer seeds than the others.
+    return text if cell["n"] == seeds else f"{text} [n={cell['n']}]"
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -156,20 +158,22 @@ def markdown_table(rows: Sequence[dict]) -> str:
     with parameter and FLOP counts and reductions vs the dense network."""
     cells = {(a["selector"], a["fraction"]): a for a in aggregate(rows)}
     fractions = sorted({f for _, f in cells})
+    seeds = max(a["n"] for a in cells.values())
     lines = ["| active channels | CUCB acc. % | random acc. % | CUCB − random (pts) "
              "| params | FLOPs / image |",
              "| --- | --- | --- | --- | --- | --- |"]
     for p in fractions:
         cucb, rand, dense = cells.get(("cucb", p)), cells.get(("random", p)), cells.get(("dense", p))
         any_cell = cucb or rand or dense
-        sizes = (f"{any_cell['params'] / 1e3:.1f}k ({any_cell['param_reduction']:.2f}x fewer)",
-                 f"{any_cell['flops'] / 1e6:.2f}M ({any_cell['flop_reduction']:.2f}x fewer)")
+        sizes = [f"{any_cell['params'] / 1e3:.1f}k", f"{any_cell['flops'] / 1e6:.2f}M"]
         if dense is not None:
-            lines.append(f"| {100 * p:.0f}% (dense baseline) | {_fmt_acc(dense)} | (same run) "
-                         f"| - | {sizes[0]} | {sizes[1]} |")
+            lines.append(f"| {100 * p:.0f}% (dense baseline) | {_fmt_acc(dense, seeds)} "
+                         f"| (same run) | - | {sizes[0]} | {sizes[1]} |")
             continue
+        sizes[0] += f" ({any_cell['param_reduction']:.2f}x fewer)"
+        sizes[1] += f" ({any_cell['flop_reduction']:.2f}x fewer)"
         diff = ("-" if cucb is None or rand is None
                 else f"{100 * (cucb['acc_mean'] - rand['acc_mean']):+.2f}")
-        lines.append(f"| {100 * p:.0f}% | {_fmt_acc(cucb)} | {_fmt_acc(rand)} | {diff} "
-                     f"| {sizes[0]} | {sizes[1]} |")
+        lines.append(f"| {100 * p:.0f}% | {_fmt_acc(cucb, seeds)} | {_fmt_acc(rand, seeds)} "
+                     f"| {diff} | {sizes[0]} | {sizes[1]} |")
     return "\n".join(lines)

@@ -78,7 +78,7 @@ def test_markdown_table_rows():
         assert f"{100 * (cucb.mean() - rand.mean()):+.2f}" in line
         assert f"({1 / (round(1000 * p * p) / 1000):.2f}x fewer)" in line
     dense = np.array([r["test_acc"] for r in rows if r["selector"] == "dense"])
-    assert lines[5].startswith("| 100% (dense baseline) |")
+    assert lines[5].startswith("| 100% (dense baseline) |") and "[n=" not in "".join(lines)
     assert f"{100 * dense.mean():.2f} ± {100 * dense.std(ddof=1):.2f}" in lines[5]
 
 
@@ -120,3 +120,12 @@ def test_plot_of_a_tiny_sweep_from_the_command_line(tmp_path, capsys):
 def test_plot_without_results_is_a_clear_error(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "no results table" in capsys.readouterr().err
+
+
+def test_markdown_table_marks_cells_with_fewer_seeds():
+    rows = [r for r in _rows(seed=5) if not (r["name"] == "cucb-p0.5-s2")]
+    lines = markdown_table(rows).splitlines()
+    marked = [line for line in lines if "[n=" in line]
+    assert len(marked) == 1 and marked[0].startswith("| 50% |")
+    cucb, rand = marked[0].split(" | ")[1:3]
+    assert cucb.endswith("[n=2]") and "[n=" not in rand
