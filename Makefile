@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Sources whose change requires rebuilding the extension.
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test build clean fashion-mnist cpp-test demo sanitize ptxas-report
+.PHONY: test build clean fashion-mnist cpp-test demo sweep sanitize ptxas-report
 
 # torch, ninja and setuptools must be in the venv before the extension builds
 # (--no-build-isolation, as usual for torch extensions); read them from pyproject.
@@ -71,6 +71,26 @@ DEMO_ARGS ?= --model vgg11 --width 0.25 --fraction 0.5 --train-limit 20000 --tes
 demo: build fashion-mnist
 	rm -rf $(DEMO_DIR)
 	$(PY) -m dce_kernels.cli train --dataset fashion-mnist $(DEMO_ARGS) --run-dir $(DEMO_DIR)
+
+# -- make sweep: the paper's experiment, scaled to 2 CPU cores (see README, "Reproducing the
+# paper"): accuracy vs active channels, CUCB vs random, 3 seeds, on full Fashion-MNIST.
+# Two worker processes share SWEEP_DIR and split the runs; rerunning continues a stopped sweep.
+# Each worker runs one torch thread: on a shared machine, OpenMP threads competing with
+# other processes slow small models down many times over.
+SWEEP_DIR ?= runs/sweep-fmnist
+SWEEP_WORKERS ?= 2
+SWEEP_ARGS ?= --dataset fashion-mnist --model vgg11 --width 0.25 \
+	--fractions 0.1,0.25,0.5,0.75,1.0 --selectors cucb,random --seeds 0,1,2 \
+	--explore-epochs 2 --finetune-epochs 1 --batch-size 128 --lr 0.1 --finetune-lr 0.02 --tau 100
+
+sweep: build fashion-mnist
+	mkdir -p $(SWEEP_DIR)
+	for i in $$(seq $(SWEEP_WORKERS)); do \
+		$(PY) -m dce_kernels.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --threads 1 \
+			--no-progress > $(SWEEP_DIR)/worker$$i.log 2>&1 & \
+	done; wait
+	$(PY) -m dce_kernels.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --collect-only
+	$(PY) -m dce_kernels.cli plot $(SWEEP_DIR)/fashion-mnist-vgg11
 
 # --- CUDA kernels: sanitizer run of the emulated backend, ptxas resource report.
 

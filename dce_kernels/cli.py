@@ -1,11 +1,14 @@
-"""The ``dce`` command: ``dce train ...`` runs the three-phase training and prints a summary."""
+"""The ``dce`` command: ``dce train`` runs the three-phase training and prints a summary;
+``dce sweep`` runs a grid of them (fractions x selectors x seeds); ``dce plot`` draws it."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser", "summary_table"]
+__all__ = ["main", "build_parser", "config_from_args", "summary_table"]
 
 
 def _defaults():
@@ -14,22 +17,11 @@ def _defaults():
     return TrainConfig()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = _defaults()
-    parser = argparse.ArgumentParser(
-        prog="dce", description="Dynamic Channel Execution: train compact CNNs from scratch.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser(
-        "train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="explore channels with a bandit, keep the most salient, fine-tune, export",
-        description=(
-            "Phase 0 (optional): train the dense model as a baseline. Phase 1: train with only "
-            "--fraction of each conv layer's channels active per step, chosen by --selector "
-            "from the Taylor saliency the layers report. Phase 2: keep the channels of highest "
-            "mean saliency. Phase 3: fine-tune them. Then export the physically smaller model "
-            "(RUN_DIR/compact.pt2, loadable with torch.export.load and no dce_kernels) and write "
-            "RUN_DIR/report.json. A checkpoint is written after every epoch."))
-    g = t.add_argument_group("model and data")
+def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
+    """The options of one run, shared by ``train`` and ``sweep`` (one source of truth).
+    ``sweep``: leave out what the sweep sets per run (fraction, selector, seed, run
+    directory, resume) and the dense phase (the sweep's baseline is its fraction-1.0 run)."""
+    g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model,
                    help="vgg11, vgg13, vgg16, vgg19 (with BatchNorm, CIFAR variant), "
                         "resnet20 or resnet56 (CIFAR ResNet; only inner block channels are "
@@ -48,21 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N training images (default: all)")
     g.add_argument("--test-limit", type=int, default=d.test_limit,
                    help="use only the first N test images (default: all)")
-    g = t.add_argument_group("channel selection")
-    g.add_argument("--fraction", type=float, default=d.fraction,
-                   help="fraction of channels active during exploration and kept in the "
-                        "compact model, in (0, 1]")
-    g.add_argument("--selector", choices=["cucb", "random"], default=d.selector,
-                   help="cucb: combinatorial UCB over normalized saliency; random: uniform "
-                        "random channels every step and at the end (the paper's baseline)")
+    g = p.add_argument_group("channel selection")
+    if not sweep:
+        g.add_argument("--fraction", type=float, default=d.fraction,
+                       help="fraction of channels active during exploration and kept in the "
+                            "compact model, in (0, 1]")
+        g.add_argument("--selector", choices=["cucb", "random"], default=d.selector,
+                       help="cucb: combinatorial UCB over normalized saliency; random: uniform "
+                            "random channels every step and at the end (the paper's baseline)")
     g.add_argument("--budget", choices=["layer", "global"], default=d.budget,
-                   help="layer: each layer keeps --fraction of its channels; global: "
-                        "--fraction of all channels, shared among layers by rank (>= 1 each)")
+                   help="layer: each layer keeps the fraction of its channels; global: "
+                        "the fraction of all channels, shared among layers by rank (>= 1 each)")
     g.add_argument("--tau", type=int, default=d.tau,
                    help="warm-up steps with random channels before CUCB takes over")
-    g = t.add_argument_group("schedule")
-    g.add_argument("--dense-epochs", type=int, default=d.dense_epochs,
-                   help="epochs of the dense baseline (0 skips it)")
+    g = p.add_argument_group("schedule")
+    if not sweep:
+        g.add_argument("--dense-epochs", type=int, default=d.dense_epochs,
+                       help="epochs of the dense baseline (0 skips it)")
     g.add_argument("--explore-epochs", type=int, default=d.explore_epochs,
                    help="epochs of phase 1 (channel exploration)")
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
@@ -77,21 +71,117 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the fine-tuning phase (cosine-decayed)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
-    g = t.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of initialization, batch order and channel selection")
+    g = p.add_argument_group("run")
+    if not sweep:
+        g.add_argument("--seed", type=int, default=d.seed,
+                       help="seed of initialization, batch order and channel selection")
     g.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
-    g.add_argument("--run-dir", default=d.run_dir,
-                   help="where checkpoint.pt, report.json and the exported model go")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its last checkpoint (same options)")
-    g.add_argument("--stop-after-epochs", type=int, default=None,
-                   help="stop after this many epochs in this invocation (continue later with "
-                        "--resume)")
+    if not sweep:
+        g.add_argument("--run-dir", default=d.run_dir,
+                       help="where checkpoint.pt, report.json and the exported model go")
+        g.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir from its last checkpoint (same "
+                            "options)")
+        g.add_argument("--stop-after-epochs", type=int, default=None,
+                       help="stop after this many epochs in this invocation (continue later "
+                            "with --resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sweep import DEFAULT_FRACTIONS, SELECTORS
+
+    d = _defaults()
+    parser = argparse.ArgumentParser(
+        prog="dce", description="Dynamic Channel Execution: train compact CNNs from scratch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="explore channels with a bandit, keep the most salient, fine-tune, export",
+        description=(
+            "Phase 0 (optional): train the dense model as a baseline. Phase 1: train with only "
+            "--fraction of each conv layer's channels active per step, chosen by --selector "
+            "from the Taylor saliency the layers report. Phase 2: keep the channels of highest "
+            "mean saliency. Phase 3: fine-tune them. Then export the physically smaller model "
+            "(RUN_DIR/compact.pt2, loadable with torch.export.load and no dce_kernels) and write "
+            "RUN_DIR/report.json. A checkpoint is written after every epoch."))
+    _add_run_options(t, d, sweep=False)
+
+    s = sub.add_parser(
+        "sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="the paper's experiment: accuracy vs active fraction, CUCB vs random, seeds",
+        description=(
+            "Runs `dce train` (explore, select, fine-tune; no dense phase) for every fraction "
+            "below 1 x selector x seed, plus once per seed the dense baseline: the fraction-1.0 "
+            "run, where both selectors train the identical full network on the same schedule. "
+            "Each run goes to OUT/<dataset>-<model>/<selector>-p<fraction>-s<seed>/. Finished "
+            "runs are skipped, interrupted ones resumed from their checkpoint; several "
+            "processes may share OUT and split the runs (a lock file per run). The table of "
+            "all finished runs is written to OUT/<dataset>-<model>/results.json and .csv; "
+            "`dce plot` draws it."))
+    g = s.add_argument_group("grid")
+    g.add_argument("--fractions", type=_float_list,
+                   default=list(DEFAULT_FRACTIONS),
+                   help="comma-separated active fractions in (0, 1]; 1.0 is the dense baseline, "
+                        "which is always run (once per seed)")
+    g.add_argument("--selectors", type=_str_list, default=list(SELECTORS),
+                   help="comma-separated selectors: cucb, random")
+    g.add_argument("--seeds", type=_int_list, default=[0, 1, 2],
+                   help="comma-separated seeds (the paper runs every experiment 3 times)")
+    g.add_argument("--out", default="runs/sweep", help="output directory (shareable)")
+    g.add_argument("--max-runs", type=int, default=None,
+                   help="start at most this many runs in this invocation")
+    g.add_argument("--collect-only", action="store_true",
+                   help="train nothing: rewrite the results table from the finished runs")
+    _add_run_options(s, d, sweep=True)
+
+    p = sub.add_parser(
+        "plot", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="draw a sweep's results: accuracy vs active channels; size vs accuracy",
+        description=(
+            "Reads a sweep's results (results.json or .csv, or the directory holding them) and "
+            "writes accuracy_vs_channels.png (test accuracy vs % active channels, CUCB and "
+            "random, mean and min..max over seeds, dense baseline as a line) and "
+            "reduction_vs_accuracy.png (accuracy vs parameter and FLOP reduction), then prints "
+            "the table as Markdown."))
+    p.add_argument("results", help="results.json, results.csv or the sweep directory")
+    p.add_argument("--out-dir", default=None,
+                   help="where the PNGs go (default: next to the results)")
+    p.add_argument("--title", default=None, help="title of the accuracy figure")
+    p.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
     return parser
+
+
+def config_from_args(args: argparse.Namespace, **overrides):
+    """A TrainConfig from parsed options: every field that has an option of the same
+    name, the rest at their defaults, then ``overrides``."""
+    from .train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if hasattr(args, f.name)}
+    values["progress"] = not args.no_progress
+    values.update(overrides)
+    return TrainConfig(**values)
 
 
 def _fmt_count(n: Optional[float]) -> str:
@@ -143,38 +233,86 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train(args) -> int:
+    from .train import train
+
+    _set_threads(args.threads)
+    config = config_from_args(args)
+    try:
+        report = train(config, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"dce train: error: {e}", file=sys.stderr)
+        return 2
+    if report is None:
+        print(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume "
+              f"--run-dir {args.run_dir}")
+        return 0
+    print(summary_table(report))
+    print(f"report: {args.run_dir}/report.json")
+    return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import plan_runs, run_sweep, sweep_dir, write_table
+
+    _set_threads(args.threads)
+    try:
+        runs = plan_runs(args.fractions, args.selectors, args.seeds)
+        base = config_from_args(args)
+        root = sweep_dir(args.out, base)
+        if args.collect_only:
+            rows, missing = write_table(root, runs)
+            print(f"{len(rows)} finished, {len(missing)} missing; table: {root}/results.json")
+            return 0
+        log = lambda message: print(message, flush=True)
+        log(f"sweep: {len(runs)} runs into {root}")
+        outcome = run_sweep(base, args.out, runs, max_runs=args.max_runs, log=log)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dce sweep: error: {e}", file=sys.stderr)
+        return 2
+    print(f"ran {len(outcome.ran)} ({len(outcome.resumed)} resumed), skipped "
+          f"{len(outcome.skipped)} finished, {len(outcome.busy)} held by other processes, "
+          f"{len(outcome.stopped)} left (--max-runs), {len(outcome.failed)} failed")
+    for name, error in outcome.failed.items():
+        print(f"  failed: {name}: {error} (see {root}/{name}/error.txt)")
+    print(f"table: {root}/results.json, {root}/results.csv; draw it with: dce plot {root}")
+    return 1 if outcome.failed else 0
+
+
+def _plot(args) -> int:
+    from .plot import plot_results
+    from .results import markdown_table, read_results
+
+    try:
+        rows = read_results(args.results)
+        out_dir = args.out_dir or (args.results if os.path.isdir(args.results)
+                                   else os.path.dirname(os.path.abspath(args.results)))
+        paths = plot_results(rows, out_dir, title=args.title)
+        table = markdown_table(rows)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dce plot: error: {e}", file=sys.stderr)
+        return 2
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    print(table)
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        import torch
-
-        from .train import TrainConfig, train
-
-        if args.threads is not None:
-            if args.threads < 1:
-                raise SystemExit("--threads must be >= 1")
-            torch.set_num_threads(args.threads)
-        config = TrainConfig(
-            model=args.model, dataset=args.dataset, data_dir=args.data_dir, width=args.width,
-            fraction=args.fraction, budget=args.budget, selector=args.selector, tau=args.tau,
-            explore_epochs=args.explore_epochs, finetune_epochs=args.finetune_epochs,
-            dense_epochs=args.dense_epochs, batch_size=args.batch_size,
-            optimizer=args.optimizer, lr=args.lr, finetune_lr=args.finetune_lr,
-            momentum=args.momentum, weight_decay=args.weight_decay,
-            train_limit=args.train_limit, test_limit=args.test_limit, seed=args.seed,
-            device=args.device, run_dir=args.run_dir, progress=not args.no_progress)
-        try:
-            report = train(config, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
-            print(f"dce train: error: {e}", file=sys.stderr)
-            return 2
-        if report is None:
-            print(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume "
-                  f"--run-dir {args.run_dir}")
-            return 0
-        print(summary_table(report))
-        print(f"report: {args.run_dir}/report.json")
-    return 0
+    return {"train": _train, "sweep": _sweep, "plot": _plot}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""dce plot: the aggregation over seeds (checked against numpy), the Markdown table,
+and the two PNG files, from synthetic rows and from a tiny real sweep."""
+import os
+import random
+
+import numpy as np
+import pytest
+
+from dce_kernels.cli import main
+from dce_kernels.plot import ACCURACY_PNG, REDUCTION_PNG, plot_results
+from dce_kernels.results import aggregate, markdown_table, read_results
+from test_sweep import _one_thread  # noqa: F401  (autouse: tiny runs on one thread)
+
+
+def _rows(seed=0, seeds=(0, 1, 2), fractions=(0.25, 0.5, 0.75)):
+    """Rows shaped like a results table, with random accuracies."""
+    rng = random.Random(seed)
+    rows = []
+    for s in seeds:
+        rows.append(dict(name=f"dense-p1.0-s{s}", selector="dense", fraction=1.0, seed=s,
+                         test_acc=rng.uniform(0.85, 0.9), params=1000, flops=50000,
+                         param_reduction=1.0, flop_reduction=1.0))
+        for p in fractions:
+            for sel in ("cucb", "random"):
+                kept = round(1000 * p * p)
+                rows.append(dict(name=f"{sel}-p{p}-s{s}", selector=sel, fraction=p, seed=s,
+                                 test_acc=rng.uniform(0.5, 0.9), params=kept,
+                                 flops=50 * kept, param_reduction=1000 / kept,
+                                 flop_reduction=50000 / (50 * kept)))
+    return rows
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_aggregate_matches_numpy():
+    rows = _rows(seed=7)
+    cells = aggregate(rows)
+    keys = {(r["selector"], r["fraction"]) for r in rows}
+    assert [(c["selector"], c["fraction"]) for c in cells] == sorted(keys)
+    for cell in cells:
+        mine = [r for r in rows
+                if r["selector"] == cell["selector"] and r["fraction"] == cell["fraction"]]
+        acc = np.array([r["test_acc"] for r in mine])
+        assert cell["n"] == len(mine) == 3 and cell["seeds"] == [0, 1, 2]
+        assert cell["acc_mean"] == pytest.approx(acc.mean())
+        assert cell["acc_std"] == pytest.approx(acc.std(ddof=1))
+        assert (cell["acc_min"], cell["acc_max"]) == (acc.min(), acc.max())
+        assert cell["param_reduction"] == pytest.approx(
+            np.mean([r["param_reduction"] for r in mine]))
+        assert cell["flops"] == pytest.approx(np.mean([r["flops"] for r in mine]))
+
+
+def test_aggregate_one_seed_and_no_rows():
+    cells = aggregate(_rows(seeds=(4,)))
+    assert all(c["n"] == 1 and c["acc_std"] == 0.0 and c["acc_min"] == c["acc_max"]
+               for c in cells)
+    with pytest.raises(ValueError, match="no finished runs"):
+        aggregate([])
+
+
+def test_markdown_table_rows():
+    rows = _rows(seed=3)
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 2 + 4  # header, rule, 3 fractions, baseline
+    for p, line in zip((0.25, 0.5, 0.75), lines[2:5]):
+        cucb = np.array([r["test_acc"] for r in rows if r["selector"] == "cucb"
+                         and r["fraction"] == p])
+        rand = np.array([r["test_acc"] for r in rows if r["selector"] == "random"
+                         and r["fraction"] == p])
+        assert line.startswith(f"| {100 * p:.0f}% |")
+        assert f"{100 * cucb.mean():.2f} ± {100 * cucb.std(ddof=1):.2f}" in line
+        assert f"{100 * rand.mean():.2f} ± {100 * rand.std(ddof=1):.2f}" in line
+        assert f"{100 * (cucb.mean() - rand.mean()):+.2f}" in line
+        assert f"({1 / (round(1000 * p * p) / 1000):.2f}x fewer)" in line
+    dense = np.array([r["test_acc"] for r in rows if r["selector"] == "dense"])
+    assert lines[5].startswith("| 100% (dense baseline) |") and "[n=" not in "".join(lines)
+    assert f"{100 * dense.mean():.2f} ± {100 * dense.std(ddof=1):.2f}" in lines[5]
+
+
+def test_plots_are_written(tmp_path):
+    paths = plot_results(_rows(), str(tmp_path / "figs"))
+    assert [os.path.basename(p) for p in paths] == [ACCURACY_PNG, REDUCTION_PNG]
+    for path in paths:
+        width, height = _png_size(path)
+        assert width > 300 and height > 200
+    # A selector or the baseline missing (e.g. a partial sweep) still plots.
+    partial = [r for r in _rows() if r["selector"] == "cucb"]
+    for path in plot_results(partial, str(tmp_path / "partial")):
+        _png_size(path)
+
+
+def test_plot_of_a_tiny_sweep_from_the_command_line(tmp_path, capsys):
+    from test_sweep import DATA, _base
+
+    from dce_kernels.sweep import plan_runs, run_sweep, sweep_dir
+
+    base = _base(explore_epochs=1, finetune_epochs=0)
+    runs = plan_runs([0.5], ["cucb", "random"], [0, 1])
+    run_sweep(base, str(tmp_path), runs, datasets=DATA)
+    root = sweep_dir(str(tmp_path), base)
+    rows = read_results(root)
+    assert len(rows) == len(runs)
+    figs, md = str(tmp_path / "figs"), str(tmp_path / "table.md")
+    assert main(["plot", os.path.join(root, "results.csv"), "--out-dir", figs,
+                 "--markdown", md]) == 0
+    out = capsys.readouterr().out
+    assert open(md).read().strip() == markdown_table(rows) and markdown_table(rows) in out
+    for name in (ACCURACY_PNG, REDUCTION_PNG):
+        _png_size(os.path.join(figs, name))
+    # Without --out-dir the PNGs go next to the results.
+    assert main(["plot", root]) == 0
+    assert os.path.exists(os.path.join(root, ACCURACY_PNG))
+
+
+def test_plot_without_results_is_a_clear_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no results table" in capsys.readouterr().err
+
+
+def test_markdown_table_marks_cells_with_fewer_seeds():
+    rows = [r for r in _rows(seed=5) if not (r["name"] == "cucb-p0.5-s2")]
+    lines = markdown_table(rows).splitlines()
+    marked = [line for line in lines if "[n=" in line]
+    assert len(marked) == 1 and marked[0].startswith("| 50% |")
+    cucb, rand = marked[0].split(" | ")[1:3]
+    assert cucb.endswith("[n=2]") and "[n=" not in rand
