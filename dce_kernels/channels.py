@@ -373,8 +373,12 @@ class ChannelPlan:
             rows = partial(bn.active_idx, bn.num_features)
             add(bn.weight, rows)
             add(bn.bias, rows)
-        for lin, cols in self.linear_columns():
-            add(lin.weight, cols=partial(cols, lin.in_features))
+        for lin, channels, total in self._linear_active.values():
+            if channels.numel() < total:
+                # Whole channels of the flattened map: runs of in_features // total columns.
+                blocks.append(ActiveBlock(lin.weight, cols=channels,
+                                          view=(lin.out_features, total,
+                                                lin.in_features // total)))
         return blocks
 
 

@@ -18,7 +18,7 @@ from dce_kernels import CUCBSelector, convert
 from dce_kernels.channels import plan_for
 from dce_kernels.compact import compact_model, export_compact, load_exported
 from dce_kernels.convert import conversion_notes
-from dce_kernels.optim import MaskedOptimizer
+from dce_kernels.optim import ActiveBlock, MaskedOptimizer
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -86,6 +86,9 @@ def test_random_channels_equal_the_masked_original(converted):
 
 def _inactive_mask(block):
     """True outside the block's active rows and columns (over the whole tensor)."""
+    if block.view is not None:
+        viewed = ActiveBlock(block.param.detach().view(block.view), block.rows, block.cols)
+        return _inactive_mask(viewed).reshape(block.param.shape)
     p = block.param
     rows = block.rows if block.rows is not None else torch.arange(p.shape[0])
     if p.dim() == 1:
