@@ -37,16 +37,21 @@ def layer_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SALIENCY_HEADER = "saliency overhead | ± (half IQR) |"
+
+
+def _saliency_cells(r: dict) -> str:
+    return f"{100 * r['saliency_overhead']:+.2f}% | {100 * r['saliency_resolution']:.2f}% |"
+
+
 def saliency_table(rows: list[dict]) -> str:
     sal = [r for r in rows if r.get("kind") == "saliency"]
     if not sal:
         return ""
-    lines = ["| layer shape (C, HxW) | threads | saliency overhead | ± (half IQR) |",
-             "|---|---|---|---|"]
+    lines = [f"| layer shape (C, HxW) | threads | {SALIENCY_HEADER}", "|---|---|---|---|"]
     for r in sorted(sal, key=lambda r: (r["channels"], r["threads"])):
         lines.append(f"| {r['channels']}, {r['size']}x{r['size']} | {r['threads']} | "
-                     f"{100 * r['saliency_overhead']:+.2f}% | "
-                     f"{100 * r['saliency_resolution']:.2f}% |")
+                     + _saliency_cells(r))
     return "\n".join(lines)
 
 
@@ -62,12 +67,9 @@ def step_table(rows: list[dict]) -> str:
                      f"{r['ms_dense']:.0f} | {r['ms_narrow']:.0f} | {r['ms_ours']:.0f} |")
     sal = [r for r in rows if r.get("kind") == "step_saliency"]
     if sal:
-        lines += ["", "| whole step, p | threads | saliency overhead | ± (half IQR) |",
-                  "|---|---|---|---|"]
+        lines += ["", f"| whole step, p | threads | {SALIENCY_HEADER}", "|---|---|---|---|"]
         for r in sorted(sal, key=lambda r: -r["fraction"]):
-            lines.append(f"| {r['fraction']} | {r['threads']} | "
-                         f"{100 * r['saliency_overhead']:+.2f}% | "
-                         f"{100 * r['saliency_resolution']:.2f}% |")
+            lines.append(f"| {r['fraction']} | {r['threads']} | " + _saliency_cells(r))
     return "\n".join(lines)
 
 
