@@ -316,11 +316,18 @@ class ChannelPlan:
             u = self._uses.get((id(layer), role))
             return None if u is None else u.active(selection)
 
-        # One set_active per layer; layers outside every group run fully.
+        def checked(idx, size, device):
+            # Group selections are checked above, and a union of them is sorted
+            # and disjoint by construction (_Uses.finish): no per-layer check.
+            return _as_index(None, size, device, "") if idx is None else idx.to(device)
+
+        # One assignment per layer; layers outside every group run fully.
         for conv in self.convs:
-            conv.set_active(active(conv, "out"), active(conv, "in"))
+            device = conv.weight.device
+            conv._use_channels(checked(active(conv, "out"), conv.out_channels, device),
+                               checked(active(conv, "in"), conv.in_channels, device))
         for bn in self.norms:
-            bn.set_active(active(bn, "norm"))
+            bn._use_channels(checked(active(bn, "norm"), bn.num_features, bn.active_idx.device))
         self._linear_active = {
             id(lin): (lin, active(lin, "features"), self._uses[(id(lin), "features")].size)
             for lin in self._linears}

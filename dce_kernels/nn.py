@@ -103,8 +103,14 @@ class ChannelSparseConv2d(nn.Conv2d):
     def set_active(self, out_idx: _Index = None, in_idx: _Index = None) -> None:
         """Activates the given output and input channels; None means all."""
         device = self.weight.device
-        self.out_idx = _as_index(out_idx, self.out_channels, device, "out_idx")
-        self.in_idx = _as_index(in_idx, self.in_channels, device, "in_idx")
+        self._use_channels(_as_index(out_idx, self.out_channels, device, "out_idx"),
+                           _as_index(in_idx, self.in_channels, device, "in_idx"))
+
+    def _use_channels(self, out_idx: torch.Tensor, in_idx: torch.Tensor) -> None:
+        # Lists already in _as_index's form (sorted, unique, in range, int64 on
+        # the weight's device): ChannelPlan checks each group once per step and
+        # need not have every layer check the same lists again.
+        self.out_idx, self.in_idx = out_idx, in_idx
 
     @property
     def active_out_channels(self) -> int:
@@ -192,8 +198,11 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
 
     def set_active(self, idx: _Index = None) -> None:
         """Activates the given channels; None means all."""
-        device = self.active_idx.device
-        self.active_idx = _as_index(idx, self.num_features, device, "idx")
+        self._use_channels(_as_index(idx, self.num_features, self.active_idx.device, "idx"))
+
+    def _use_channels(self, idx: torch.Tensor) -> None:
+        # A list already in _as_index's form (see ChannelSparseConv2d._use_channels).
+        self.active_idx = idx
 
     @property
     def active_channels(self) -> int:
