@@ -133,12 +133,12 @@ def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, 
 
 def _setup_context(ctx, inputs, output):
     (input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, probe,
-     *layout) = inputs
+     packed_input, packed_output) = inputs
     # The output is kept only when saliency is wanted: it is h in sum(g * h).
     ctx.want_saliency = probe is not None and ctx.needs_input_grad[9]
     ctx.has_bias = bias is not None
     ctx.conv_params = (stride, padding, dilation, groups)
-    ctx.layout = tuple(layout) + (False,) * (2 - len(layout))  # (packed_input, packed_output)
+    ctx.layout = (packed_input, packed_output)
     saved = [input, weight, in_idx, out_idx]
     if ctx.want_saliency:
         saved.append(output)
