@@ -13,23 +13,19 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from layer_cases import VGG16_SHAPES, make_cases
-from timing import interleaved_medians, paired_ratio
+from timing import THREADS, interleaved_medians, paired_ratio, torch_threads
 
 FRACTIONS = [1.0, 0.75, 0.5, 0.25]
 ROUNDS = int(os.environ.get("DCE_BENCH_ROUNDS", "11"))
-THREADS = [int(t) for t in os.environ.get("DCE_BENCH_THREADS", "1,2").split(",")]
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t}")
 @pytest.mark.parametrize("fraction", FRACTIONS, ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("shape", VGG16_SHAPES, ids=lambda s: f"C{s[0]}-S{s[1]}")
 def test_layer_forward_backward(benchmark, shape, fraction, threads):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         cases = make_cases(*shape, fraction)
         medians = interleaved_medians(cases, rounds=ROUNDS)
         benchmark.extra_info.update(
@@ -42,8 +38,6 @@ def test_layer_forward_backward(benchmark, shape, fraction, threads):
             naive_over_dense=medians["naive"] / medians["dense"],
         )
         benchmark.pedantic(cases["ours"], rounds=3, warmup_rounds=1)
-    finally:
-        torch.set_num_threads(previous)
 
 
 SALIENCY_ROUNDS = int(os.environ.get("DCE_BENCH_SALIENCY_ROUNDS", "41"))
@@ -54,9 +48,7 @@ SALIENCY_ROUNDS = int(os.environ.get("DCE_BENCH_SALIENCY_ROUNDS", "41"))
 def test_saliency_overhead(benchmark, shape, threads):
     """Ours with and without the fused saliency, full activation: the ratio of
     back-to-back runs, median over many rounds (timing.paired_ratio)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with_s = make_cases(*shape, 1.0, saliency=True)["ours"]
         without = make_cases(*shape, 1.0, saliency=False)["ours"]
         ratio, spread = paired_ratio(with_s, without, rounds=SALIENCY_ROUNDS)
@@ -64,5 +56,3 @@ def test_saliency_overhead(benchmark, shape, threads):
             kind="saliency", channels=shape[0], size=shape[1], threads=threads,
             saliency_overhead=ratio - 1.0, saliency_resolution=spread)
         benchmark.pedantic(with_s, rounds=3, warmup_rounds=1)
-    finally:
-        torch.set_num_threads(previous)

@@ -18,30 +18,19 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from step_cases import make_step_cases
-from timing import interleaved_medians, paired_ratio
+from timing import THREADS, interleaved_medians, paired_ratio, torch_threads
 
 FRACTIONS = [1.0, 0.75, 0.5, 0.25]
 ROUNDS = int(os.environ.get("DCE_BENCH_STEP_ROUNDS", "7"))
-THREADS = [int(t) for t in os.environ.get("DCE_BENCH_THREADS", "1,2").split(",")]
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _with_threads(threads, fn):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", THREADS, ids=lambda t: f"threads{t}")
 @pytest.mark.parametrize("fraction", FRACTIONS, ids=lambda p: f"p{p}")
 def test_training_step(benchmark, fraction, threads):
-    def run():
+    with torch_threads(threads):
         cases = make_step_cases(fraction)
         medians = interleaved_medians(cases, rounds=ROUNDS)
         benchmark.extra_info.update(
@@ -52,23 +41,18 @@ def test_training_step(benchmark, fraction, threads):
             narrow_over_dense=medians["narrow"] / medians["dense"])
         benchmark.pedantic(cases["ours"], rounds=2, warmup_rounds=0)
 
-    _with_threads(threads, run)
-
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5], ids=lambda p: f"p{p}")
 def test_step_saliency_overhead(benchmark, fraction):
-    """The whole step with and without saliency (2 threads, or the first listed)."""
+    """The whole step with and without saliency, at the most threads listed."""
     threads = max(THREADS)
-
-    def run():
+    with torch_threads(threads):
         with_s = make_step_cases(fraction, saliency=True)["ours"]
         without = make_step_cases(fraction, saliency=False)["ours"]
         ratio, spread = paired_ratio(with_s, without, rounds=2 * ROUNDS + 1)
         benchmark.extra_info.update(kind="step_saliency", fraction=fraction, threads=threads,
                                     saliency_overhead=ratio - 1.0, saliency_resolution=spread)
         benchmark.pedantic(with_s, rounds=1, warmup_rounds=0)
-
-    _with_threads(threads, run)
 
 
 def _peak_memory(candidate: str, fraction: float) -> float:

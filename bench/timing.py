@@ -2,9 +2,28 @@
 timed in the same rounds, round-robin, and compared by the median."""
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator
+
+import torch
+
+
+# Thread counts every suite measures at (DCE_BENCH_THREADS, e.g. "1,2").
+THREADS = [int(t) for t in os.environ.get("DCE_BENCH_THREADS", "1,2").split(",")]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` for the block, then restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int = 15,
