@@ -16,6 +16,7 @@ from torch import nn
 
 from ..channels import ChannelGroup
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .init import init_conv_weights
 
 __all__ = ["ResNet", "BasicBlock"]
 
@@ -61,9 +62,7 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self)
 
     def channel_groups(self) -> list[ChannelGroup]:
         # Inside a block conv1's output reaches only bn1, a ReLU and conv2: packable.

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .init import init_conv_weights
 
 __all__ = ["VGG", "VGG_CONFIGS"]
 
@@ -48,9 +49,7 @@ class VGG(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self)
 
     def forward(self, x):
         return self.classifier(self.flatten(self.pool(self.features(x))))
