@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from test_train import _data
 
 from dce_kernels import sweep as sweep_module
 from dce_kernels.cli import build_parser, config_from_args, main
@@ -19,14 +19,6 @@ from dce_kernels.sweep import (BASELINE, RunSpec, plan_runs, release, run_config
 from dce_kernels.train import TrainConfig, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = 0.5 * torch.randn(n, 1, 10, 10, generator=g)
-    x[:, 0, :4, :4] += y.view(-1, 1, 1).float()  # learnable signal
-    return TensorDataset(x, y)
 
 
 DATA = (_data(48, 1), _data(24, 2))
