@@ -1,5 +1,6 @@
 # Two entry points for a new machine: `make test` and `make demo`.
-# Everything lands in a local virtual environment (.venv); pins live in pyproject.toml.
+# Everything lands in a local virtual environment (.venv): pyproject.toml states the
+# supported ranges, constraints.txt the exact versions this environment installs.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,15 +10,15 @@ MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
 # Sources whose change requires rebuilding the extension.
-EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+EXT_SOURCES := setup.py pyproject.toml constraints.txt $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: test build clean fashion-mnist cpp-test demo sweep sanitize ptxas-report
 
 # torch, ninja and setuptools must be in the venv before the extension builds
 # (--no-build-isolation, as usual for torch extensions); read them from pyproject.
-$(VENV)/.build-deps: pyproject.toml
+$(VENV)/.build-deps: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+	$(PIP) install --quiet -c constraints.txt $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 	touch $@
 
 # In CI (CI=true) the CUDA extension must build: a missing toolkit or a CUDA
@@ -25,16 +26,19 @@ $(VENV)/.build-deps: pyproject.toml
 DCE_FORCE_CUDA ?= $(if $(filter true 1,$(CI)),1,)
 
 $(VENV)/.built: $(VENV)/.build-deps $(EXT_SOURCES)
-	DCE_FORCE_CUDA=$(DCE_FORCE_CUDA) MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation -e ".[test]"
+	DCE_FORCE_CUDA=$(DCE_FORCE_CUDA) MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation \
+		-c constraints.txt -e ".[test]"
+	$(PY) -m dce_kernels  # which backends were built, against which torch and CUDA
 	touch $@
 
 build: $(VENV)/.built
 
 # Real Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo and the real-data tests;
-# installed when missing and apt is available, else set DCE_DATA_DIR (see dce_kernels/data.py).
+# installed when missing and apt is available (needs root), unless DCE_DATA_DIR names a folder
+# that holds the IDX files (see dce_kernels/experiments/data.py).
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 fashion-mnist:
-	@if [ ! -d $(FASHION_MNIST_DIR) ] && command -v apt-get >/dev/null; then \
+	@if [ -z "$$DCE_DATA_DIR" ] && [ ! -d $(FASHION_MNIST_DIR) ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
@@ -70,7 +74,7 @@ DEMO_ARGS ?= --model vgg11 --width 0.25 --fraction 0.5 --train-limit 20000 --tes
 
 demo: build fashion-mnist
 	rm -rf $(DEMO_DIR)
-	$(PY) -m dce_kernels.cli train --dataset fashion-mnist $(DEMO_ARGS) --run-dir $(DEMO_DIR)
+	$(PY) -m dce_kernels.experiments.cli train --dataset fashion-mnist $(DEMO_ARGS) --run-dir $(DEMO_DIR)
 
 # -- make sweep: the paper's experiment, scaled to 2 CPU cores (see README, "Reproducing the
 # paper"): accuracy vs active channels, CUCB vs random, 3 seeds, on full Fashion-MNIST.
@@ -86,11 +90,11 @@ SWEEP_ARGS ?= --dataset fashion-mnist --model vgg11 --width 0.25 \
 sweep: build fashion-mnist
 	mkdir -p $(SWEEP_DIR)
 	for i in $$(seq $(SWEEP_WORKERS)); do \
-		$(PY) -m dce_kernels.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --threads 1 \
+		$(PY) -m dce_kernels.experiments.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --threads 1 \
 			--no-progress > $(SWEEP_DIR)/worker$$i.log 2>&1 & \
 	done; wait
-	$(PY) -m dce_kernels.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --collect-only
-	$(PY) -m dce_kernels.cli plot $(SWEEP_DIR)/fashion-mnist-vgg11
+	$(PY) -m dce_kernels.experiments.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --collect-only
+	$(PY) -m dce_kernels.experiments.cli plot $(SWEEP_DIR)/fashion-mnist-vgg11
 
 # --- CUDA kernels: sanitizer run of the emulated backend, ptxas resource report.
 

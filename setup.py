@@ -5,6 +5,7 @@ when PyTorch is a CUDA build and nvcc is found, unless DCE_FORCE_CPU=1;
 DCE_FORCE_CUDA=1 makes a missing toolkit an error instead of a silent CPU build.
 """
 import glob
+import json
 import os
 import platform
 import shutil
@@ -126,9 +127,21 @@ emu_extension = CppExtension(
 
 print(f"dce_kernels: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension"
       f" (torch {torch.__version__}, CUDA toolkit {cuda_home})")
+if not with_cuda:
+    # pip hides a build's output; stderr at least reaches `pip install -v` and the Makefile
+    # prints `python -m dce_kernels` afterwards.
+    print("dce_kernels: WARNING: no CUDA backend in this build (torch.version.cuda="
+          f"{torch.version.cuda!r}, CUDA toolkit {cuda_home!r}); set DCE_FORCE_CUDA=1 to make "
+          "this an error", file=sys.stderr)
+# What `python -m dce_kernels` reports as "built against" (a build output, not in git).
+with open(os.path.join(ROOT, "dce_kernels", "_build_info.json"), "w") as f:
+    json.dump({"torch": torch.__version__, "cuda": torch.version.cuda if with_cuda else None,
+               "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+               "emulator": with_emulator}, f)
 
 setup(
     packages=find_packages(include=["dce_kernels", "dce_kernels.*"]),
+    package_data={"dce_kernels": ["_build_info.json"]},
     ext_modules=[
         extension(
             "dce_kernels._C",

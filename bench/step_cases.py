@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dce_kernels.channels import plan_for
 from dce_kernels.compact import compact_model
-from dce_kernels.models import build_model
+from dce_kernels.experiments.models import build_model
 from dce_kernels.optim import MaskedOptimizer
 from dce_kernels.selectors import CUCBSelector
 

@@ -25,7 +25,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["CUCBSelector", "RandomSelector"]
+__all__ = ["CUCBSelector", "RandomSelector", "BUDGETS", "DEFAULT_TAU"]
+
+# How a fraction becomes channel counts (see the module docstring).
+BUDGETS = ("layer", "global")
+# Random warm-up steps of CUCB before the bandit takes over (the poster's tau).
+DEFAULT_TAU = 100
 
 _Fraction = Union[float, Sequence[float]]
 
@@ -40,8 +45,8 @@ class _Selector:
             raise ValueError("a selector needs at least one layer")
         if any(c < 1 for c in num_channels):
             raise ValueError(f"every layer needs at least one channel, got {num_channels}")
-        if budget not in ("layer", "global"):
-            raise ValueError(f"budget must be 'layer' or 'global', got {budget!r}")
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
         if isinstance(fraction, (int, float)):
             fractions = [float(fraction)] * len(num_channels)
         else:
@@ -224,7 +229,8 @@ class CUCBSelector(_Selector):
     ``best()`` keeps the channels of highest mean reward.
     """
 
-    def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5, tau: int = 100,
+    def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
+                 tau: int = DEFAULT_TAU,
                  budget: str = "layer", seed: int = 0) -> None:
         super().__init__(num_channels, fraction, budget, seed)
         if int(tau) != tau or tau < 0:

@@ -148,7 +148,7 @@ def test_training_steps_with_cucb_then_export(converted, tmp_path):
 # -- the training pipeline: --model torchvision:NAME ---------------------------------------
 
 def test_build_model_adapts_stem_classes_and_small_images():
-    from dce_kernels.models import build_model
+    from dce_kernels.experiments.models import build_model
 
     # vgg11_bn's five poolings cannot take 28x28 (28 -> 0): the images are padded to 32.
     model = build_model("torchvision:vgg11_bn", in_channels=1, num_classes=7, image_size=28)
@@ -168,7 +168,7 @@ def test_build_model_adapts_stem_classes_and_small_images():
 def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
     from torch.utils.data import TensorDataset
 
-    from dce_kernels.train import TrainConfig, train
+    from dce_kernels.experiments.train import TrainConfig, train
 
     g = torch.Generator().manual_seed(0)
 
@@ -181,7 +181,7 @@ def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
     config = TrainConfig(model="torchvision:resnet18", dense_epochs=0, explore_epochs=1,
                          finetune_epochs=1, batch_size=16, tau=1, fraction=0.5,
                          lr=0.01, run_dir=str(tmp_path), progress=False)
-    report = train(config, datasets=(data(32), data(16)))
+    report = train(config, datasets=(data(32), data(16))).to_dict()
     sel = report["selection"]
     assert len(sel["channels_total"]) == MODELS["resnet18"]
     assert report["export"]["accuracy_matches_sparse"]
@@ -189,7 +189,7 @@ def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
     program = torch.export.load(report["export"]["program"]).module()
     assert program(torch.randn(3, 1, 28, 28)).shape == (3, 3)
     # The command line documents such names.
-    from dce_kernels.cli import build_parser
+    from dce_kernels.experiments.cli import build_parser
 
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
     model_help = next(a.help for a in train_parser._actions if "--model" in a.option_strings)

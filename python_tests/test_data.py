@@ -15,7 +15,7 @@ import pytest
 import scipy.io
 import torch
 
-from dce_kernels.data import (
+from dce_kernels.experiments.data import (
     DEBIAN_FASHION_MNIST_DIR,
     DatasetFormatError,
     DatasetNotFoundError,

@@ -10,7 +10,7 @@ from torch import nn
 from dce_kernels import CUCBSelector, ChannelSparseConv2d
 from dce_kernels.channels import plan_for
 from dce_kernels.compact import compact_model, export_compact
-from dce_kernels.models import build_model
+from dce_kernels.experiments.models import build_model
 from dce_kernels.optim import MaskedOptimizer
 
 
@@ -42,7 +42,7 @@ def test_bad_model_names_and_sizes():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vgg12")
     with pytest.raises(ValueError, match="6n\\+2"):
-        from dce_kernels.models import ResNet
+        from dce_kernels.experiments.models import ResNet
         ResNet(21)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from dce_kernels import ChannelSparseBatchNorm2d
 from dce_kernels.channels import plan_for
-from dce_kernels.models import build_model
+from dce_kernels.experiments.models import build_model
 from dce_kernels.ops import gather_block, scatter_block_
 
 

@@ -6,9 +6,9 @@ import random
 import numpy as np
 import pytest
 
-from dce_kernels.cli import main
-from dce_kernels.plot import ACCURACY_PNG, REDUCTION_PNG, plot_results
-from dce_kernels.results import aggregate, markdown_table, read_results
+from dce_kernels.experiments.cli import main
+from dce_kernels.experiments.plot import ACCURACY_PNG, REDUCTION_PNG, plot_results
+from dce_kernels.experiments.results import aggregate, markdown_table, read_results
 from test_sweep import _one_thread  # noqa: F401  (autouse: tiny runs on one thread)
 
 
@@ -97,7 +97,7 @@ def test_plots_are_written(tmp_path):
 def test_plot_of_a_tiny_sweep_from_the_command_line(tmp_path, capsys):
     from test_sweep import DATA, _base
 
-    from dce_kernels.sweep import plan_runs, run_sweep, sweep_dir
+    from dce_kernels.experiments.sweep import plan_runs, run_sweep, sweep_dir
 
     base = _base(explore_epochs=1, finetune_epochs=0)
     runs = plan_runs([0.5], ["cucb", "random"], [0, 1])

@@ -11,12 +11,12 @@ import pytest
 import torch
 from test_train import _data
 
-from dce_kernels import sweep as sweep_module
-from dce_kernels.cli import build_parser, config_from_args, main
-from dce_kernels.results import read_results
-from dce_kernels.sweep import (BASELINE, RunSpec, plan_runs, release, run_config, run_sweep,
+from dce_kernels.experiments import sweep as sweep_module
+from dce_kernels.experiments.cli import build_parser, config_from_args, main
+from dce_kernels.experiments.results import read_results
+from dce_kernels.experiments.sweep import (BASELINE, RunSpec, plan_runs, release, run_config, run_sweep,
                                sweep_dir, try_claim)
-from dce_kernels.train import TrainConfig, train
+from dce_kernels.experiments.train import TrainConfig, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,9 +101,9 @@ def test_baseline_is_the_same_for_both_selectors(tmp_path):
     # Why the sweep runs fraction 1.0 once per seed, not once per selector.
     base = _base(explore_epochs=1)
     spec = RunSpec(BASELINE, 1.0, 0)
-    a = train(run_config(base, spec, str(tmp_path / "a")), datasets=DATA)
+    a = train(run_config(base, spec, str(tmp_path / "a")), datasets=DATA).to_dict()
     b = train(dataclass_replace(run_config(base, spec, str(tmp_path / "b")), selector="random"),
-              datasets=DATA)
+              datasets=DATA).to_dict()
     assert a["config"]["selector"] == "cucb" and b["config"]["selector"] == "random"
     assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]]
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
@@ -200,7 +200,8 @@ def test_killed_run_is_resumed_and_its_stale_lock_reclaimed(tmp_path, train_call
     # The first epoch is the killed process's (resumed, not redone) ...
     assert report["history"][0] == partial["report"]["history"][0]
     # ... and the result equals an uninterrupted run's.
-    reference = train(dataclass_replace(victim, run_dir=str(tmp_path / "ref")), datasets=DATA)
+    reference = train(dataclass_replace(victim, run_dir=str(tmp_path / "ref")),
+                      datasets=DATA).to_dict()
     strip = lambda h: [{k: v for k, v in r.items() if k != "train_seconds"} for r in h]
     assert strip(report["history"]) == strip(reference["history"])
     assert report["compact"]["test_acc"] == reference["compact"]["test_acc"]
@@ -276,7 +277,7 @@ _WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_sweep import DATA, _base
-    from dce_kernels.sweep import plan_runs, run_sweep
+    from dce_kernels.experiments.sweep import plan_runs, run_sweep
     runs = plan_runs([0.25, 0.5], ["cucb", "random"], [0, 1])
     outcome = run_sweep(_base(explore_epochs=1, finetune_epochs=0), {out!r}, runs,
                         datasets=DATA)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from dce_kernels.cli import build_parser, main
-from dce_kernels.train import TrainConfig, train
+from dce_kernels.experiments.cli import build_parser, main
+from dce_kernels.experiments.train import TrainConfig, train
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def _config(run_dir, **kw):
 
 def test_three_phases_export_and_resume_equivalence(tmp_path):
     data = (_data(64, 1), _data(32, 2))
-    full = train(_config(tmp_path / "full"), datasets=data)
+    full = train(_config(tmp_path / "full"), datasets=data).to_dict()
 
     assert [h["phase"] for h in full["history"]] == ["dense", "explore", "explore", "finetune"]
     kept = full["selection"]["channels_kept"]
@@ -60,7 +60,7 @@ def test_three_phases_export_and_resume_equivalence(tmp_path):
     assert train(cfg, datasets=data, stop_after_epochs=2) is None
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, datasets=data)
-    resumed = train(cfg, datasets=data, resume=True)
+    resumed = train(cfg, datasets=data, resume=True).to_dict()
     strip = lambda h: [{k: v for k, v in r.items() if k != "train_seconds"} for r in h]
     assert strip(resumed["history"]) == strip(full["history"])
     assert resumed["selection"]["indices"] == full["selection"]["indices"]
@@ -76,7 +76,7 @@ def test_random_selector_resnet_global_budget_without_dense(tmp_path):
     report = train(_config(tmp_path, model="resnet20", width=0.25, selector="random",
                            budget="global", dense_epochs=0, explore_epochs=1,
                            finetune_epochs=1, optimizer="adam", lr=0.01, finetune_lr=0.005),
-                   datasets=data)
+                   datasets=data).to_dict()
     assert report["dense"]["test_acc"] is None and "dense" not in report["phases"]
     sel = report["selection"]
     total = sum(sel["channels_total"])

@@ -245,7 +245,7 @@ def _load_cifar(name, data_dir, train, limit):
 # -- SVHN (MATLAB v5) --------------------------------------------------------------
 
 def _load_svhn(data_dir, train):
-    import scipy.io  # only SVHN needs it; keeps `import dce_kernels.data` light
+    import scipy.io  # only SVHN needs it; keeps `import dce_kernels.experiments.data` light
 
     fname = "train_32x32.mat" if train else "test_32x32.mat"
     root = _root(data_dir, None)

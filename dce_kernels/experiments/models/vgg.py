@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from ...nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .init import init_conv_weights
 
 __all__ = ["VGG", "VGG_CONFIGS"]

@@ -14,11 +14,12 @@ import math
 import os
 from typing import Optional, Sequence
 
-__all__ = ["COLUMNS", "collect", "write_results", "read_results", "aggregate",
-           "markdown_table", "RESULTS_JSON", "RESULTS_CSV"]
+from .files import REPORT, RESULTS_CSV, RESULTS_JSON, SWEEP_OPTIONS
+from .report import RunReport
 
-RESULTS_JSON = "results.json"
-RESULTS_CSV = "results.csv"
+__all__ = ["COLUMNS", "collect", "write_results", "read_results", "aggregate",
+           "markdown_table"]
+
 
 # One row per run; the order is the CSV's column order.
 COLUMNS = ("name", "selector", "fraction", "seed", "test_acc", "explore_test_acc",
@@ -26,22 +27,22 @@ COLUMNS = ("name", "selector", "fraction", "seed", "test_acc", "explore_test_acc
            "flop_reduction", "channels_kept", "channels_total", "epochs", "seconds")
 
 
-def _row(spec, report: dict) -> dict:
-    explore = [h["test_acc"] for h in report["history"] if h["phase"] == "explore"]
-    sel = report["selection"]
+def _row(spec, report: RunReport) -> dict:
+    explore = [h.test_acc for h in report.history if h.phase == "explore"]
     return {
         "name": spec.name, "selector": spec.selector, "fraction": float(spec.fraction),
         "seed": spec.seed,
         # The exported compact model's accuracy (equal to the sparse model's).
-        "test_acc": report["compact"]["test_acc"],
+        "test_acc": report.compact.test_acc,
         "explore_test_acc": explore[-1] if explore else None,
-        "params": report["compact"]["params"], "flops": report["compact"]["flops"],
-        "dense_params": report["dense"]["params"], "dense_flops": report["dense"]["flops"],
-        "param_reduction": report["reduction"]["params"],
-        "flop_reduction": report["reduction"]["flops"],
-        "channels_kept": sum(sel["channels_kept"]), "channels_total": sum(sel["channels_total"]),
-        "epochs": len(report["history"]),
-        "seconds": sum(report["wall_clock_seconds"].values()),
+        "params": report.compact.params, "flops": report.compact.flops,
+        "dense_params": report.dense.params, "dense_flops": report.dense.flops,
+        "param_reduction": report.reduction.params,
+        "flop_reduction": report.reduction.flops,
+        "channels_kept": sum(report.selection.channels_kept),
+        "channels_total": sum(report.selection.channels_total),
+        "epochs": len(report.history),
+        "seconds": sum(report.wall_clock_seconds.values()),
     }
 
 
@@ -49,12 +50,11 @@ def collect(root: str, runs: Sequence) -> tuple[list[dict], list[str]]:
     """Rows of the finished runs of ``runs`` (RunSpecs, in order) and names of the others."""
     rows, missing = [], []
     for spec in runs:
-        path = os.path.join(root, spec.name, "report.json")
+        path = os.path.join(root, spec.name, REPORT)
         if not os.path.exists(path):
             missing.append(spec.name)
             continue
-        with open(path) as f:
-            rows.append(_row(spec, json.load(f)))
+        rows.append(_row(spec, RunReport.load(path)))
     return rows, missing
 
 
@@ -68,8 +68,8 @@ def _replace(path: str, write) -> None:
 def write_results(root: str, runs: Sequence) -> tuple[list[dict], list[str]]:
     rows, missing = collect(root, runs)
     options = None
-    if os.path.exists(os.path.join(root, "sweep.json")):
-        with open(os.path.join(root, "sweep.json")) as f:
+    if os.path.exists(os.path.join(root, SWEEP_OPTIONS)):
+        with open(os.path.join(root, SWEEP_OPTIONS)) as f:
             options = json.load(f)
 
     def write_json(f):

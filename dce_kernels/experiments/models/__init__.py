@@ -2,7 +2,7 @@
 
 Our own models by name (``vgg11``, ``resnet20``, ...), and models of other
 libraries converted by :func:`dce_kernels.convert` (``torchvision:resnet18``,
-see :mod:`dce_kernels.models.external`).
+see :mod:`dce_kernels.experiments.models.external`).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Layout of an output directory (``out``)::
 
     <out>/<dataset>-<model>/sweep.json                the options every run shares
     <out>/<dataset>-<model>/<selector>-p<frac>-s<seed>/  one train() run each
-    <out>/<dataset>-<model>/results.json, results.csv  the table (see dce_kernels.results)
+    <out>/<dataset>-<model>/results.json, results.csv  the table (see dce_kernels.experiments.results)
 
 The dense baseline is the run at fraction 1.0, once per seed, named
 ``dense-p1.0-s<seed>``: at p = 1 both selectors activate every channel at every
@@ -40,17 +40,15 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
-from .train import CHECKPOINT, REPORT, TrainConfig, train
+from .choices import SELECTORS, check_choice
+from .files import CHECKPOINT, ERROR, LOCK, MUTEX, REPORT, SWEEP_OPTIONS
+from .train import TrainConfig, train
 
-__all__ = ["RunSpec", "SweepOutcome", "DEFAULT_FRACTIONS", "SELECTORS", "BASELINE",
+__all__ = ["RunSpec", "SweepOutcome", "DEFAULT_FRACTIONS", "BASELINE",
            "plan_runs", "sweep_dir", "run_sweep", "write_table", "try_claim", "release"]
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
-SELECTORS = ("cucb", "random")
 BASELINE = "dense"  # the "selector" label of the fraction-1.0 run
-LOCK = "lock"
-SWEEP_FILE = "sweep.json"
-MUTEX = ".sweep.lock"
 # TrainConfig fields that vary within a sweep or do not change the computation.
 _PER_RUN = ("fraction", "selector", "seed", "run_dir", "progress", "data_dir", "device",
             "dense_epochs")
@@ -71,7 +69,7 @@ class RunSpec:
 
 
 def plan_runs(fractions: Sequence[float] = DEFAULT_FRACTIONS,
-              selectors: Sequence[str] = SELECTORS,
+              selectors: Sequence[str] = tuple(SELECTORS),
               seeds: Sequence[int] = (0, 1, 2)) -> list[RunSpec]:
     """The grid, seed by seed (an interrupted sweep has whole curves first):
     per seed the dense baseline, then every fraction below 1 with every selector."""
@@ -86,8 +84,7 @@ def plan_runs(fractions: Sequence[float] = DEFAULT_FRACTIONS,
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise ValueError(f"fraction {p!r} is outside (0, 1]")
     for s in selectors:
-        if s not in SELECTORS:
-            raise ValueError(f"unknown selector {s!r}; known: {', '.join(SELECTORS)}")
+        check_choice("selector", s, SELECTORS)
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ValueError(f"seed {s!r} is not a non-negative integer")
@@ -191,7 +188,7 @@ def release(run_dir: str) -> None:
 
 
 def _check_or_record_options(root: str, base: TrainConfig) -> None:
-    path = os.path.join(root, SWEEP_FILE)
+    path = os.path.join(root, SWEEP_OPTIONS)
     options = shared_options(base)
     if os.path.exists(path):
         with open(path) as f:
@@ -263,7 +260,7 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
             continue
         started += 1
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(config.run_dir, "error.txt"))  # from an earlier attempt
+            os.unlink(os.path.join(config.run_dir, ERROR))  # from an earlier attempt
         try:
             resume = os.path.exists(os.path.join(config.run_dir, CHECKPOINT))
             log(f"[{i + 1}/{len(runs)}] {'resuming' if resume else 'starting'} {spec.name}")
@@ -273,11 +270,11 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
             if resume:
                 outcome.resumed.append(spec.name)
             log(f"[{i + 1}/{len(runs)}] {spec.name}: test accuracy "
-                f"{100 * report['compact']['test_acc']:.2f}% "
+                f"{100 * report.compact.test_acc:.2f}% "
                 f"({time.perf_counter() - t0:.0f}s)")
         except Exception as e:  # one broken run must not stop the others
             outcome.failed[spec.name] = f"{type(e).__name__}: {e}"
-            with open(os.path.join(config.run_dir, "error.txt"), "w") as f:
+            with open(os.path.join(config.run_dir, ERROR), "w") as f:
                 f.write(traceback.format_exc())
             log(f"[{i + 1}/{len(runs)}] {spec.name} FAILED: {type(e).__name__}: {e}")
         finally:

@@ -1,4 +1,4 @@
-"""GPU benchmark of the CUDA kernels (pytest-benchmark), on the DESIGN.md
+"""GPU benchmark of the CUDA kernels (pytest-benchmark), on the ARCHITECTURE.md
 shapes: VGG-16 layer shapes on 32x32 inputs, batch 64, fwd+bwd, active
 fractions 1 / 0.75 / 0.5 / 0.25, against
 
@@ -6,7 +6,7 @@ fractions 1 / 0.75 / 0.5 / 0.25, against
 - narrow: cuDNN on a physically narrower layer (the bound DCE aims for),
 - gather: index_select + F.conv2d + index_copy (the naive baseline).
 
-Skipped without a GPU. Run: pytest bench/bench_cuda.py --benchmark-only
+Skipped without a GPU. Run: pytest bench/test_cuda_speed.py --benchmark-only
 """
 import pytest
 import torch

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..channels import ChannelGroup
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from ...channels import ChannelGroup
+from ...nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .init import init_conv_weights
 
 __all__ = ["ResNet", "BasicBlock"]

@@ -35,17 +35,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .channels import ChannelPlan, plan_for
-from .compact import compact_model, export_compact
+from ..channels import ChannelPlan, plan_for
+from ..compact import compact_model, export_compact
 from .models import build_model
-from .optim import MaskedOptimizer
-from .selectors import CUCBSelector, RandomSelector
+from ..optim import MaskedOptimizer
+from ..selectors import DEFAULT_TAU
+from .choices import BUDGETS, OPTIMIZERS, SELECTORS, check_choice
+from .files import CHECKPOINT, CONFIG, EXPORT_STEM, REPORT
+from .report import (CompactSummary, DenseSummary, EpochRecord, ExportInfo, PhaseTotals,
+                     Reduction, RunReport, Selection)
 
 __all__ = ["TrainConfig", "train", "PHASES"]
 
 PHASES = ("dense", "explore", "finetune")
-CHECKPOINT = "checkpoint.pt"
-REPORT = "report.json"
 
 
 @dataclass
@@ -59,7 +61,7 @@ class TrainConfig:
     fraction: float = 0.5
     budget: str = "layer"
     selector: str = "cucb"
-    tau: int = 50
+    tau: int = DEFAULT_TAU
     explore_epochs: int = 2
     finetune_epochs: int = 1
     dense_epochs: int = 3
@@ -79,12 +81,9 @@ class TrainConfig:
     def validate(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
-        if self.selector not in ("cucb", "random"):
-            raise ValueError(f"selector must be 'cucb' or 'random', got {self.selector!r}")
-        if self.budget not in ("layer", "global"):
-            raise ValueError(f"budget must be 'layer' or 'global', got {self.budget!r}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        check_choice("selector", self.selector, SELECTORS)
+        check_choice("budget", self.budget, BUDGETS)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.explore_epochs < 1:
             raise ValueError("explore_epochs must be >= 1: the selector needs to see data")
         if self.finetune_epochs < 0 or self.dense_epochs < 0 or self.tau < 0:
@@ -134,9 +133,9 @@ class _Run:
         self.device = torch.device(config.device)
         self.phase_index = 0 if config.dense_epochs > 0 else 1
         self.epoch = 0  # next epoch to run within the phase
-        self.report: dict = {"config": dataclasses.asdict(config), "data": dict(info),
-                             "phases": {}, "history": []}
-        self.report["data"].update(train_samples=len(train_ds), test_samples=len(test_ds))
+        self.report = RunReport(config=dataclasses.asdict(config),
+                                data={**info, "train_samples": len(train_ds),
+                                      "test_samples": len(test_ds)})
         self.selection: Optional[list[torch.Tensor]] = None
         self._enter_phase(fresh=True)
 
@@ -151,21 +150,10 @@ class _Run:
         return model.to(self.device)
 
     def _new_selector(self, plan: ChannelPlan):
-        c = self.config
-        if c.selector == "cucb":
-            return CUCBSelector(plan.num_channels, c.fraction, tau=c.tau, budget=c.budget,
-                                seed=c.seed)
-        return RandomSelector(plan.num_channels, c.fraction, budget=c.budget, seed=c.seed)
+        return SELECTORS[self.config.selector](plan.num_channels, self.config)
 
     def _new_optimizer(self, lr: float) -> MaskedOptimizer:
-        c = self.config
-        params = self.model.parameters()
-        if c.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        elif c.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay)
+        opt = OPTIMIZERS[self.config.optimizer](self.model.parameters(), lr, self.config)
         return MaskedOptimizer(opt, self.plan.active_blocks)
 
     @property
@@ -190,10 +178,10 @@ class _Run:
             if fresh:
                 # Phase 2: keep the most salient channels (one selector call).
                 self.selection = self.selector.best()
-                self.report["selection"] = {
-                    "channels_kept": [int(s.numel()) for s in self.selection],
-                    "channels_total": self.plan.num_channels,
-                    "indices": [s.tolist() for s in self.selection]}
+                self.report.selection = Selection(
+                    channels_kept=[int(s.numel()) for s in self.selection],
+                    channels_total=list(self.plan.num_channels),
+                    indices=[s.tolist() for s in self.selection])
             self.plan.apply(self.selection)
         self.optimizer = self._new_optimizer(self._base_lr())
 
@@ -207,7 +195,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "selector": None if self.selector is None else self.selector.state_dict(),
             "selection": self.selection,
-            "report": self.report,
+            "report": self.report.to_dict(),
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -222,7 +210,7 @@ class _Run:
             raise ValueError(f"cannot resume: the checkpoint was made with other options "
                              f"(saved, now): {diff}")
         self.phase_index, self.epoch = state["phase_index"], state["epoch"]
-        self.report = state["report"]
+        self.report = RunReport.from_dict(state["report"])
         self.selection = state["selection"]
         self._enter_phase(fresh=False)
         if self.selector is not None and state["selector"] is not None:
@@ -247,7 +235,7 @@ class _Run:
         return DataLoader(self.train_ds, batch_size=self.config.batch_size, shuffle=True,
                           generator=g, drop_last=len(self.train_ds) > self.config.batch_size)
 
-    def run_epoch(self) -> dict:
+    def run_epoch(self) -> EpochRecord:
         from tqdm import tqdm
 
         c = self.config
@@ -286,9 +274,9 @@ class _Run:
             # Evaluate what phase 2 would keep now; the next step re-selects anyway.
             self.plan.apply(self.selector.best())
         test_acc = evaluate(self.model, self._loader(train=False), self.device)
-        return {"phase": self.phase, "epoch": self.epoch + 1, "train_loss": loss_sum / seen,
-                "train_acc": correct / seen, "test_acc": test_acc, "train_seconds": train_time,
-                "lr_end": lr}
+        return EpochRecord(phase=self.phase, epoch=self.epoch + 1, train_loss=loss_sum / seen,
+                           train_acc=correct / seen, test_acc=test_acc, train_seconds=train_time,
+                           lr_end=lr)
 
     def advance(self) -> bool:
         """Runs one epoch (or a phase change); False once all phases are done."""
@@ -300,13 +288,7 @@ class _Run:
             if self.phase_index < len(PHASES):
                 self._enter_phase(fresh=True)
             return True
-        record = self.run_epoch()
-        self.report["history"].append(record)
-        phase = self.report["phases"].setdefault(self.phase, {"epochs": 0, "seconds": 0.0})
-        phase["epochs"] += 1
-        phase["seconds"] += record["train_seconds"]
-        phase["seconds_per_epoch"] = phase["seconds"] / phase["epochs"]
-        phase["test_acc"] = record["test_acc"]
+        self.report.record_epoch(self.run_epoch())
         self.epoch += 1
         self.save()
         return True
@@ -331,45 +313,45 @@ def evaluate(model: nn.Module, loader: DataLoader, device=None) -> float:
     return correct / max(total, 1)
 
 
-def _finish(run: _Run) -> dict:
+def _finish(run: _Run) -> RunReport:
     """Export, evaluation of the exported model, counts and the report file."""
-    from .flops import count_flops, count_params  # another module's job; imported on use
+    from ..flops import count_flops, count_params  # another module's job; imported on use
 
     c, report = run.config, run.report
     example = run.test_ds[0][0].unsqueeze(0).to(run.device)
     run.model.eval()
     compact = compact_model(run.model, run.plan).eval()
-    paths = export_compact(compact, example.repeat(2, 1, 1, 1), c.run_dir)
+    paths = export_compact(compact, example.repeat(2, 1, 1, 1), c.run_dir, stem=EXPORT_STEM)
     test_loader = run._loader(train=False)
     sparse_acc = evaluate(run.model, test_loader, run.device)
     compact_acc = evaluate(compact, test_loader, run.device)
     dense_model = run._new_model().eval()  # the architecture at full width
-    dense = {"params": count_params(dense_model), "flops": count_flops(dense_model, example),
-             "test_acc": report["phases"].get("dense", {}).get("test_acc"),
-             "seconds_per_epoch": report["phases"].get("dense", {}).get("seconds_per_epoch")}
-    fine = report["phases"].get("finetune", {})
-    compact_info = {"params": count_params(compact), "flops": count_flops(compact, example),
-                    "test_acc": compact_acc, "sparse_test_acc": sparse_acc,
-                    "sparse_flops": count_flops(run.model, example),
-                    "seconds_per_epoch": fine.get("seconds_per_epoch",
-                                                  report["phases"]["explore"]["seconds_per_epoch"]),
-                    "explore_seconds_per_epoch": report["phases"]["explore"]["seconds_per_epoch"]}
-    report["dense"] = dense
-    report["compact"] = compact_info
-    report["reduction"] = {
-        "params": dense["params"] / max(compact_info["params"], 1),
-        "flops": dense["flops"] / max(compact_info["flops"], 1),
-        "accuracy_change": (None if dense["test_acc"] is None
-                            else compact_acc - dense["test_acc"])}
-    report["export"] = {**paths, "accuracy_matches_sparse": abs(compact_acc - sparse_acc) < 1e-9}
-    report["wall_clock_seconds"] = {p: v["seconds"] for p, v in report["phases"].items()}
-    with open(os.path.join(c.run_dir, REPORT), "w") as f:
-        json.dump(report, f, indent=2)
+    dense_phase = report.phases.get("dense", PhaseTotals())
+    explore = report.phases["explore"]
+    fine = report.phases.get("finetune")
+    report.dense = DenseSummary(params=count_params(dense_model),
+                                flops=count_flops(dense_model, example),
+                                test_acc=dense_phase.test_acc,
+                                seconds_per_epoch=dense_phase.seconds_per_epoch)
+    report.compact = CompactSummary(
+        params=count_params(compact), flops=count_flops(compact, example),
+        test_acc=compact_acc, sparse_test_acc=sparse_acc,
+        sparse_flops=count_flops(run.model, example),
+        seconds_per_epoch=(fine or explore).seconds_per_epoch,
+        explore_seconds_per_epoch=explore.seconds_per_epoch)
+    report.reduction = Reduction(
+        params=report.dense.params / max(report.compact.params, 1),
+        flops=report.dense.flops / max(report.compact.flops, 1),
+        accuracy_change=(None if report.dense.test_acc is None
+                         else compact_acc - report.dense.test_acc))
+    report.export = ExportInfo(**paths, accuracy_matches_sparse=abs(compact_acc - sparse_acc) < 1e-9)
+    report.wall_clock_seconds = {p: v.seconds for p, v in report.phases.items()}
+    report.save(os.path.join(c.run_dir, REPORT))
     return report
 
 
 def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] = None,
-          stop_after_epochs: Optional[int] = None) -> Optional[dict]:
+          stop_after_epochs: Optional[int] = None) -> Optional[RunReport]:
     """Runs (or with ``resume`` continues) a run; returns its report, or None if
     ``stop_after_epochs`` stopped it first (continue it with ``resume=True``).
 
@@ -395,13 +377,13 @@ def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] =
     run = _Run(config, train_ds, test_ds, info)
     if resume:
         run.load_state_dict(torch.load(ckpt, weights_only=False))
-    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
+    with open(os.path.join(config.run_dir, CONFIG), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
     epochs_run = 0
     while not run.done:
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
             return None
-        before = len(run.report["history"])
+        before = len(run.report.history)
         run.advance()
-        epochs_run += len(run.report["history"]) - before
+        epochs_run += len(run.report.history) - before
     return _finish(run)

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .files import ERROR, REPORT, RESULTS_CSV, RESULTS_JSON
+
 __all__ = ["main", "build_parser", "config_from_args", "summary_table"]
 
 
@@ -18,6 +20,8 @@ def _defaults():
 
 
 def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
+    from .choices import BUDGETS, OPTIMIZERS, SELECTORS
+
     """The options of one run, shared by ``train`` and ``sweep`` (one source of truth).
     ``sweep``: leave out what the sweep sets per run (fraction, selector, seed, run
     directory, resume) and the dense phase (the sweep's baseline is its fraction-1.0 run)."""
@@ -45,10 +49,10 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
         g.add_argument("--fraction", type=float, default=d.fraction,
                        help="fraction of channels active during exploration and kept in the "
                             "compact model, in (0, 1]")
-        g.add_argument("--selector", choices=["cucb", "random"], default=d.selector,
+        g.add_argument("--selector", choices=list(SELECTORS), default=d.selector,
                        help="cucb: combinatorial UCB over normalized saliency; random: uniform "
                             "random channels every step and at the end (the paper's baseline)")
-    g.add_argument("--budget", choices=["layer", "global"], default=d.budget,
+    g.add_argument("--budget", choices=list(BUDGETS), default=d.budget,
                    help="layer: each layer keeps the fraction of its channels; global: "
                         "the fraction of all channels, shared among layers by rank (>= 1 each)")
     g.add_argument("--tau", type=int, default=d.tau,
@@ -62,7 +66,7 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
                    help="epochs of phase 3 (fine-tuning the kept channels)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=d.optimizer,
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
                    help="optimizer; inactive channels' weights and state never change")
     g.add_argument("--lr", type=float, default=d.lr,
                    help="learning rate of the dense and exploration phases (cosine-decayed to "
@@ -109,7 +113,8 @@ def _str_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sweep import DEFAULT_FRACTIONS, SELECTORS
+    from .choices import SELECTORS
+    from .sweep import DEFAULT_FRACTIONS
 
     d = _defaults()
     parser = argparse.ArgumentParser(
@@ -201,35 +206,34 @@ def _fmt_s(s: Optional[float]) -> str:
     return "-" if s is None else f"{s:.1f}s"
 
 
-def summary_table(report: dict) -> str:
-    """Dense vs compact: accuracy, parameters, FLOPs, time per epoch."""
-    d, c, r = report["dense"], report["compact"], report["reduction"]
-    change = r["accuracy_change"]
+def summary_table(report) -> str:
+    """Dense vs compact of a finished run (a RunReport): accuracy, parameters, FLOPs,
+    time per epoch."""
+    d, c, r = report.dense, report.compact, report.reduction
+    change = r.accuracy_change
     rows = [
         ("", "dense", "compact", "change"),
-        ("test accuracy", _fmt_acc(d["test_acc"]), _fmt_acc(c["test_acc"]),
+        ("test accuracy", _fmt_acc(d.test_acc), _fmt_acc(c.test_acc),
          "-" if change is None else f"{100 * change:+.2f} pts"),
-        ("parameters", _fmt_count(d["params"]), _fmt_count(c["params"]),
-         f"{r['params']:.2f}x fewer"),
-        ("FLOPs / image (fwd)", _fmt_count(d["flops"]), _fmt_count(c["flops"]),
-         f"{r['flops']:.2f}x fewer"),
-        ("time / epoch", _fmt_s(d["seconds_per_epoch"]), _fmt_s(c["seconds_per_epoch"]),
+        ("parameters", _fmt_count(d.params), _fmt_count(c.params), f"{r.params:.2f}x fewer"),
+        ("FLOPs / image (fwd)", _fmt_count(d.flops), _fmt_count(c.flops),
+         f"{r.flops:.2f}x fewer"),
+        ("time / epoch", _fmt_s(d.seconds_per_epoch), _fmt_s(c.seconds_per_epoch),
          "(compact: fine-tune phase)"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    phases = report["phases"]
     lines.append("")
     lines.append("phases: " + ", ".join(
-        f"{p} {v['epochs']} ep {v['seconds']:.1f}s (test {_fmt_acc(v['test_acc'])})"
-        for p, v in phases.items()))
-    sel = report.get("selection")
+        f"{p} {v.epochs} ep {v.seconds:.1f}s (test {_fmt_acc(v.test_acc)})"
+        for p, v in report.phases.items()))
+    sel = report.selection
     if sel:
-        lines.append(f"channels kept: {sum(sel['channels_kept'])}/{sum(sel['channels_total'])} "
-                     f"({report['config']['selector']}, budget {report['config']['budget']})")
-    lines.append(f"exported: {report['export']['program']} (accuracy equals the sparse "
-                 f"model's: {report['export']['accuracy_matches_sparse']})")
+        lines.append(f"channels kept: {sum(sel.channels_kept)}/{sum(sel.channels_total)} "
+                     f"({report.config['selector']}, budget {report.config['budget']})")
+    lines.append(f"exported: {report.export.program} (accuracy equals the sparse "
+                 f"model's: {report.export.accuracy_matches_sparse})")
     return "\n".join(lines)
 
 
@@ -258,7 +262,7 @@ def _train(args) -> int:
               f"--run-dir {args.run_dir}")
         return 0
     print(summary_table(report))
-    print(f"report: {args.run_dir}/report.json")
+    print(f"report: {os.path.join(args.run_dir, REPORT)}")
     return 0
 
 
@@ -272,7 +276,8 @@ def _sweep(args) -> int:
         root = sweep_dir(args.out, base)
         if args.collect_only:
             rows, missing = write_table(root, runs)
-            print(f"{len(rows)} finished, {len(missing)} missing; table: {root}/results.json")
+            print(f"{len(rows)} finished, {len(missing)} missing; table: "
+                  f"{os.path.join(root, RESULTS_JSON)}")
             return 0
         log = lambda message: print(message, flush=True)
         log(f"sweep: {len(runs)} runs into {root}")
@@ -284,8 +289,9 @@ def _sweep(args) -> int:
           f"{len(outcome.skipped)} finished, {len(outcome.busy)} held by other processes, "
           f"{len(outcome.stopped)} left (--max-runs), {len(outcome.failed)} failed")
     for name, error in outcome.failed.items():
-        print(f"  failed: {name}: {error} (see {root}/{name}/error.txt)")
-    print(f"table: {root}/results.json, {root}/results.csv; draw it with: dce plot {root}")
+        print(f"  failed: {name}: {error} (see {os.path.join(root, name, ERROR)})")
+    print(f"table: {os.path.join(root, RESULTS_JSON)}, {os.path.join(root, RESULTS_CSV)}; "
+          f"draw it with: dce plot {root}")
     return 1 if outcome.failed else 0
 
 
