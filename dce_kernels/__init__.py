@@ -36,9 +36,9 @@ from .compact import compact_model, export_compact  # noqa: E402
 
 __all__ += ["build_model", "compact_model", "export_compact"]
 
-# dce_kernels.convert is the function (as DESIGN.md promises); the module's other
-# names stay importable with `from dce_kernels.convert import conversion_notes`.
-from .convert import convert  # noqa: E402
+# dce_kernels.convert is the function; it and conversion_notes live in
+# dce_kernels.channels (`from dce_kernels.channels import conversion_notes`).
+from .channels import convert  # noqa: E402
 
 __all__ += ["convert"]
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .channels import ChannelPlan
-from .convert import SPEC_ATTR
+from .channels.conversion import SPEC_ATTR
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 
 __all__ = ["compact_model", "export_compact", "load_exported"]

@@ -11,9 +11,8 @@ from torch import nn
 
 from convert_reference import MaskedReference, capture_original
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
-from dce_kernels.channels import plan_for
+from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model
-from dce_kernels.convert import conversion_notes
 
 
 def _randomize_norms(model):

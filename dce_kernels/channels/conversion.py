@@ -83,8 +83,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .channels import ChannelGroup
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .group import ChannelGroup
 
 __all__ = ["convert", "converted_groups", "conversion_notes"]
 

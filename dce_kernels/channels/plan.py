@@ -1,189 +1,18 @@
-"""Channel plumbing: which layers share a set of channels, and applying a selection.
-
-Two separate steps:
-
-* *Linking* (``sequential_groups``, a model's own ``channel_groups()``, or
-  :func:`dce_kernels.convert` for any model torch.fx can trace): a
-  :class:`ChannelGroup` is one selectable set of channels, the output channels
-  of a producer ``ChannelSparseConv2d``, with every layer that must follow its
-  selection: the channel-sparse BatchNorms after it, the convs that read it
-  (their input channels) and a Linear that reads it after flattening. For
-  graphs with skips, a group also holds the convs *tied* to the producer (their
-  outputs are added to its outputs), depthwise convs that carry the channels
-  through, and the channel *offset* at which a layer sees the group inside a
-  wider tensor (after a concatenation).
-* *Applying* (:class:`ChannelPlan`): given one index tensor per group, call
-  ``set_active`` on every layer, and list the parameter blocks that are
-  active (for :class:`dce_kernels.optim.MaskedOptimizer`). A layer that
-  several groups feed (a conv after a concatenation) gets the union of their
-  offset-shifted selections; its channels that no group covers stay active.
-
-A group whose producer output is read by nothing but the group's own layers
-(``packed=True``, proven by the linker) can pass *packed* activations: the
-producer emits only its active channels, the norms and channel-wise layers in
-between run on those, and the consumers read them directly. That is what makes
-a training step cost close to the physically narrower network's; full-width
-groups stay correct for any graph.
-"""
+"""Applying a selection: :class:`ChannelPlan` sets the active channels of every
+layer of the channel groups, and lists the parameter blocks that are active."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, _as_index
-from .optim import ActiveBlock
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, _as_index
+from ..optim import ActiveBlock
+from .group import ChannelGroup
+from .sequential import sequential_groups
 
-__all__ = ["ChannelGroup", "ChannelPlan", "sequential_groups", "plan_for"]
-
-# Layers that map a zero channel to a zero channel, channel by channel: an
-# inactive channel stays inactive through them.
-_PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
-                nn.Hardtanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
-
-
-@dataclass(eq=False)
-class ChannelGroup:
-    """The output channels of ``producer`` and the layers that follow them.
-
-    The first five fields are all a sequential network needs. The others
-    describe graphs with skips and concatenations (:func:`dce_kernels.convert`
-    fills them); their defaults mean "none" and leave the first five's meaning
-    unchanged:
-
-    * ``tied``: further convs whose output channels are the group's channels
-      (their outputs are added to the producer's, e.g. residual branches): they
-      activate the same output channels.
-    * ``depthwise``: depthwise convs (``groups == in_channels == out_channels``)
-      that carry the group's channels: their input *and* output channels follow.
-    * ``offsets``: for a layer in ``norms``, ``consumers``, ``linears`` or
-      ``depthwise`` that sees the group inside a wider tensor (after
-      ``torch.cat``), the index of the group's first channel there (absent: 0).
-    * ``linear_channels``: for a Linear in ``linears``, the number of channels
-      of the map it reads flattened (absent: ``num_channels``). Column ``j`` of
-      the Linear reads channel ``j // (in_features // linear_channels)``.
-    * ``readers_known``: False when the layers after the producer are unknown
-      (a model torch.fx could not trace): the selection still applies to the
-      producers, but no compact model can be exported from a partial selection.
-    """
-
-    producer: ChannelSparseConv2d
-    norms: list[ChannelSparseBatchNorm2d] = field(default_factory=list)
-    consumers: list[ChannelSparseConv2d] = field(default_factory=list)
-    linears: list[nn.Linear] = field(default_factory=list)
-    name: str = ""
-    tied: list[ChannelSparseConv2d] = field(default_factory=list)
-    depthwise: list[ChannelSparseConv2d] = field(default_factory=list)
-    offsets: dict[nn.Module, int] = field(default_factory=dict)
-    linear_channels: dict[nn.Linear, int] = field(default_factory=dict)
-    readers_known: bool = True
-    # Whether activations of this group may be packed (see the module doc):
-    # only a linker that has seen every reader of the producer's output may set it.
-    packed: bool = False
-
-    @property
-    def num_channels(self) -> int:
-        return self.producer.out_channels
-
-    @property
-    def producers(self) -> list[ChannelSparseConv2d]:
-        """Every conv whose output channels are exactly this group's."""
-        return [self.producer] + list(self.tied)
-
-    def offset(self, layer: nn.Module) -> int:
-        return int(self.offsets.get(layer, 0))
-
-    def total_channels(self, linear: nn.Linear) -> int:
-        return int(self.linear_channels.get(linear, self.num_channels))
-
-    @property
-    def can_pack(self) -> bool:
-        """Packing is on for this group and its layers read exactly its channels:
-        one producer, no Linear, no offsets, convs of groups == 1, norms and
-        consumers as wide as the group."""
-        c = self.num_channels
-        return (self.packed and self.readers_known and not self.linears and not self.tied
-                and not self.depthwise and not self.offsets and self.producer.groups == 1
-                and all(conv.groups == 1 and conv.in_channels == c for conv in self.consumers)
-                and all(bn.num_features == c for bn in self.norms))
-
-    def validate(self) -> None:
-        c = self.num_channels
-        members = (list(self.norms) + list(self.consumers) + list(self.linears)
-                   + list(self.depthwise))
-        for layer, off in self.offsets.items():
-            if not any(layer is m for m in members):
-                raise ValueError(f"group {self.name!r}: an offset is given for a "
-                                 f"{type(layer).__name__} that is not in the group")
-            if int(off) != off or off < 0:
-                raise ValueError(f"group {self.name!r}: offsets must be non-negative "
-                                 f"integers, got {off}")
-        for conv in self.tied:
-            if conv.out_channels != c:
-                raise ValueError(f"group {self.name!r}: tied conv has {conv.out_channels} "
-                                 f"output channels, the producer {c}")
-        for bn in self.norms:
-            if bn.num_features < self.offset(bn) + c:
-                raise ValueError(f"group {self.name!r}: BatchNorm has {bn.num_features} "
-                                 f"channels, its conv {c} (at offset {self.offset(bn)})")
-        for conv in self.consumers:
-            if conv.in_channels < self.offset(conv) + c or conv.groups != 1:
-                raise ValueError(f"group {self.name!r}: consumer conv must have groups=1 and "
-                                 f"{c} input channels (from offset {self.offset(conv)}), got "
-                                 f"{conv.in_channels} (groups={conv.groups})")
-        for conv in self.depthwise:
-            if not (conv.groups == conv.in_channels == conv.out_channels) \
-                    or conv.in_channels < self.offset(conv) + c:
-                raise ValueError(f"group {self.name!r}: a depthwise member needs "
-                                 "groups == in_channels == out_channels covering the group's "
-                                 f"{c} channels, got in={conv.in_channels}, "
-                                 f"out={conv.out_channels}, groups={conv.groups}")
-        for lin in self.linears:
-            total = self.total_channels(lin)
-            if total < self.offset(lin) + c or lin.in_features % total:
-                raise ValueError(f"group {self.name!r}: Linear in_features={lin.in_features} is "
-                                 f"not a multiple of the {total} channels it reads")
-
-
-def sequential_groups(model: nn.Module) -> list[ChannelGroup]:
-    """Links the layers of a sequential network, whose modules are registered
-    in the order they run (as in VGG). Raises on layers it cannot see through.
-    Between a conv and the next there are only channel-wise layers, so every
-    group without a Linear reader may pass packed activations."""
-    names = {m: n for n, m in model.named_modules()}
-    groups: list[ChannelGroup] = []
-    current: Optional[ChannelGroup] = None
-    for module in model.modules():
-        if any(True for _ in module.children()):
-            continue  # containers: only leaves run
-        if isinstance(module, ChannelSparseConv2d):
-            if current is not None:
-                current.consumers.append(module)
-            current = ChannelGroup(module, name=names[module], packed=True)
-            groups.append(current)
-        elif isinstance(module, ChannelSparseBatchNorm2d):
-            if current is None:
-                raise ValueError(f"{names[module]}: a ChannelSparseBatchNorm2d must follow a "
-                                 "ChannelSparseConv2d")
-            current.norms.append(module)
-        elif isinstance(module, _PASSTHROUGH):
-            continue
-        elif isinstance(module, nn.Linear):
-            if current is not None:
-                current.linears.append(module)
-            current = None
-        elif current is None:
-            continue  # layers before the first sparse conv do not see its channels
-        else:
-            raise TypeError(f"cannot link channels through {names[module]} "
-                            f"({type(module).__name__}); use ChannelSparse layers, a "
-                            "channel-wise layer, or define channel_groups() on the model")
-    for g in groups:
-        g.validate()
-    return groups
+__all__ = ["ChannelPlan", "plan_for", "linear_features"]
 
 
 class _Uses:
@@ -400,7 +229,7 @@ def plan_for(model: nn.Module, packed: bool = True) -> ChannelPlan:
     """The groups :func:`dce_kernels.convert` found (if the model was converted),
     else the model's own ``channel_groups()`` if it has one, else sequential linking.
     ``packed``: see :class:`ChannelPlan`."""
-    from .convert import converted_groups  # convert imports this module
+    from .conversion import converted_groups  # conversion imports this package
 
     groups = converted_groups(model)
     if groups == []:
