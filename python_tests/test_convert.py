@@ -2,6 +2,7 @@
 concatenation, depthwise convs, flatten into Linear, ops it cannot see through,
 untraceable models), and bad input."""
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -11,7 +12,8 @@ from torch import nn
 
 from convert_reference import MaskedReference, capture_original
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
-from dce_kernels.channels import conversion_notes, plan_for
+from dce_kernels.channels import GroupSpec, conversion_notes, plan_for
+from dce_kernels.channels.group import recorded_spec
 from dce_kernels.compact import compact_model
 
 
@@ -296,6 +298,19 @@ def test_parameters_are_shared_and_state_dict_keys_kept():
     twin = copy.deepcopy(model)
     groups = plan_for(twin).groups
     assert groups[0].producer is twin.stem and groups[0].producer is not model.stem
+
+
+@pytest.mark.parametrize("make", [Residual, Dense])
+def test_recorded_groups_are_plain_data_that_pickles_resolve(make):
+    model = convert(make())
+    spec = recorded_spec(model)
+    assert all(isinstance(g, GroupSpec) for g in spec.groups)
+    groups = plan_for(model).groups
+    assert tuple(GroupSpec.from_group(g, model) for g in groups) == spec.groups
+    twin = pickle.loads(pickle.dumps(model))
+    for g, t in zip(groups, plan_for(twin).groups):
+        assert GroupSpec.from_group(t, twin) == GroupSpec.from_group(g, model)
+        assert t.producer is twin.get_submodule(g.name) and t.producer is not g.producer
 
 
 def test_inplace_activation_after_a_conv_is_made_out_of_place_or_warned():

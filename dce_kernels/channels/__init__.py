@@ -25,10 +25,10 @@ between run on those, and the consumers read them directly. That is what makes
 a training step cost close to the physically narrower network's; full-width
 groups stay correct for any graph.
 """
-from .group import ChannelGroup
+from .group import ChannelGroup, ChannelSpec, GroupSpec, converted_groups
 from .plan import ChannelPlan, plan_for
 from .sequential import sequential_groups
-from .conversion import conversion_notes, convert, converted_groups
+from .conversion import conversion_notes, convert
 
-__all__ = ["ChannelGroup", "ChannelPlan", "plan_for", "sequential_groups", "convert",
-           "conversion_notes", "converted_groups"]
+__all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "ChannelPlan", "plan_for",
+           "sequential_groups", "convert", "conversion_notes", "converted_groups"]

@@ -84,14 +84,9 @@ import torch.fx
 from torch import nn
 
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
-from .group import ChannelGroup
+from .group import SPEC_ATTR, ChannelSpec, GroupSpec, recorded_spec
 
-__all__ = ["convert", "converted_groups", "conversion_notes"]
-
-# Where a converted model keeps its groups: plain data (module names and
-# numbers), so that deep copies and pickles of the model resolve to their own
-# modules.
-SPEC_ATTR = "_dce_channel_spec"
+__all__ = ["convert", "conversion_notes"]
 
 # Modules that act channel by channel and map a zero channel to zero.
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
@@ -543,7 +538,7 @@ def _keep_conflicts_full(a: _Analysis) -> None:
                     changed = True
 
 
-def _spec_from_analysis(a: _Analysis) -> dict:
+def _spec_from_analysis(a: _Analysis) -> ChannelSpec:
     """Plain-data channel groups: one per class of tied spaces that may be selected."""
     sp = a.spaces
     _keep_conflicts_full(a)
@@ -555,31 +550,36 @@ def _spec_from_analysis(a: _Analysis) -> dict:
         if root in sp.reason:
             continue
         convs = sorted(convs, key=a.order.index)
-        g = {"name": convs[0], "producer": convs[0], "tied": convs[1:], "norms": [],
-             "consumers": [], "linears": [], "depthwise": [], "offsets": {},
-             "linear_channels": {}, "readers_known": True}
+        members: dict[str, list[str]] = {"norms": [], "consumers": [], "linears": [],
+                                         "depthwise": []}
+        offsets: dict[str, int] = {}
+        linear_channels: dict[str, int] = {}
         for u in a.uses:
             if sp.find(u.space) != root:
                 continue
-            members = g[{"consumer": "consumers", "norm": "norms", "linear": "linears",
-                         "depthwise": "depthwise"}[u.role]]
-            if u.layer not in members:
-                members.append(u.layer)
+            names = members[{"consumer": "consumers", "norm": "norms", "linear": "linears",
+                             "depthwise": "depthwise"}[u.role]]
+            if u.layer not in names:
+                names.append(u.layer)
             if u.offset:
-                g["offsets"][u.layer] = u.offset
+                offsets[u.layer] = u.offset
             if u.role == "linear":
-                g["linear_channels"][u.layer] = u.total
-        groups.append(g)
+                linear_channels[u.layer] = u.total
+        # Traced: every reader of the group is known (norms, channel-wise ops,
+        # consumers), so ChannelPlan may pack it where can_pack allows.
+        groups.append(GroupSpec(convs[0], name=convs[0], tied=tuple(convs[1:]),
+                                offsets=tuple(offsets.items()),
+                                linear_channels=tuple(linear_channels.items()),
+                                readers_known=True, packed=True,
+                                **{role: tuple(names) for role, names in members.items()}))
     order = {name: i for i, name in enumerate(a.order)}
-    groups.sort(key=lambda g: order[g["producer"]])
-    full = {}
-    for conv, space in a.space_of.items():
-        if sp.is_full(space):
-            full[conv] = sp.reason[sp.find(space)]
-    return {"groups": groups, "kept_full": full, "traced": True}
+    groups.sort(key=lambda g: order[g.producer])
+    full = tuple((conv, sp.reason[sp.find(space)]) for conv, space in a.space_of.items()
+                 if sp.is_full(space))
+    return ChannelSpec(tuple(groups), full)
 
 
-def _fallback_spec(model: nn.Module, exclude: tuple[str, ...]) -> dict:
+def _fallback_spec(model: nn.Module, exclude: tuple[str, ...]) -> ChannelSpec:
     groups, full = [], {}
     for name, m in model.named_modules():
         if not _is_conv(m):
@@ -589,57 +589,16 @@ def _fallback_spec(model: nn.Module, exclude: tuple[str, ...]) -> dict:
         elif m.groups != 1:
             full[name] = f"{name}: grouped conv in a model fx could not trace"
         else:
-            groups.append({"name": name, "producer": name, "tied": [], "norms": [],
-                           "consumers": [], "linears": [], "depthwise": [], "offsets": {},
-                           "linear_channels": {}, "readers_known": False})
-    return {"groups": groups, "kept_full": full, "traced": False}
-
-
-def _groups_from_spec(model: nn.Module, spec: dict) -> list[ChannelGroup]:
-    def get(name, kind):
-        try:
-            m = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"converted model: module {name!r} of its channel groups is gone "
-                             "(was the model changed after convert?)") from e
-        if not isinstance(m, kind):
-            raise ValueError(f"converted model: {name!r} is a {type(m).__name__}, expected "
-                             f"{kind.__name__} (was the model changed after convert?)")
-        return m
-
-    groups = []
-    for g in spec["groups"]:
-        layers = {}
-        for key, kind in (("tied", ChannelSparseConv2d), ("norms", ChannelSparseBatchNorm2d),
-                          ("consumers", ChannelSparseConv2d), ("linears", nn.Linear),
-                          ("depthwise", ChannelSparseConv2d)):
-            layers[key] = [get(n, kind) for n in g[key]]
-        by_name = {n: m for key in layers for n, m in zip(g[key], layers[key])}
-        groups.append(ChannelGroup(
-            get(g["producer"], ChannelSparseConv2d), norms=layers["norms"],
-            consumers=layers["consumers"], linears=layers["linears"], name=g["name"],
-            tied=layers["tied"], depthwise=layers["depthwise"],
-            offsets={by_name[n]: off for n, off in g["offsets"].items()},
-            linear_channels={by_name[n]: c for n, c in g["linear_channels"].items()},
-            readers_known=g["readers_known"],
-            # Traced: every reader of the group is known (norms, channel-wise ops,
-            # consumers), so ChannelPlan may pack it where can_pack allows.
-            packed=g["readers_known"]))
-    return groups
-
-
-def converted_groups(model: nn.Module) -> Optional[list[ChannelGroup]]:
-    """The channel groups :func:`convert` found for ``model`` (None if it was not converted)."""
-    spec = getattr(model, SPEC_ATTR, None)
-    return None if spec is None else _groups_from_spec(model, spec)
+            groups.append(GroupSpec(name, name=name, readers_known=False, packed=False))
+    return ChannelSpec(tuple(groups), tuple(full.items()))
 
 
 def conversion_notes(model: nn.Module) -> dict[str, str]:
     """For a converted model: every conv whose output channels stay full, and why."""
-    spec = getattr(model, SPEC_ATTR, None)
+    spec = recorded_spec(model)
     if spec is None:
         raise ValueError(f"{type(model).__name__} was not converted by dce_kernels.convert")
-    return dict(spec["kept_full"])
+    return dict(spec.kept_full)
 
 
 # -- swapping the layers ------------------------------------------------------------------
@@ -715,12 +674,14 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             "from a partial selection. Make forward traceable (no Python control flow on "
             "tensor values) for the full conversion.", stacklevel=2)
         spec = _fallback_spec(model, exclude)
+        traced = False
         inplace_convs = []
     else:
         analyzer = _Analyzer(dict(model.named_modules()), exclude)
         for graph in graphs:
             analysis = analyzer.run(graph)
         spec = _spec_from_analysis(analysis)
+        traced = True
         inplace_convs = analysis.inplace_after
     finally:
         model.train(was_training)
@@ -728,9 +689,9 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     modules = dict(model.named_modules())
     to_conv = set()
     to_norm = set()
-    for g in spec["groups"]:
-        to_conv.update([g["producer"], *g["tied"], *g["consumers"], *g["depthwise"]])
-        to_norm.update(g["norms"])
+    for g in spec.groups:
+        to_conv.update([g.producer, *g.tied, *g.consumers, *g.depthwise])
+        to_norm.update(g.norms)
     replacements: dict[int, nn.Module] = {}
     for name in sorted(to_conv):
         m = modules[name]
@@ -742,7 +703,7 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             replacements[id(m)] = _sparse_norm(m)
     _swap(model, replacements)
 
-    if spec["traced"]:
+    if traced:
         _make_saliency_safe(model, inplace_convs, to_conv)
     else:
         # No graph to see what follows a conv: every in-place module becomes

@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import nn
 
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 
-__all__ = ["ChannelGroup"]
+__all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "SPEC_ATTR", "recorded_spec",
+           "converted_groups"]
+
+# The roles of a group's layers besides its producer (the ChannelGroup fields
+# that list them) and the layer class each role holds.
+MEMBER_ROLES = {"tied": ChannelSparseConv2d, "norms": ChannelSparseBatchNorm2d,
+                "consumers": ChannelSparseConv2d, "linears": nn.Linear,
+                "depthwise": ChannelSparseConv2d}
 
 
 @dataclass(eq=False)
@@ -111,3 +119,90 @@ class ChannelGroup:
             if total < self.offset(lin) + c or lin.in_features % total:
                 raise ValueError(f"group {self.name!r}: Linear in_features={lin.in_features} is "
                                  f"not a multiple of the {total} channels it reads")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A :class:`ChannelGroup` as plain data: its layers by module name (and
+    numbers), so that a deep copy or a pickle of the model it was made for
+    resolves to the copy's own layers. Fields as in :class:`ChannelGroup`;
+    ``offsets`` and ``linear_channels`` are ``(module name, number)`` pairs."""
+
+    producer: str
+    norms: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
+    linears: tuple[str, ...] = ()
+    name: str = ""
+    tied: tuple[str, ...] = ()
+    depthwise: tuple[str, ...] = ()
+    offsets: tuple[tuple[str, int], ...] = ()
+    linear_channels: tuple[tuple[str, int], ...] = ()
+    readers_known: bool = True
+    packed: bool = False
+
+    @classmethod
+    def from_group(cls, group: ChannelGroup, model: nn.Module) -> "GroupSpec":
+        """The names of ``group``'s layers in ``model``."""
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def name_of(layer: nn.Module) -> str:
+            if id(layer) not in names:
+                raise ValueError(f"group {group.name!r}: a {type(layer).__name__} of the group "
+                                 "is not a module of the model")
+            return names[id(layer)]
+
+        return cls(name_of(group.producer), name=group.name,
+                   offsets=tuple((name_of(m), int(off)) for m, off in group.offsets.items()),
+                   linear_channels=tuple((name_of(m), int(c))
+                                         for m, c in group.linear_channels.items()),
+                   readers_known=group.readers_known, packed=group.packed,
+                   **{role: tuple(map(name_of, getattr(group, role))) for role in MEMBER_ROLES})
+
+    def resolve(self, model: nn.Module) -> ChannelGroup:
+        """The :class:`ChannelGroup` of ``model``'s layers of these names."""
+        def get(name, kind):
+            try:
+                m = model.get_submodule(name)
+            except AttributeError as e:
+                raise ValueError(f"converted model: module {name!r} of its channel groups is "
+                                 "gone (was the model changed after convert?)") from e
+            if not isinstance(m, kind):
+                raise ValueError(f"converted model: {name!r} is a {type(m).__name__}, expected "
+                                 f"{kind.__name__} (was the model changed after convert?)")
+            return m
+
+        members = {role: [get(n, kind) for n in getattr(self, role)]
+                   for role, kind in MEMBER_ROLES.items()}
+        by_name = {n: m for role in members for n, m in zip(getattr(self, role), members[role])}
+        return ChannelGroup(get(self.producer, ChannelSparseConv2d), name=self.name,
+                            offsets={by_name[n]: off for n, off in self.offsets},
+                            linear_channels={by_name[n]: c for n, c in self.linear_channels},
+                            readers_known=self.readers_known, packed=self.packed, **members)
+
+
+# Where a linker records a model's groups (a ChannelSpec) on the model itself.
+SPEC_ATTR = "_dce_channel_spec"
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """The channel groups a linker found for a model, as plain data, and the
+    convs whose output channels stay full with the reason (``(conv name, why)``)."""
+
+    groups: tuple[GroupSpec, ...]
+    kept_full: tuple[tuple[str, str], ...] = ()
+
+    def resolve(self, model: nn.Module) -> list[ChannelGroup]:
+        return [g.resolve(model) for g in self.groups]
+
+
+def recorded_spec(model: nn.Module) -> Optional[ChannelSpec]:
+    """The :class:`ChannelSpec` recorded on ``model`` (None: none was)."""
+    return getattr(model, SPEC_ATTR, None)
+
+
+def converted_groups(model: nn.Module) -> Optional[list[ChannelGroup]]:
+    """The channel groups :func:`dce_kernels.convert` found for ``model``
+    (None if it was not converted)."""
+    spec = recorded_spec(model)
+    return None if spec is None else spec.resolve(model)

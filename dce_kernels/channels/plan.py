@@ -9,7 +9,7 @@ from torch import nn
 
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, _as_index
 from ..optim import ActiveBlock
-from .group import ChannelGroup
+from .group import ChannelGroup, converted_groups
 from .sequential import sequential_groups
 
 __all__ = ["ChannelPlan", "plan_for", "linear_features"]
@@ -229,8 +229,6 @@ def plan_for(model: nn.Module, packed: bool = True) -> ChannelPlan:
     """The groups :func:`dce_kernels.convert` found (if the model was converted),
     else the model's own ``channel_groups()`` if it has one, else sequential linking.
     ``packed``: see :class:`ChannelPlan`."""
-    from .conversion import converted_groups  # conversion imports this package
-
     groups = converted_groups(model)
     if groups == []:
         raise ValueError(f"dce_kernels.convert found no selectable channels in "
