@@ -12,7 +12,7 @@ from torch import nn
 
 from convert_reference import MaskedReference, capture_original
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
-from dce_kernels.channels import GroupSpec, conversion_notes, plan_for
+from dce_kernels.channels import GroupSpec, conversion_notes, plan_for, sequential_groups
 from dce_kernels.channels.group import recorded_spec
 from dce_kernels.compact import compact_model
 
@@ -168,7 +168,7 @@ def test_concatenation_offsets_and_depthwise_follow_their_groups():
     assert cols.tolist() == [8, 9, 10, 11, 20, 21, 22, 23]  # channels 2 and 5, 4 features each
 
 
-@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque", "Shared"])
+@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque", "Shared", "Activations"])
 def test_random_selection_matches_masked_reference_and_exports(make):
     make = globals()[make]
     torch.manual_seed(3)
@@ -245,6 +245,32 @@ class Shared(nn.Module):
         g = self.c4(self.norm(self.c2(x)))
         h = self.c5(self.norm(torch.sigmoid(self.c3(x))))
         return self.head(F.relu(a + b)) + g + h
+
+
+class Activations(nn.Sequential):
+    """A sequential model through channel-wise modules that both linkers must know."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Mish(),
+                         nn.Conv2d(6, 5, 3, padding=1), nn.SELU(), nn.Upsample(scale_factor=2),
+                         nn.Conv2d(5, 4, 3, padding=1), nn.Hardswish(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_sequential_groups_and_convert_link_a_sequential_model_alike():
+    """One table of channel-wise ops: Mish, SELU, Hardswish and Upsample pass
+    channels through for sequential_groups as they do for convert."""
+    model = convert(Activations())
+    assert conversion_notes(model) == {}
+    converted = plan_for(model).groups
+    linked = sequential_groups(model)
+    assert [g.producer for g in linked] == [g.producer for g in converted] == [
+        model[0], model[3], model[6]]
+    for a, b in zip(linked, converted):
+        assert (a.norms, a.consumers, a.linears) == (b.norms, b.consumers, b.linears)
+        assert a.can_pack == b.can_pack
+    assert linked[0].norms == [model[1]] and linked[0].consumers == [model[3]]
+    assert linked[1].consumers == [model[6]] and linked[2].linears == [model[10]]
 
 
 def test_modules_called_on_several_tensors_keep_what_they_cannot_follow_full():

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import copy as copy_module
 import inspect
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -84,31 +83,13 @@ import torch.fx
 from torch import nn
 
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .optable import (ADD_FUNCTIONS, ADD_METHODS, CAST_METHODS, CAT_NAMES, DIV_FUNCTIONS,
+                      DIV_METHODS, ELEMENTWISE_MODULES, ELEMENTWISE_NAMES, METADATA_NAMES,
+                      MUL_FUNCTIONS, MUL_METHODS, RESHAPE_METHODS, SPATIAL_MODULES,
+                      SPATIAL_NAMES, SPATIAL_REDUCTIONS)
 from .group import SPEC_ATTR, ChannelSpec, GroupSpec, recorded_spec
 
 __all__ = ["convert", "conversion_notes"]
-
-# Modules that act channel by channel and map a zero channel to zero.
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-                        nn.SiLU, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Tanh, nn.Softsign,
-                        nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-_SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-                    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-                    nn.Dropout3d)
-# The same for functions and tensor methods, by name (fx records torch's own
-# functions; several have a Python and a C++ entry point with one name).
-_ELEMENTWISE_NAMES = {"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_",
-                      "selu", "celu", "gelu", "silu", "mish", "hardtanh", "hardtanh_",
-                      "hardswish", "tanh", "softsign", "dropout", "dropout1d", "dropout2d",
-                      "feature_dropout", "contiguous", "clone", "neg"}
-_SPATIAL_NAMES = {"max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
-                  "adaptive_max_pool2d", "interpolate", "upsample", "upsample_nearest",
-                  "upsample_bilinear"}
-# Calls that read a tensor's metadata only.
-_METADATA_NAMES = {"size", "dim", "numel", "type", "getattr"}
-_ADD = {operator.add, operator.sub, torch.add, torch.sub}
-_MUL = {operator.mul, torch.mul}
-
 
 def _is_conv(m: nn.Module) -> bool:
     return type(m) in (nn.Conv2d, ChannelSparseConv2d)
@@ -353,9 +334,9 @@ class _Analyzer:
                 self.value[node] = _Flat(x)
             else:
                 self._opaque(node, f"{node.target}: Flatten(start_dim={m.start_dim})")
-        elif type(m) in _ELEMENTWISE_MODULES:
+        elif type(m) in ELEMENTWISE_MODULES:
             self.value[node] = x
-        elif type(m) in _SPATIAL_MODULES and not isinstance(x, _Flat):
+        elif type(m) in SPATIAL_MODULES and not isinstance(x, _Flat):
             self.value[node] = x
         else:
             self._opaque(node, f"{node.target}: {type(m).__name__} is not known to keep "
@@ -395,23 +376,23 @@ class _Analyzer:
             self._opaque(node, f"{node.name}: unknown function {name}")
             return
         x = self._val(node.args[0]) if node.args else None
-        if target in _ADD:
+        if target in ADD_FUNCTIONS:
             self._binary_add(node)
-        elif target in _MUL or target in (operator.truediv, torch.div):
-            self._binary_mul(node, divide=target not in _MUL)
-        elif name in ("cat", "concat", "concatenate"):
+        elif target in MUL_FUNCTIONS or target in DIV_FUNCTIONS:
+            self._binary_mul(node, divide=target in DIV_FUNCTIONS)
+        elif name in CAT_NAMES:
             self._cat(node)
         elif name == "flatten":
             self._flatten(node, x, _argument(node, 1, "start_dim", 0),
                           _argument(node, 2, "end_dim", -1))
-        elif name in ("mean", "sum", "amax") and x is not None:
+        elif name in SPATIAL_REDUCTIONS and x is not None:
             self._reduce_spatial(node, x)
         elif name == "reshape" and x is not None:
             self._view(node, x, _argument(node, 1, "shape"))
         elif x is not None and len(values) == 1 and (
-                name in _ELEMENTWISE_NAMES or (name in _SPATIAL_NAMES and not isinstance(x, _Flat))):
+                name in ELEMENTWISE_NAMES or (name in SPATIAL_NAMES and not isinstance(x, _Flat))):
             self.value[node] = x
-        elif name in _METADATA_NAMES:
+        elif name in METADATA_NAMES:
             self.value[node] = None
         else:
             self._opaque(node, f"{node.name}: {name} is not known to keep channels apart")
@@ -423,23 +404,23 @@ class _Analyzer:
             self.value[node] = None
             return
         x = self._val(node.args[0])
-        if name in _METADATA_NAMES:
+        if name in METADATA_NAMES:
             self.value[node] = None
-        elif name in ("add", "sub", "add_", "sub_"):
+        elif name in ADD_METHODS:
             self._binary_add(node)
-        elif name in ("mul", "mul_", "div", "div_"):
-            self._binary_mul(node, divide=name.startswith("div"))
+        elif name in MUL_METHODS or name in DIV_METHODS:
+            self._binary_mul(node, divide=name in DIV_METHODS)
         elif name == "flatten":
             self._flatten(node, x, _argument(node, 1, "start_dim", 0),
                           _argument(node, 2, "end_dim", -1))
-        elif name in ("view", "reshape") and x is not None:
+        elif name in RESHAPE_METHODS and x is not None:
             shape = node.args[1:] if len(node.args) > 2 else _argument(node, 1, "shape")
             self._view(node, x, shape)
-        elif name in ("mean", "sum", "amax") and x is not None:
+        elif name in SPATIAL_REDUCTIONS and x is not None:
             self._reduce_spatial(node, x)
         elif x is not None and len(values) == 1 and (
-                name in _ELEMENTWISE_NAMES or name in ("float", "double", "half", "to")
-                or (name in _SPATIAL_NAMES and not isinstance(x, _Flat))):
+                name in ELEMENTWISE_NAMES or name in CAST_METHODS
+                or (name in SPATIAL_NAMES and not isinstance(x, _Flat))):
             self.value[node] = x
         else:
             self._opaque(node, f"{node.name}: .{name}() is not known to keep channels apart")

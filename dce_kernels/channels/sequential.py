@@ -7,14 +7,13 @@ from torch import nn
 
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .group import ChannelGroup
+from .optable import ELEMENTWISE_MODULES, SPATIAL_MODULES
 
 __all__ = ["sequential_groups"]
 
-# Layers that map a zero channel to a zero channel, channel by channel: an
-# inactive channel stays inactive through them.
-_PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh,
-                nn.Hardtanh, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten)
+# An inactive channel stays inactive through these. A sequential network
+# flattens only on the way into its Linear, so Flatten passes too.
+_PASSES_CHANNELS = ELEMENTWISE_MODULES + SPATIAL_MODULES + (nn.Flatten,)
 
 
 def sequential_groups(model: nn.Module) -> list[ChannelGroup]:
@@ -38,7 +37,7 @@ def sequential_groups(model: nn.Module) -> list[ChannelGroup]:
                 raise ValueError(f"{names[module]}: a ChannelSparseBatchNorm2d must follow a "
                                  "ChannelSparseConv2d")
             current.norms.append(module)
-        elif isinstance(module, _PASSTHROUGH):
+        elif isinstance(module, _PASSES_CHANNELS):
             continue
         elif isinstance(module, nn.Linear):
             if current is not None:
