@@ -247,6 +247,15 @@ class Shared(nn.Module):
         return self.head(F.relu(a + b)) + g + h
 
 
+def test_modules_called_on_several_tensors_keep_what_they_cannot_follow_full():
+    model = convert(Shared())
+    assert [g.name for g in plan_for(model).groups] == ["shared"]
+    notes = conversion_notes(model)
+    assert "shared (consumer) cannot follow" in notes["c0"] and "c1" in notes
+    assert "norm (norm) cannot follow" in notes["c2"]
+    assert type(model.norm) is nn.BatchNorm2d
+
+
 class Activations(nn.Sequential):
     """A sequential model through channel-wise modules that both linkers must know."""
 
@@ -271,15 +280,6 @@ def test_sequential_groups_and_convert_link_a_sequential_model_alike():
         assert a.can_pack == b.can_pack
     assert linked[0].norms == [model[1]] and linked[0].consumers == [model[3]]
     assert linked[1].consumers == [model[6]] and linked[2].linears == [model[10]]
-
-
-def test_modules_called_on_several_tensors_keep_what_they_cannot_follow_full():
-    model = convert(Shared())
-    assert [g.name for g in plan_for(model).groups] == ["shared"]
-    notes = conversion_notes(model)
-    assert "shared (consumer) cannot follow" in notes["c0"] and "c1" in notes
-    assert "norm (norm) cannot follow" in notes["c2"]
-    assert type(model.norm) is nn.BatchNorm2d
 
 
 def test_layers_that_run_only_in_training_are_linked_too():
