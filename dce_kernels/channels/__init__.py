@@ -19,7 +19,7 @@ Two separate steps:
   offset-shifted selections; its channels that no group covers stay active.
 
 A group whose producer output is read by nothing but the group's own layers
-(``packed=True``, proven by the linker) can pass *packed* activations: the
+(``sole_readers``, established by the linker) can pass *packed* activations: the
 producer emits only its active channels, the norms and channel-wise layers in
 between run on those, and the consumers read them directly. That is what makes
 a training step cost close to the physically narrower network's; full-width

@@ -41,6 +41,11 @@ class ChannelGroup:
     * ``readers_known``: False when the layers after the producer are unknown
       (a model torch.fx could not trace): the selection still applies to the
       producers, but no compact model can be exported from a partial selection.
+    * ``sole_readers``: the group's layers (through channel-wise ops) are the
+      only readers of the producer's output, as a linker that has seen every
+      reader establishes. Only then may a :class:`ChannelPlan` pass the group's
+      activations packed (see :attr:`can_pack`); the default, False, keeps them
+      full width.
     """
 
     producer: ChannelSparseConv2d
@@ -53,9 +58,7 @@ class ChannelGroup:
     offsets: dict[nn.Module, int] = field(default_factory=dict)
     linear_channels: dict[nn.Linear, int] = field(default_factory=dict)
     readers_known: bool = True
-    # Whether activations of this group may be packed (see the module doc):
-    # only a linker that has seen every reader of the producer's output may set it.
-    packed: bool = False
+    sole_readers: bool = False
 
     @property
     def num_channels(self) -> int:
@@ -74,11 +77,11 @@ class ChannelGroup:
 
     @property
     def can_pack(self) -> bool:
-        """Packing is on for this group and its layers read exactly its channels:
-        one producer, no Linear, no offsets, convs of groups == 1, norms and
-        consumers as wide as the group."""
+        """Whether the group's activations may be packed: its layers are the sole
+        readers and read exactly its channels (one producer, no Linear, no
+        offsets, convs of groups == 1, norms and consumers as wide as the group)."""
         c = self.num_channels
-        return (self.packed and self.readers_known and not self.linears and not self.tied
+        return (self.sole_readers and self.readers_known and not self.linears and not self.tied
                 and not self.depthwise and not self.offsets and self.producer.groups == 1
                 and all(conv.groups == 1 and conv.in_channels == c for conv in self.consumers)
                 and all(bn.num_features == c for bn in self.norms))
@@ -138,7 +141,7 @@ class GroupSpec:
     offsets: tuple[tuple[str, int], ...] = ()
     linear_channels: tuple[tuple[str, int], ...] = ()
     readers_known: bool = True
-    packed: bool = False
+    sole_readers: bool = False
 
     @classmethod
     def from_group(cls, group: ChannelGroup, model: nn.Module) -> "GroupSpec":
@@ -155,7 +158,7 @@ class GroupSpec:
                    offsets=tuple((name_of(m), int(off)) for m, off in group.offsets.items()),
                    linear_channels=tuple((name_of(m), int(c))
                                          for m, c in group.linear_channels.items()),
-                   readers_known=group.readers_known, packed=group.packed,
+                   readers_known=group.readers_known, sole_readers=group.sole_readers,
                    **{role: tuple(map(name_of, getattr(group, role))) for role in MEMBER_ROLES})
 
     def resolve(self, model: nn.Module) -> ChannelGroup:
@@ -177,7 +180,8 @@ class GroupSpec:
         return ChannelGroup(get(self.producer, ChannelSparseConv2d), name=self.name,
                             offsets={by_name[n]: off for n, off in self.offsets},
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
-                            readers_known=self.readers_known, packed=self.packed, **members)
+                            readers_known=self.readers_known, sole_readers=self.sole_readers,
+                            **members)
 
 
 # Where a linker records a model's groups (a ChannelSpec) on the model itself.

@@ -15,10 +15,11 @@ from .sequential import sequential_groups
 __all__ = ["ChannelPlan", "plan_for", "linear_features"]
 
 
-class _Uses:
-    """Where the groups meet one layer in one role ("out"/"in" of a conv, the
-    channels of a BatchNorm or of the map a Linear reads): ``(group index,
-    offset)`` pairs, and the layer's channels no group covers (always active)."""
+class _LayerIndex:
+    """One channel index of one layer as the groups fill it (a conv's
+    ``out_idx`` or ``in_idx``, a BatchNorm's ``active_idx``, the channels of the
+    map a Linear reads): ``(group index, offset)`` pairs, and the layer's
+    channels no group covers (always active)."""
 
     __slots__ = ("size", "entries", "fixed")
 
@@ -46,12 +47,13 @@ class _Uses:
 class ChannelPlan:
     """Applies selections to a model whose channel groups are known.
 
-    ``packed`` (default True) sets the packed layouts on the layers of every
-    group that allows them, for as long as the plan's model is used; with
-    ``packed=False`` every activation keeps its full width."""
+    ``pack`` (default True) sets the packed layouts (``packed_input``,
+    ``packed_output``, ``packed`` of a BatchNorm) on the layers of every group
+    whose ``can_pack`` allows them, for as long as the plan's model is used;
+    with ``pack=False`` every activation keeps its full width."""
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup],
-                 packed: bool = True) -> None:
+                 pack: bool = True) -> None:
         self.model = model
         self.groups = list(groups)
         for g in self.groups:
@@ -61,56 +63,57 @@ class ChannelPlan:
             raise ValueError("a conv produces more than one channel group")
         self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
         self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
-        self._uses = self._collect_uses()
+        self._indices = self._collect_indices()
         self._linear_active: dict[int, tuple[nn.Linear, torch.Tensor, int]] = {}
         self._selection: Optional[list[torch.Tensor]] = None
-        self._set_layouts(packed)
+        self._set_layouts(pack)
 
-    def _set_layouts(self, packed: bool) -> None:
+    def _set_layouts(self, pack: bool) -> None:
         for conv in self.convs:
             conv.packed_input = conv.packed_output = False
         for bn in self.norms:
             bn.packed = False
         for g in self.groups:
-            on = packed and g.can_pack
+            on = pack and g.can_pack
             g.producer.packed_output = on
             for conv in g.consumers:
                 conv.packed_input = on
             for bn in g.norms:
                 bn.packed = on
 
-    def _collect_uses(self) -> dict[tuple[int, str], _Uses]:
-        uses: dict[tuple[int, str], _Uses] = {}
+    def _collect_indices(self) -> dict[tuple[int, str], _LayerIndex]:
+        """Every layer index a group fills, keyed by (layer id, index name)."""
+        indices: dict[tuple[int, str], _LayerIndex] = {}
         self._linears: list[nn.Linear] = []
 
-        def use(layer, role, size, g, off):
-            key = (id(layer), role)
-            if key not in uses:
-                uses[key] = _Uses(size)
+        def cover(layer, index, size, g, off):
+            key = (id(layer), index)
+            if key not in indices:
+                indices[key] = _LayerIndex(size)
                 if isinstance(layer, nn.Linear):
                     self._linears.append(layer)
-            elif uses[key].size != size:
+            elif indices[key].size != size:
                 raise ValueError(f"channel groups disagree on how many channels a "
-                                 f"{type(layer).__name__} sees: {uses[key].size} vs {size}")
-            uses[key].entries.append((g, off))
+                                 f"{type(layer).__name__} sees: {indices[key].size} vs {size}")
+            indices[key].entries.append((g, off))
 
         for i, g in enumerate(self.groups):
             for conv in g.producers:
-                use(conv, "out", conv.out_channels, i, 0)
+                cover(conv, "out_idx", conv.out_channels, i, 0)
             for conv in g.consumers:
-                use(conv, "in", conv.in_channels, i, g.offset(conv))
+                cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
             for conv in g.depthwise:
-                use(conv, "out", conv.out_channels, i, g.offset(conv))
-                use(conv, "in", conv.in_channels, i, g.offset(conv))
+                cover(conv, "out_idx", conv.out_channels, i, g.offset(conv))
+                cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
             for bn in g.norms:
-                use(bn, "norm", bn.num_features, i, g.offset(bn))
+                cover(bn, "active_idx", bn.num_features, i, g.offset(bn))
             for lin in g.linears:
-                use(lin, "features", g.total_channels(lin), i, g.offset(lin))
+                cover(lin, "in_channels", g.total_channels(lin), i, g.offset(lin))
         widths = self.num_channels
         names = {id(m): n for n, m in self.model.named_modules()}
-        for (layer_id, role), u in uses.items():
-            u.finish(widths, f"{names.get(layer_id, '?')} ({role})")
-        return uses
+        for (layer_id, index), u in indices.items():
+            u.finish(widths, f"{names.get(layer_id, '?')} ({index})")
+        return indices
 
     @property
     def num_channels(self) -> list[int]:
@@ -141,24 +144,25 @@ class ChannelPlan:
         selection = [_as_index(idx, g.num_channels, device, f"selection of group {g.name!r}")
                      for g, idx in zip(self.groups, selection)]
 
-        def active(layer, role):
-            u = self._uses.get((id(layer), role))
+        def active(layer, index):
+            u = self._indices.get((id(layer), index))
             return None if u is None else u.active(selection)
 
         def checked(idx, size, device):
             # Group selections are checked above, and a union of them is sorted
-            # and disjoint by construction (_Uses.finish): no per-layer check.
+            # and disjoint by construction (_LayerIndex.finish): no per-layer check.
             return _as_index(None, size, device, "") if idx is None else idx.to(device)
 
         # One assignment per layer; layers outside every group run fully.
         for conv in self.convs:
             device = conv.weight.device
-            conv._use_channels(checked(active(conv, "out"), conv.out_channels, device),
-                               checked(active(conv, "in"), conv.in_channels, device))
+            conv._use_channels(checked(active(conv, "out_idx"), conv.out_channels, device),
+                               checked(active(conv, "in_idx"), conv.in_channels, device))
         for bn in self.norms:
-            bn._use_channels(checked(active(bn, "norm"), bn.num_features, bn.active_idx.device))
+            bn._use_channels(checked(active(bn, "active_idx"), bn.num_features,
+                                     bn.active_idx.device))
         self._linear_active = {
-            id(lin): (lin, active(lin, "features"), self._uses[(id(lin), "features")].size)
+            id(lin): (lin, active(lin, "in_channels"), self._indices[(id(lin), "in_channels")].size)
             for lin in self._linears}
         self._selection = [g.producer.out_idx.detach().cpu().clone() for g in self.groups]
 
@@ -225,10 +229,10 @@ def linear_features(channels: torch.Tensor, in_features: int, num_channels: int)
     return (channels.unsqueeze(1) * spatial + offsets).reshape(-1)
 
 
-def plan_for(model: nn.Module, packed: bool = True) -> ChannelPlan:
+def plan_for(model: nn.Module, pack: bool = True) -> ChannelPlan:
     """The groups :func:`dce_kernels.convert` found (if the model was converted),
     else the model's own ``channel_groups()`` if it has one, else sequential linking.
-    ``packed``: see :class:`ChannelPlan`."""
+    ``pack``: see :class:`ChannelPlan`."""
     groups = converted_groups(model)
     if groups == []:
         raise ValueError(f"dce_kernels.convert found no selectable channels in "
@@ -238,4 +242,4 @@ def plan_for(model: nn.Module, packed: bool = True) -> ChannelPlan:
                   else sequential_groups(model))
     if not groups:
         raise ValueError(f"{type(model).__name__} has no ChannelSparseConv2d to select channels of")
-    return ChannelPlan(model, groups, packed=packed)
+    return ChannelPlan(model, groups, pack=pack)

@@ -30,7 +30,7 @@ def sequential_groups(model: nn.Module) -> list[ChannelGroup]:
         if isinstance(module, ChannelSparseConv2d):
             if current is not None:
                 current.consumers.append(module)
-            current = ChannelGroup(module, name=names[module], packed=True)
+            current = ChannelGroup(module, name=names[module], sole_readers=True)
             groups.append(current)
         elif isinstance(module, ChannelSparseBatchNorm2d):
             if current is None:

@@ -138,7 +138,7 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
         groups.append(GroupSpec(convs[0], name=convs[0], tied=tuple(convs[1:]),
                                 offsets=tuple(offsets.items()),
                                 linear_channels=tuple(linear_channels.items()),
-                                readers_known=True, packed=True,
+                                readers_known=True, sole_readers=True,
                                 **{role: tuple(names) for role, names in members.items()}))
     order = {name: i for i, name in enumerate(a.order)}
     groups.sort(key=lambda g: order[g.producer])

@@ -113,7 +113,7 @@ def link_without_graph(model: nn.Module, exclude: tuple[str, ...]) -> ChannelSpe
         elif m.groups != 1:
             full[name] = f"{name}: grouped conv in a model fx could not trace"
         else:
-            groups.append(GroupSpec(name, name=name, readers_known=False, packed=False))
+            groups.append(GroupSpec(name, name=name, readers_known=False))
     return ChannelSpec(tuple(groups), tuple(full.items()))
 
 
