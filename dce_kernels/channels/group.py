@@ -144,7 +144,7 @@ class GroupSpec:
     sole_readers: bool = False
 
     @classmethod
-    def from_group(cls, group: ChannelGroup, model: nn.Module) -> "GroupSpec":
+    def from_group(cls, group: ChannelGroup, model: nn.Module) -> GroupSpec:
         """The names of ``group``'s layers in ``model``."""
         names = {id(m): n for n, m in model.named_modules()}
 

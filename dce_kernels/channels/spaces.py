@@ -81,14 +81,14 @@ def _keep_conflicts_full(a: Analysis) -> None:
     and every group of a layer that is also called on a tensor of unknown channels."""
     sp = a.spaces
     by_layer: dict[tuple[str, str], set[tuple[int, int, int, int]]] = {}
-    for u in a.members:
-        by_layer.setdefault((u.layer, u.role), set()).add(
-            (u.offset, u.offset + sp.size[u.space], u.space, u.total))
+    for m in a.members:
+        by_layer.setdefault((m.layer, m.role), set()).add(
+            (m.offset, m.offset + sp.size[m.space], m.space, m.total))
     changed = True
     while changed:
         changed = False
-        for (layer, role), uses in by_layer.items():
-            spans = sorted({(lo, hi, sp.find(s), t) for lo, hi, s, t in uses})
+        for (layer, role), seen in by_layer.items():
+            spans = sorted({(lo, hi, sp.find(s), t) for lo, hi, s, t in seen})
             bad = set()
             if layer in a.opaque_calls or len({t for *_, t in spans}) > 1:
                 bad = {r for _, _, r, _ in spans}
@@ -123,16 +123,16 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
                                          "depthwise": []}
         offsets: dict[str, int] = {}
         linear_channels: dict[str, int] = {}
-        for u in a.members:
-            if sp.find(u.space) != root:
+        for m in a.members:
+            if sp.find(m.space) != root:
                 continue
-            names = members[u.role]
-            if u.layer not in names:
-                names.append(u.layer)
-            if u.offset:
-                offsets[u.layer] = u.offset
-            if u.role == "linears":
-                linear_channels[u.layer] = u.total
+            names = members[m.role]
+            if m.layer not in names:
+                names.append(m.layer)
+            if m.offset:
+                offsets[m.layer] = m.offset
+            if m.role == "linears":
+                linear_channels[m.layer] = m.total
         # Traced: every reader of the group is known (norms, channel-wise ops,
         # consumers), so ChannelPlan may pack it where can_pack allows.
         groups.append(GroupSpec(convs[0], name=convs[0], tied=tuple(convs[1:]),
