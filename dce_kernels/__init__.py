@@ -12,9 +12,8 @@ Importing the package loads the compiled ops (``ops``) and registers their FLOP
 formulas with torch.utils.flop_counter (``flops``).
 """
 from . import flops
-from .channels import ChannelGroup, ChannelPlan, plan_for, sequential_groups
+from .channels import ChannelGroup, ChannelPlan, convert, plan_for, sequential_groups
 from .compact import compact_model, export_compact
-from .convert import convert
 from .flops import count_flops, count_params
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .ops import channel_sparse_conv2d

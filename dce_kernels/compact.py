@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .channels import ChannelPlan
-from .convert import SPEC_ATTR
+from .channels.group import SPEC_ATTR
+from .channels.plan import ChannelPlan
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 
 __all__ = ["compact_model", "export_compact", "load_exported"]

@@ -2,6 +2,7 @@
 concatenation, depthwise convs, flatten into Linear, ops it cannot see through,
 untraceable models), and bad input."""
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -11,9 +12,9 @@ from torch import nn
 
 from convert_reference import MaskedReference, capture_original
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
-from dce_kernels.channels import plan_for
+from dce_kernels.channels import GroupSpec, conversion_notes, plan_for, sequential_groups
+from dce_kernels.channels.group import recorded_spec
 from dce_kernels.compact import compact_model
-from dce_kernels.convert import conversion_notes
 
 
 def _randomize_norms(model):
@@ -167,7 +168,7 @@ def test_concatenation_offsets_and_depthwise_follow_their_groups():
     assert cols.tolist() == [8, 9, 10, 11, 20, 21, 22, 23]  # channels 2 and 5, 4 features each
 
 
-@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque", "Shared"])
+@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque", "Shared", "Activations"])
 def test_random_selection_matches_masked_reference_and_exports(make):
     make = globals()[make]
     torch.manual_seed(3)
@@ -255,6 +256,32 @@ def test_modules_called_on_several_tensors_keep_what_they_cannot_follow_full():
     assert type(model.norm) is nn.BatchNorm2d
 
 
+class Activations(nn.Sequential):
+    """A sequential model through channel-wise modules that both linkers must know."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Mish(),
+                         nn.Conv2d(6, 5, 3, padding=1), nn.SELU(), nn.Upsample(scale_factor=2),
+                         nn.Conv2d(5, 4, 3, padding=1), nn.Hardswish(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_sequential_groups_and_convert_link_a_sequential_model_alike():
+    """One table of channel-wise ops: Mish, SELU, Hardswish and Upsample pass
+    channels through for sequential_groups as they do for convert."""
+    model = convert(Activations())
+    assert conversion_notes(model) == {}
+    converted = plan_for(model).groups
+    linked = sequential_groups(model)
+    assert [g.producer for g in linked] == [g.producer for g in converted] == [
+        model[0], model[3], model[6]]
+    for a, b in zip(linked, converted):
+        assert (a.norms, a.consumers, a.linears) == (b.norms, b.consumers, b.linears)
+        assert a.can_pack == b.can_pack
+    assert linked[0].norms == [model[1]] and linked[0].consumers == [model[3]]
+    assert linked[1].consumers == [model[6]] and linked[2].linears == [model[10]]
+
+
 def test_layers_that_run_only_in_training_are_linked_too():
     class AuxHead(nn.Module):
         def __init__(self):
@@ -297,6 +324,19 @@ def test_parameters_are_shared_and_state_dict_keys_kept():
     twin = copy.deepcopy(model)
     groups = plan_for(twin).groups
     assert groups[0].producer is twin.stem and groups[0].producer is not model.stem
+
+
+@pytest.mark.parametrize("make", [Residual, Dense])
+def test_recorded_groups_are_plain_data_that_pickles_resolve(make):
+    model = convert(make())
+    spec = recorded_spec(model)
+    assert all(isinstance(g, GroupSpec) for g in spec.groups)
+    groups = plan_for(model).groups
+    assert tuple(GroupSpec.from_group(g, model) for g in groups) == spec.groups
+    twin = pickle.loads(pickle.dumps(model))
+    for g, t in zip(groups, plan_for(twin).groups):
+        assert GroupSpec.from_group(t, twin) == GroupSpec.from_group(g, model)
+        assert t.producer is twin.get_submodule(g.name) and t.producer is not g.producer
 
 
 def test_inplace_activation_after_a_conv_is_made_out_of_place_or_warned():

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from convert_reference import capture_original
 from test_convert import _random_selection, _randomize_norms, check_against_reference
 from dce_kernels import CUCBSelector, convert
-from dce_kernels.channels import plan_for
+from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model, export_compact, load_exported
-from dce_kernels.convert import conversion_notes
 from dce_kernels.optim import ActiveBlock, MaskedOptimizer
 
 torchvision = pytest.importorskip("torchvision")

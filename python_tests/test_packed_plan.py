@@ -27,7 +27,7 @@ def test_packed_model_equals_full_width_model(name, training):
     torch.manual_seed(0)
     full = build_model(name, 3, 10, width=0.5).double()
     packed = copy.deepcopy(full)
-    plan_full, plan_packed = plan_for(full, packed=False), plan_for(packed)
+    plan_full, plan_packed = plan_for(full, pack=False), plan_for(packed)
     assert any(conv.packed_output for conv in plan_packed.convs)
     assert not any(conv.packed_output or conv.packed_input for conv in plan_full.convs)
     x = torch.randn(3, 3, 17, 15, dtype=torch.float64, generator=g)

@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import nn
 
-from ...convert import convert
+from ...channels import convert
 
 __all__ = ["build_external", "MIN_IMAGE_SIZE"]
 

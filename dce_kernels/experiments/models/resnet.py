@@ -67,7 +67,7 @@ class ResNet(nn.Module):
     def channel_groups(self) -> list[ChannelGroup]:
         # Inside a block conv1's output reaches only bn1, a ReLU and conv2: packable.
         return [ChannelGroup(b.conv1, norms=[b.bn1], consumers=[b.conv2], name=f"layers.{i}.conv1",
-                             packed=True)
+                             sole_readers=True)
                 for i, b in enumerate(self.layers)]
 
     def forward(self, x):

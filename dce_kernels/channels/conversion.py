@@ -1,0 +1,177 @@
+"""Make an existing model channel-sparse: ``dce_kernels.convert(model)``.
+
+``convert`` traces the model with torch.fx, works out which channels depend on
+which (:mod:`dce_kernels.channels.trace` says how), replaces every *eligible* ``nn.Conv2d`` by a
+:class:`~dce_kernels.nn.ChannelSparseConv2d` and every ``nn.BatchNorm2d`` that
+sees selectable channels by a :class:`~dce_kernels.nn.ChannelSparseBatchNorm2d`,
+and records the channel groups on the model, where
+:func:`dce_kernels.channels.plan_for` finds them. Like
+``nn.SyncBatchNorm.convert_sync_batchnorm`` it changes the model in place
+(``copy=True`` converts a deep copy instead) and the new layers *share* the old
+layers' parameters and buffers (the same tensors, not copies), so an optimizer
+or a reference to a parameter taken before conversion keeps working and the
+``state_dict`` keys stay as they were. Nothing else changes: with all channels
+active the converted model computes exactly what the original computes, with
+the same gradients.
+
+Eligible: an ``nn.Conv2d`` (exactly that class, or already a
+``ChannelSparseConv2d``) that produces, carries or reads a selectable group.
+Other convs stay plain ``nn.Conv2d`` (nothing to skip there).
+
+Saliency needs each sparse conv's output unmodified in backward. An in-place
+module applied directly to a converted conv's output (``nn.ReLU(inplace=True)``
+right after a conv without BatchNorm) is switched to ``inplace=False`` (same
+result, one more tensor). An in-place *function or method* there
+(``F.relu(x, inplace=True)``, ``x.relu_()``) cannot be switched from outside:
+that conv gets ``track_saliency = False`` and a warning. Python's ``x += y`` on a
+conv's output is invisible to torch.fx (it traces as ``x + y``) and makes
+backward raise; use ``x = x + y`` there.
+
+Models torch.fx cannot trace (e.g. ``if x.sum() > 0:`` in ``forward``) still
+convert, with a warning saying why: every ``nn.Conv2d`` with ``groups == 1``
+becomes its own group, which reads all its input channels (correct, slower);
+BatchNorms stay dense (so an inactive channel leaves its BatchNorm as the shift
+``beta``), and no compact model can be exported from a partial selection.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch.fx
+from torch import nn
+
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .group import SPEC_ATTR, recorded_spec
+from .trace import is_convertible_conv, link_graphs, link_without_graph, trace_modes
+
+__all__ = ["convert", "conversion_notes"]
+
+
+def conversion_notes(model: nn.Module) -> dict[str, str]:
+    """For a converted model: every conv whose output channels stay full, and why."""
+    spec = recorded_spec(model)
+    if spec is None:
+        raise ValueError(f"{type(model).__name__} was not converted by dce_kernels.convert")
+    return dict(spec.kept_full)
+
+
+# -- swapping the layers ------------------------------------------------------------------
+
+def _sparse_norm(bn: nn.BatchNorm2d) -> ChannelSparseBatchNorm2d:
+    """A ChannelSparseBatchNorm2d holding ``bn``'s very parameters and buffers."""
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    layer = ChannelSparseBatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum,
+                                     affine=bn.affine, track_running_stats=bn.track_running_stats,
+                                     device=ref.device if ref is not None else None,
+                                     dtype=ref.dtype if ref is not None else None)
+    for name in ("weight", "bias"):
+        setattr(layer, name, getattr(bn, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(layer, name, getattr(bn, name))
+    layer.train(bn.training)
+    return layer
+
+
+def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Replaces every occurrence of each old module (by identity; a module
+    registered under several names is replaced everywhere)."""
+    for parent in model.modules():
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[key] = replacements[id(child)]
+
+
+def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False,
+            concrete_args: Optional[dict[str, Any]] = None) -> nn.Module:
+    """Makes ``model`` channel-sparse; returns it (converted in place unless ``copy``).
+
+    Args:
+        model: any ``nn.Module`` with ``nn.Conv2d`` layers.
+        exclude: names of submodules (``"layer4"``, ``"features.0"``) whose convs'
+            output channels are never selected.
+        copy: convert a deep copy and leave ``model`` as it was.
+        concrete_args: passed to ``torch.fx.Tracer.trace`` (for forwards with
+            non-tensor arguments that steer control flow).
+
+    Afterwards ``dce_kernels.channels.plan_for(model)`` returns the
+    :class:`~dce_kernels.channels.ChannelPlan` of the groups found, and
+    :func:`conversion_notes` says which convs keep all channels and why.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    exclude = tuple(exclude)
+    names = {n for n, _ in model.named_modules()}
+    for p in exclude:
+        if p not in names:
+            raise ValueError(f"exclude: the model has no submodule {p!r}")
+    if not any(is_convertible_conv(m) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d to convert")
+    if copy:
+        model = copy_module.deepcopy(model)
+
+    try:
+        graphs = trace_modes(model, concrete_args)
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
+        warnings.warn(
+            f"dce_kernels.convert: torch.fx cannot trace {type(model).__name__} "
+            f"({type(e).__name__}: {e}). Converting without the graph: every Conv2d "
+            "(groups=1) is its own channel group reading all its input channels (correct "
+            "but slower), BatchNorms stay dense, and a compact model cannot be exported "
+            "from a partial selection. Make forward traceable (no Python control flow on "
+            "tensor values) for the full conversion.", stacklevel=2)
+        spec = link_without_graph(model, exclude)
+        traced = False
+    else:
+        spec, inplace_after = link_graphs(model, graphs, exclude)
+        traced = True
+
+    modules = dict(model.named_modules())
+    to_conv = set()
+    to_norm = set()
+    for g in spec.groups:
+        to_conv.update([g.producer, *g.tied, *g.consumers, *g.depthwise])
+        to_norm.update(g.norms)
+    replacements: dict[int, nn.Module] = {}
+    for name in sorted(to_conv):
+        m = modules[name]
+        if type(m) is nn.Conv2d and id(m) not in replacements:
+            replacements[id(m)] = ChannelSparseConv2d.from_dense(m)
+    for name in sorted(to_norm):
+        m = modules[name]
+        if type(m) is nn.BatchNorm2d and id(m) not in replacements:
+            replacements[id(m)] = _sparse_norm(m)
+    _swap(model, replacements)
+
+    if traced:
+        _make_saliency_safe(model, inplace_after, to_conv)
+    else:
+        # No graph to see what follows a conv: every in-place module becomes
+        # out-of-place (the same result), so none can overwrite a conv's output.
+        for m in model.modules():
+            if getattr(m, "inplace", None) is True:
+                m.inplace = False
+    setattr(model, SPEC_ATTR, spec)
+    return model
+
+
+def _make_saliency_safe(model: nn.Module, inplace_after: list[tuple[str, torch.fx.Node]],
+                        converted: set[str]) -> None:
+    warned = set()
+    for conv_name, user in inplace_after:
+        if conv_name not in converted or conv_name in warned:
+            continue
+        if user.op == "call_module":
+            model.get_submodule(user.target).inplace = False
+            continue
+        conv = model.get_submodule(conv_name)
+        conv.track_saliency = False
+        warned.add(conv_name)
+        warnings.warn(
+            f"dce_kernels.convert: {user.format_node()} modifies the output of {conv_name} in "
+            "place, which the saliency of a channel-sparse conv needs unmodified; that conv "
+            "reports no saliency (track_saliency=False). Use the out-of-place op to get it.",
+            stacklevel=3)

@@ -1,0 +1,212 @@
+"""A channel group: the output channels of a producer conv and the layers that follow them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+
+__all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "SPEC_ATTR", "recorded_spec",
+           "converted_groups"]
+
+# The roles of a group's layers besides its producer (the ChannelGroup fields
+# that list them) and the layer class each role holds.
+MEMBER_ROLES = {"tied": ChannelSparseConv2d, "norms": ChannelSparseBatchNorm2d,
+                "consumers": ChannelSparseConv2d, "linears": nn.Linear,
+                "depthwise": ChannelSparseConv2d}
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """The output channels of ``producer`` and the layers that follow them.
+
+    The first five fields are all a sequential network needs. The others
+    describe graphs with skips and concatenations (:func:`dce_kernels.convert`
+    fills them); their defaults mean "none" and leave the first five's meaning
+    unchanged:
+
+    * ``tied``: further convs whose output channels are the group's channels
+      (their outputs are added to the producer's, e.g. residual branches): they
+      activate the same output channels.
+    * ``depthwise``: depthwise convs (``groups == in_channels == out_channels``)
+      that carry the group's channels: their input *and* output channels follow.
+    * ``offsets``: for a layer in ``norms``, ``consumers``, ``linears`` or
+      ``depthwise`` that sees the group inside a wider tensor (after
+      ``torch.cat``), the index of the group's first channel there (absent: 0).
+    * ``linear_channels``: for a Linear in ``linears``, the number of channels
+      of the map it reads flattened (absent: ``num_channels``). Column ``j`` of
+      the Linear reads channel ``j // (in_features // linear_channels)``.
+    * ``readers_known``: False when the layers after the producer are unknown
+      (a model torch.fx could not trace): the selection still applies to the
+      producers, but no compact model can be exported from a partial selection.
+    * ``sole_readers``: the group's layers (through channel-wise ops) are the
+      only readers of the producer's output, as a linker that has seen every
+      reader establishes. Only then may a :class:`ChannelPlan` pass the group's
+      activations packed (see :attr:`can_pack`); the default, False, keeps them
+      full width.
+    """
+
+    producer: ChannelSparseConv2d
+    norms: list[ChannelSparseBatchNorm2d] = field(default_factory=list)
+    consumers: list[ChannelSparseConv2d] = field(default_factory=list)
+    linears: list[nn.Linear] = field(default_factory=list)
+    name: str = ""
+    tied: list[ChannelSparseConv2d] = field(default_factory=list)
+    depthwise: list[ChannelSparseConv2d] = field(default_factory=list)
+    offsets: dict[nn.Module, int] = field(default_factory=dict)
+    linear_channels: dict[nn.Linear, int] = field(default_factory=dict)
+    readers_known: bool = True
+    sole_readers: bool = False
+
+    @property
+    def num_channels(self) -> int:
+        return self.producer.out_channels
+
+    @property
+    def producers(self) -> list[ChannelSparseConv2d]:
+        """Every conv whose output channels are exactly this group's."""
+        return [self.producer] + list(self.tied)
+
+    def offset(self, layer: nn.Module) -> int:
+        return int(self.offsets.get(layer, 0))
+
+    def total_channels(self, linear: nn.Linear) -> int:
+        return int(self.linear_channels.get(linear, self.num_channels))
+
+    @property
+    def can_pack(self) -> bool:
+        """Whether the group's activations may be packed: its layers are the sole
+        readers and read exactly its channels (one producer, no Linear, no
+        offsets, convs of groups == 1, norms and consumers as wide as the group)."""
+        c = self.num_channels
+        return (self.sole_readers and self.readers_known and not self.linears and not self.tied
+                and not self.depthwise and not self.offsets and self.producer.groups == 1
+                and all(conv.groups == 1 and conv.in_channels == c for conv in self.consumers)
+                and all(bn.num_features == c for bn in self.norms))
+
+    def validate(self) -> None:
+        c = self.num_channels
+        members = (list(self.norms) + list(self.consumers) + list(self.linears)
+                   + list(self.depthwise))
+        for layer, off in self.offsets.items():
+            if not any(layer is m for m in members):
+                raise ValueError(f"group {self.name!r}: an offset is given for a "
+                                 f"{type(layer).__name__} that is not in the group")
+            if int(off) != off or off < 0:
+                raise ValueError(f"group {self.name!r}: offsets must be non-negative "
+                                 f"integers, got {off}")
+        for conv in self.tied:
+            if conv.out_channels != c:
+                raise ValueError(f"group {self.name!r}: tied conv has {conv.out_channels} "
+                                 f"output channels, the producer {c}")
+        for bn in self.norms:
+            if bn.num_features < self.offset(bn) + c:
+                raise ValueError(f"group {self.name!r}: BatchNorm has {bn.num_features} "
+                                 f"channels, its conv {c} (at offset {self.offset(bn)})")
+        for conv in self.consumers:
+            if conv.in_channels < self.offset(conv) + c or conv.groups != 1:
+                raise ValueError(f"group {self.name!r}: consumer conv must have groups=1 and "
+                                 f"{c} input channels (from offset {self.offset(conv)}), got "
+                                 f"{conv.in_channels} (groups={conv.groups})")
+        for conv in self.depthwise:
+            if not (conv.groups == conv.in_channels == conv.out_channels) \
+                    or conv.in_channels < self.offset(conv) + c:
+                raise ValueError(f"group {self.name!r}: a depthwise member needs "
+                                 "groups == in_channels == out_channels covering the group's "
+                                 f"{c} channels, got in={conv.in_channels}, "
+                                 f"out={conv.out_channels}, groups={conv.groups}")
+        for lin in self.linears:
+            total = self.total_channels(lin)
+            if total < self.offset(lin) + c or lin.in_features % total:
+                raise ValueError(f"group {self.name!r}: Linear in_features={lin.in_features} is "
+                                 f"not a multiple of the {total} channels it reads")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A :class:`ChannelGroup` as plain data: its layers by module name (and
+    numbers), so that a deep copy or a pickle of the model it was made for
+    resolves to the copy's own layers. Fields as in :class:`ChannelGroup`;
+    ``offsets`` and ``linear_channels`` are ``(module name, number)`` pairs."""
+
+    producer: str
+    norms: tuple[str, ...] = ()
+    consumers: tuple[str, ...] = ()
+    linears: tuple[str, ...] = ()
+    name: str = ""
+    tied: tuple[str, ...] = ()
+    depthwise: tuple[str, ...] = ()
+    offsets: tuple[tuple[str, int], ...] = ()
+    linear_channels: tuple[tuple[str, int], ...] = ()
+    readers_known: bool = True
+    sole_readers: bool = False
+
+    @classmethod
+    def from_group(cls, group: ChannelGroup, model: nn.Module) -> GroupSpec:
+        """The names of ``group``'s layers in ``model``."""
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def name_of(layer: nn.Module) -> str:
+            if id(layer) not in names:
+                raise ValueError(f"group {group.name!r}: a {type(layer).__name__} of the group "
+                                 "is not a module of the model")
+            return names[id(layer)]
+
+        return cls(name_of(group.producer), name=group.name,
+                   offsets=tuple((name_of(m), int(off)) for m, off in group.offsets.items()),
+                   linear_channels=tuple((name_of(m), int(c))
+                                         for m, c in group.linear_channels.items()),
+                   readers_known=group.readers_known, sole_readers=group.sole_readers,
+                   **{role: tuple(map(name_of, getattr(group, role))) for role in MEMBER_ROLES})
+
+    def resolve(self, model: nn.Module) -> ChannelGroup:
+        """The :class:`ChannelGroup` of ``model``'s layers of these names."""
+        def get(name, kind):
+            try:
+                m = model.get_submodule(name)
+            except AttributeError as e:
+                raise ValueError(f"converted model: module {name!r} of its channel groups is "
+                                 "gone (was the model changed after convert?)") from e
+            if not isinstance(m, kind):
+                raise ValueError(f"converted model: {name!r} is a {type(m).__name__}, expected "
+                                 f"{kind.__name__} (was the model changed after convert?)")
+            return m
+
+        members = {role: [get(n, kind) for n in getattr(self, role)]
+                   for role, kind in MEMBER_ROLES.items()}
+        by_name = {n: m for role in members for n, m in zip(getattr(self, role), members[role])}
+        return ChannelGroup(get(self.producer, ChannelSparseConv2d), name=self.name,
+                            offsets={by_name[n]: off for n, off in self.offsets},
+                            linear_channels={by_name[n]: c for n, c in self.linear_channels},
+                            readers_known=self.readers_known, sole_readers=self.sole_readers,
+                            **members)
+
+
+# Where a linker records a model's groups (a ChannelSpec) on the model itself.
+SPEC_ATTR = "_dce_channel_spec"
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """The channel groups a linker found for a model, as plain data, and the
+    convs whose output channels stay full with the reason (``(conv name, why)``)."""
+
+    groups: tuple[GroupSpec, ...]
+    kept_full: tuple[tuple[str, str], ...] = ()
+
+    def resolve(self, model: nn.Module) -> list[ChannelGroup]:
+        return [g.resolve(model) for g in self.groups]
+
+
+def recorded_spec(model: nn.Module) -> Optional[ChannelSpec]:
+    """The :class:`ChannelSpec` recorded on ``model`` (None: none was)."""
+    return getattr(model, SPEC_ATTR, None)
+
+
+def converted_groups(model: nn.Module) -> Optional[list[ChannelGroup]]:
+    """The channel groups :func:`dce_kernels.convert` found for ``model``
+    (None if it was not converted)."""
+    spec = recorded_spec(model)
+    return None if spec is None else spec.resolve(model)

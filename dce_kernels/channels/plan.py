@@ -1,0 +1,245 @@
+"""Applying a selection: :class:`ChannelPlan` sets the active channels of every
+layer of the channel groups, and lists the parameter blocks that are active."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, _as_index
+from ..optim import ActiveBlock
+from .group import ChannelGroup, converted_groups
+from .sequential import sequential_groups
+
+__all__ = ["ChannelPlan", "plan_for", "linear_features"]
+
+
+class _LayerIndex:
+    """One channel index of one layer as the groups fill it (a conv's
+    ``out_idx`` or ``in_idx``, a BatchNorm's ``active_idx``, the channels of the
+    map a Linear reads): ``(group index, offset)`` pairs, and the layer's
+    channels no group covers (always active)."""
+
+    __slots__ = ("size", "entries", "fixed")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: list[tuple[int, int]] = []
+        self.fixed: Optional[torch.Tensor] = None
+
+    def finish(self, widths: Sequence[int], what: str) -> None:
+        covered = torch.zeros(self.size, dtype=torch.bool)
+        for g, off in self.entries:
+            if covered[off:off + widths[g]].any():
+                raise ValueError(f"{what}: two channel groups claim the same channels")
+            covered[off:off + widths[g]] = True
+        self.fixed = (~covered).nonzero().squeeze(1)
+
+    def active(self, selection: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(self.entries) == 1 and self.entries[0][1] == 0 and self.fixed.numel() == 0:
+            return selection[self.entries[0][0]]  # the common case: one group, whole layer
+        parts = [self.fixed.to(selection[0].device)]
+        parts += [selection[g] + off for g, off in self.entries]
+        return torch.sort(torch.cat(parts)).values
+
+
+class ChannelPlan:
+    """Applies selections to a model whose channel groups are known.
+
+    ``pack`` (default True) sets the packed layouts (``packed_input``,
+    ``packed_output``, ``packed`` of a BatchNorm) on the layers of every group
+    whose ``can_pack`` allows them, for as long as the plan's model is used;
+    with ``pack=False`` every activation keeps its full width."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup],
+                 pack: bool = True) -> None:
+        self.model = model
+        self.groups = list(groups)
+        for g in self.groups:
+            g.validate()
+        producers = [p for g in self.groups for p in g.producers]
+        if len(set(map(id, producers))) != len(producers):
+            raise ValueError("a conv produces more than one channel group")
+        self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
+        self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
+        self._indices = self._collect_indices()
+        self._linear_active: dict[int, tuple[nn.Linear, torch.Tensor, int]] = {}
+        self._selection: Optional[list[torch.Tensor]] = None
+        self._set_layouts(pack)
+
+    def _set_layouts(self, pack: bool) -> None:
+        for conv in self.convs:
+            conv.packed_input = conv.packed_output = False
+        for bn in self.norms:
+            bn.packed = False
+        for g in self.groups:
+            on = pack and g.can_pack
+            g.producer.packed_output = on
+            for conv in g.consumers:
+                conv.packed_input = on
+            for bn in g.norms:
+                bn.packed = on
+
+    def _collect_indices(self) -> dict[tuple[int, str], _LayerIndex]:
+        """Every layer index a group fills, keyed by (layer id, index name)."""
+        indices: dict[tuple[int, str], _LayerIndex] = {}
+        self._linears: list[nn.Linear] = []
+
+        def cover(layer, index, size, g, off):
+            key = (id(layer), index)
+            if key not in indices:
+                indices[key] = _LayerIndex(size)
+                if isinstance(layer, nn.Linear):
+                    self._linears.append(layer)
+            elif indices[key].size != size:
+                raise ValueError(f"channel groups disagree on how many channels a "
+                                 f"{type(layer).__name__} sees: {indices[key].size} vs {size}")
+            indices[key].entries.append((g, off))
+
+        for i, g in enumerate(self.groups):
+            for conv in g.producers:
+                cover(conv, "out_idx", conv.out_channels, i, 0)
+            for conv in g.consumers:
+                cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
+            for conv in g.depthwise:
+                cover(conv, "out_idx", conv.out_channels, i, g.offset(conv))
+                cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
+            for bn in g.norms:
+                cover(bn, "active_idx", bn.num_features, i, g.offset(bn))
+            for lin in g.linears:
+                cover(lin, "in_channels", g.total_channels(lin), i, g.offset(lin))
+        widths = self.num_channels
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for (layer_id, index), u in indices.items():
+            u.finish(widths, f"{names.get(layer_id, '?')} ({index})")
+        return indices
+
+    @property
+    def num_channels(self) -> list[int]:
+        return [g.num_channels for g in self.groups]
+
+    @property
+    def selection(self) -> Optional[list[torch.Tensor]]:
+        """The applied selection (None: all channels active)."""
+        return self._selection
+
+    def apply(self, selection: Optional[Sequence[torch.Tensor]]) -> None:
+        """Activates ``selection[i]`` channels of group i on every layer of the
+        group; None activates every channel of every layer."""
+        if selection is None:
+            self._selection = None
+            self._linear_active = {}
+            for conv in self.convs:
+                conv.set_active()
+            for bn in self.norms:
+                bn.set_active()
+            return
+        if len(selection) != len(self.groups):
+            raise ValueError(f"selection has {len(selection)} entries for "
+                             f"{len(self.groups)} channel groups")
+        # Checked per group: with offsets, a bad index of one group could land
+        # on another group's channels of a shared layer and pass the layer's check.
+        device = self.groups[0].producer.weight.device if self.groups else None
+        selection = [_as_index(idx, g.num_channels, device, f"selection of group {g.name!r}")
+                     for g, idx in zip(self.groups, selection)]
+
+        def active(layer, index):
+            u = self._indices.get((id(layer), index))
+            return None if u is None else u.active(selection)
+
+        def checked(idx, size, device):
+            # Group selections are checked above, and a union of them is sorted
+            # and disjoint by construction (_LayerIndex.finish): no per-layer check.
+            return _as_index(None, size, device, "") if idx is None else idx.to(device)
+
+        # One assignment per layer; layers outside every group run fully.
+        for conv in self.convs:
+            device = conv.weight.device
+            conv._use_channels(checked(active(conv, "out_idx"), conv.out_channels, device),
+                               checked(active(conv, "in_idx"), conv.in_channels, device))
+        for bn in self.norms:
+            bn._use_channels(checked(active(bn, "active_idx"), bn.num_features,
+                                     bn.active_idx.device))
+        self._linear_active = {
+            id(lin): (lin, active(lin, "in_channels"), self._indices[(id(lin), "in_channels")].size)
+            for lin in self._linears}
+        self._selection = [g.producer.out_idx.detach().cpu().clone() for g in self.groups]
+
+    def saliency(self) -> list[torch.Tensor]:
+        """The saliency each group's producer reported in the last backward.
+
+        A group whose channels several convs produce (tied producers, depthwise
+        convs) reports the sum over those convs: removing the channel removes it
+        from all of them, and each term is that conv's first-order loss change."""
+        out = []
+        for g in self.groups:
+            if not g.tied and not g.depthwise:
+                out.append(g.producer.saliency)
+                continue
+            total = g.producer.saliency.clone()
+            for conv in g.tied:
+                total += conv.saliency
+            for conv in g.depthwise:
+                off = g.offset(conv)
+                total += conv.saliency[off:off + g.num_channels]
+            out.append(total)
+        return out
+
+    def linear_columns(self) -> list[tuple[nn.Linear, torch.Tensor]]:
+        """``(linear, active input features)`` of every Linear that reads a
+        group's channels, for the applied selection."""
+        return [(lin, linear_features(ch, lin.in_features, total))
+                for lin, ch, total in self._linear_active.values()]
+
+    def active_blocks(self) -> list[ActiveBlock]:
+        """The trainable block of every parameter that has inactive channels:
+        what an optimizer step may change (:class:`~dce_kernels.optim.MaskedOptimizer`)."""
+        blocks = []
+
+        def partial(active, size):
+            return None if active.numel() == size else active
+
+        def add(param, rows=None, cols=None):
+            if param is not None and (rows is not None or cols is not None):
+                blocks.append(ActiveBlock(param, rows, cols))
+
+        for conv in self.convs:
+            rows = partial(conv.out_idx, conv.out_channels)
+            cols = partial(conv.in_idx, conv.in_channels) if conv.groups == 1 else None
+            add(conv.weight, rows, cols)
+            add(conv.bias, rows)
+        for bn in self.norms:
+            rows = partial(bn.active_idx, bn.num_features)
+            add(bn.weight, rows)
+            add(bn.bias, rows)
+        for lin, channels, total in self._linear_active.values():
+            if channels.numel() < total:
+                # Whole channels of the flattened map: runs of in_features // total columns.
+                blocks.append(ActiveBlock(lin.weight, cols=channels,
+                                          view=(lin.out_features, total,
+                                                lin.in_features // total)))
+        return blocks
+
+
+def linear_features(channels: torch.Tensor, in_features: int, num_channels: int) -> torch.Tensor:
+    """Feature indices a Linear reads from ``channels`` of a flattened (C, H, W) map."""
+    spatial = in_features // num_channels
+    offsets = torch.arange(spatial, device=channels.device)
+    return (channels.unsqueeze(1) * spatial + offsets).reshape(-1)
+
+
+def plan_for(model: nn.Module, pack: bool = True) -> ChannelPlan:
+    """The groups :func:`dce_kernels.convert` found (if the model was converted),
+    else the model's own ``channel_groups()`` if it has one, else sequential linking.
+    ``pack``: see :class:`ChannelPlan`."""
+    groups = converted_groups(model)
+    if groups == []:
+        raise ValueError(f"dce_kernels.convert found no selectable channels in "
+                         f"{type(model).__name__}; conversion_notes(model) says why")
+    if groups is None:
+        groups = (model.channel_groups() if hasattr(model, "channel_groups")
+                  else sequential_groups(model))
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no ChannelSparseConv2d to select channels of")
+    return ChannelPlan(model, groups, pack=pack)
