@@ -107,3 +107,51 @@ def test_bad_stride_and_padding_raise():
 def test_bad_saliency_probe_shape_raises():
     with pytest.raises(RuntimeError, match="saliency_probe must have shape"):
         _call(saliency_probe=torch.zeros(7, requires_grad=True))
+
+
+def _backward_call(backend, packed_output=False):
+    """A forward of `backend`'s op and the keyword arguments of its backward op
+    for that forward, all good: each bad-input case below spoils one of them."""
+    dev = backend.device
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64, device=dev)
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, device=dev)
+    conv = dict(in_idx=torch.tensor([0, 2, 5], device=dev), out_idx=torch.tensor([1, 4], device=dev),
+                stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1,
+                packed_output=packed_output)
+    y = backend.ops.channel_sparse_conv2d(x, w, None, saliency_probe=None, **conv)
+    return dict(grad_output=torch.randn_like(y), input=x, weight=w, output=y,
+                output_mask=[True, True, False], **conv)
+
+
+# Every backend checks the backward's arguments with one function (csrc/common):
+# grad_output and output must be what the forward returned for these arguments.
+BAD_GRAD_OUTPUT = {
+    "short spatially": (dict(), lambda a: dict(grad_output=a["grad_output"][..., :-1],
+                                               output=None),
+                        r"grad_output shape \[2, 5, 7, 4\] does not match .*\[2, 5, 7, 5\]"),
+    "too few channels": (dict(), lambda a: dict(grad_output=a["grad_output"][:, :4], output=None),
+                         r"grad_output shape \[2, 4, 7, 5\] does not match"),
+    "unbatched": (dict(), lambda a: dict(grad_output=a["grad_output"][0], output=None),
+                  "grad_output shape"),
+    "full width for a packed output": (
+        dict(packed_output=True),
+        lambda a: dict(grad_output=torch.zeros(2, 5, 7, 5, dtype=torch.float64,
+                                               device=a["input"].device), output=None),
+        r"grad_output shape \[2, 5, 7, 5\] does not match .*\[2, 2, 7, 5\]"),
+    "float32": (dict(), lambda a: dict(grad_output=a["grad_output"].float()),
+                "grad_output dtype Float differs from input dtype Double"),
+    "output of another shape": (dict(), lambda a: dict(output=a["output"][:, :, 1:]),
+                                "output shape .* differs from grad_output shape"),
+    "output float32": (dict(), lambda a: dict(output=a["output"].float()),
+                       "output dtype Float differs from input dtype Double"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GRAD_OUTPUT)
+def test_backward_op_rejects_a_bad_grad_output(backend, case):
+    call_args, spoil, message = BAD_GRAD_OUTPUT[case]
+    args = _backward_call(backend, **call_args)
+    backward = backend.ops.channel_sparse_conv2d_backward
+    backward(**args)  # the unspoilt call is fine: the error below is the spoilt argument's
+    with pytest.raises(RuntimeError, match=message):
+        backward(**{**args, **spoil(args)})
