@@ -2,12 +2,70 @@
 torch.compile, and the errors bad input gets."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import dce_kernels
+from backends import BACKENDS
+from dce_kernels import ops
 
 OP = torch.ops.dce.channel_sparse_conv2d.default
+
+# Every library of the dce schemas present here: dce, and dce_emu where the emulator is built.
+NAMESPACES = sorted({backend.namespace for backend in BACKENDS})
+
+
+def _schema_arguments(op):
+    return [(a.name, str(a.type), a.default_value if a.has_default_value() else "no default")
+            for a in op._schema.arguments]
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_every_library_registers_the_same_schemas(namespace):
+    library = getattr(torch.ops, namespace)
+    for name, names in (("channel_sparse_conv2d", ops.CONV_ARGS),
+                        ("channel_sparse_conv2d_backward", ops.CONV_BACKWARD_ARGS)):
+        op, reference = getattr(library, name).default, getattr(torch.ops.dce, name).default
+        # ops.py finds arguments by these names (read from torch.ops.dce's schemas).
+        assert tuple(a.name for a in op._schema.arguments) == names
+        assert _schema_arguments(op) == _schema_arguments(reference)
+        assert [str(r.type) for r in op._schema.returns] == \
+            [str(r.type) for r in reference._schema.returns]
+
+
+def test_ops_py_reads_arguments_the_schemas_have():
+    # The names setup_context saves and the backward passes on, in both schemas.
+    shared = set(ops._SAVED_TENSORS + ops._KEPT_PARAMS)
+    assert shared <= set(ops.CONV_ARGS) & set(ops.CONV_BACKWARD_ARGS)
+    assert {"bias", "saliency_probe"} <= set(ops.CONV_ARGS)
+    assert {"grad_output", "output", "output_mask"} <= set(ops.CONV_BACKWARD_ARGS)
+
+
+def _mirrors():
+    """Python functions whose parameters are the op's arguments in schema order:
+    (function, schema arguments, leading parameters that are not the op's)."""
+    conv, backward = OP, torch.ops.dce.channel_sparse_conv2d_backward.default
+    found = [("channel_sparse_conv2d", dce_kernels.channel_sparse_conv2d, conv, 0),
+             ("call_conv_op", ops.call_conv_op, conv, 1),
+             ("forward_fake", ops._forward_fake, conv, 0),
+             ("backward_fake", ops._backward_fake, backward, 0)]
+    if "dce_emu" in NAMESPACES:
+        from dce_kernels import emulated
+        found.append(("emulated.channel_sparse_conv2d", emulated.channel_sparse_conv2d, conv, 0))
+    return [pytest.param(*rest, id=name) for name, *rest in found]
+
+
+@pytest.mark.parametrize("fn, op, skip", _mirrors())
+def test_python_signatures_follow_the_schema(fn, op, skip):
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    assert [p.name for p in params] == [a.name for a in op._schema.arguments]
+    for param, arg in zip(params, op._schema.arguments):
+        # The dispatcher drops arguments equal to their schema default before it
+        # calls a fake kernel, so a Python default must be that same value.
+        if arg.has_default_value():
+            assert param.default == arg.default_value, f"{fn.__qualname__}({param.name})"
 
 
 def _args(requires_grad: bool, dtype=torch.float64, stride=(1, 1), padding=(1, 1),
