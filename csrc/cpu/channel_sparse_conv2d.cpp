@@ -12,7 +12,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../common/conv_args.h"
+#include "../op_schemas.h"
 #include "channel_planes.h"
 
 namespace dce::cpu {
@@ -130,6 +133,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }
 
 }  // namespace
+
+// The kernels have the schemas' types (a mismatch fails here, at compile time,
+// rather than when the library registers them).
+static_assert(std::is_same_v<decltype(forward_cpu), schema::ChannelSparseConv2dFn>);
+static_assert(std::is_same_v<decltype(backward_cpu), schema::ChannelSparseConv2dBackwardFn>);
 
 TORCH_LIBRARY_IMPL(dce, CPU, m) {
   m.impl("channel_sparse_conv2d", &forward_cpu);

@@ -12,6 +12,7 @@
 #include <array>
 #include <climits>
 #include <tuple>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <ATen/cuda/CUDAContext.h>
@@ -20,6 +21,7 @@
 #endif
 
 #include "../common/conv_args.h"
+#include "../op_schemas.h"
 #include "conv_kernels.cuh"
 
 namespace dce::kernels {
@@ -291,6 +293,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
   if (want_gw) grad_weight = gw_acc.scalar_type() == x.scalar_type() ? gw_acc : gw_acc.to(x.scalar_type());
   return {grad_input, grad_weight, grad_bias, saliency};
 }
+
+// The launchers have the schemas' types (a mismatch fails here, at compile
+// time, rather than when a library registers them).
+static_assert(std::is_same_v<decltype(channel_sparse_conv2d), schema::ChannelSparseConv2dFn>);
+static_assert(
+    std::is_same_v<decltype(channel_sparse_conv2d_backward), schema::ChannelSparseConv2dBackwardFn>);
 
 }  // namespace DCE_KERNEL_NS
 }  // namespace dce::kernels
