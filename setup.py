@@ -35,25 +35,27 @@ def _nvcc_reported_home(nvcc):
     return None
 
 
-def find_cuda_home():
-    """CUDA_HOME from the environment, else the toolkit holding the nvcc on PATH,
-    else the standard install location; None when there is no toolkit."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
+def _has_nvcc(home):
+    return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def toolkit_behind_wrapper():
+    """The CUDA toolkit, where torch.utils.cpp_extension would guess it wrong.
+
+    cpp_extension finds the toolkit itself when it is imported (CUDA_HOME or
+    CUDA_PATH, else the directory above the nvcc on PATH, else /usr/local/cuda),
+    and that guess is what the rest of this file uses. It goes wrong in one case:
+    the nvcc on PATH is a wrapper script or a link outside its toolkit (e.g.
+    /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc), where it would
+    take /usr/local. nvcc itself knows where it lives; returns that home, or
+    None when cpp_extension's own guess stands."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-        # nvcc on PATH may be a wrapper script; nvcc itself knows where it lives.
-        home = _nvcc_reported_home(nvcc)
-        if home:
-            return home
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
-    return None
+    if not nvcc or os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)),
+                                               "include", "cuda_runtime.h")):
+        return None
+    return _nvcc_reported_home(nvcc)
 
 
 def wheel_math_headers():
@@ -78,14 +80,17 @@ def cuda_build_requested(torch_module, cuda_home):
     return wanted
 
 
-cuda_home = find_cuda_home()
-if cuda_home and not os.environ.get("CUDA_HOME"):
+_wrapped_home = toolkit_behind_wrapper()
+if _wrapped_home:
     # cpp_extension reads CUDA_HOME once, at import time.
-    os.environ["CUDA_HOME"] = cuda_home
+    os.environ["CUDA_HOME"] = _wrapped_home
 
 import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+# One toolkit for the whole build: the one cpp_extension compiles with, if it has an nvcc.
+cuda_home = cpp_extension.CUDA_HOME if _has_nvcc(cpp_extension.CUDA_HOME) else None
 with_cuda = cuda_build_requested(torch, cuda_home)
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 with_cuda = with_cuda and bool(cuda_sources)
@@ -104,7 +109,6 @@ if with_cuda:
     if math_headers and not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
         include_dirs.append(math_headers)
     sources += cuda_sources
-    define_macros.append(("DCE_WITH_CUDA", "1"))
     extension = CUDAExtension
     extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
 

@@ -2,6 +2,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "op_schemas.h"
+
 namespace dce {
 
 at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tensor& weight,
@@ -11,11 +13,7 @@ at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tensor& weig
                                  int64_t groups, bool packed_input, bool packed_output) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dce::channel_sparse_conv2d", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, const at::Tensor&,
-                                         const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                         at::IntArrayRef, int64_t,
-                                         const std::optional<at::Tensor>&, bool, bool)>();
+                       .typed<schema::ChannelSparseConv2dFn>();
   return op.call(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
                  std::nullopt, packed_input, packed_output);
 }
@@ -25,14 +23,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse_conv2d
     const std::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
-  using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("dce::channel_sparse_conv2d_backward", "")
-          .typed<Result(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                        std::array<bool, 3>, bool, bool)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dce::channel_sparse_conv2d_backward", "")
+                       .typed<schema::ChannelSparseConv2dBackwardFn>();
   return op.call(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
                  groups, output_mask, packed_input, packed_output);
 }

@@ -1,7 +1,15 @@
 // Operator schemas of dce, as strings, so that every library that registers
 // them (dce for the production backends, dce_emu for the emulated CUDA
-// kernels) declares exactly the same signature.
+// kernels) declares exactly the same signature. The argument order is defined
+// here only: Python reads it from the registered schema (dce_kernels/ops.py),
+// C++ callers through the function types below.
 #pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
 
 namespace dce::schema {
 
@@ -32,6 +40,21 @@ inline constexpr const char* kChannelSparseConv2dBackward =
     "Tensor? output, Tensor in_idx, Tensor out_idx, int[2] stride, int[2] padding, "
     "int[2] dilation, int groups, bool[3] output_mask, bool packed_input=False, "
     "bool packed_output=False) -> (Tensor, Tensor, Tensor, Tensor)";
+
+// The C++ types of the two ops, for typed dispatcher calls (api.cpp) and
+// kernels. The dispatcher compares a type with the schema string when a
+// kernel is registered (m.impl) or a typed handle is made, so an edit to one
+// and not the other fails when the library loads, not silently.
+using ChannelSparseConv2dFn = at::Tensor(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output);
+using ChannelSparseConv2dBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output);
 
 // Blocks of parameter-shaped tensors, for optimizer steps over the active
 // channels only: a tensor is viewed as [rows, cols, rest...]; a block is the

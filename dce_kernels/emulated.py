@@ -12,10 +12,12 @@ the AddressSanitizer/UBSan build).
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 
+from . import ops
 from .ops import call_conv_op, register_python_parts
 
 _library = os.environ.get("DCE_EMU_LIBRARY")
@@ -29,9 +31,11 @@ register_python_parts("dce_emu")
 __all__ = ["channel_sparse_conv2d"]
 
 
-def channel_sparse_conv2d(input, weight, bias, in_idx, out_idx, stride=1, padding=0, dilation=1,
-                          groups=1, saliency_probe=None, packed_input=False, packed_output=False):
+def channel_sparse_conv2d(*args, **kwargs):
     """:func:`dce_kernels.channel_sparse_conv2d`, computed by the emulated CUDA kernels."""
-    return call_conv_op(torch.ops.dce_emu.channel_sparse_conv2d.default, input, weight, bias,
-                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe,
-                        packed_input, packed_output)
+    return call_conv_op(torch.ops.dce_emu.channel_sparse_conv2d.default, *args, **kwargs)
+
+
+# Its arguments are call_conv_op's, which are the production function's: shown as
+# such to help() and inspect instead of being written out a third time.
+channel_sparse_conv2d.__signature__ = inspect.signature(ops.channel_sparse_conv2d)

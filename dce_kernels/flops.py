@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
 
-from . import ops  # noqa: F401  (the ops must exist before formulas name them)
 from .nn import ChannelSparseConv2d
+from .ops import CONV_ARGS, CONV_BACKWARD_ARGS  # (and the ops exist before formulas name them)
 
 __all__ = ["count_flops", "count_params"]
 
@@ -38,20 +38,28 @@ def _conv_shapes(x_shape, w_shape, out_shape, in_idx_shape, out_idx_shape, group
     return _active_shapes(x_shape, w_shape, out_shape, in_idx_shape[0], out_idx_shape[0])
 
 
+def _by_name(names, args, kwargs):
+    """The op's arguments as the flop counter passes them (tensors as their
+    shapes, the rest as they are), by schema name. Arguments left at their
+    defaults may be missing; the formulas below need none of those."""
+    return {**dict(zip(names, args)), **kwargs}
+
+
 @register_flop_formula(torch.ops.dce.channel_sparse_conv2d)
-def _forward_flop(x_shape, w_shape, _bias, in_idx_shape, out_idx_shape, _stride, _padding,
-                  _dilation, groups, _probe, _packed_input=False, _packed_output=False, *,
-                  out_shape, **kwargs) -> int:
+def _forward_flop(*args, out_shape, **kwargs) -> int:
+    a = _by_name(CONV_ARGS, args, kwargs)
     # The active shapes come from the index lists, so both layouts count alike.
-    x, w, out = _conv_shapes(x_shape, w_shape, out_shape, in_idx_shape, out_idx_shape, groups)
+    x, w, out = _conv_shapes(a["input"], a["weight"], out_shape, a["in_idx"], a["out_idx"],
+                             a["groups"])
     return conv_flop_count(x, w, out)
 
 
 @register_flop_formula(torch.ops.dce.channel_sparse_conv2d_backward)
-def _backward_flop(grad_out_shape, x_shape, w_shape, _output, in_idx_shape, out_idx_shape,
-                   _stride, _padding, _dilation, groups, output_mask, _packed_input=False,
-                   _packed_output=False, *, out_shape, **kwargs) -> int:
-    x, w, g = _conv_shapes(x_shape, w_shape, grad_out_shape, in_idx_shape, out_idx_shape, groups)
+def _backward_flop(*args, out_shape, **kwargs) -> int:
+    a = _by_name(CONV_BACKWARD_ARGS, args, kwargs)
+    output_mask = a["output_mask"]
+    x, w, g = _conv_shapes(a["input"], a["weight"], a["grad_output"], a["in_idx"], a["out_idx"],
+                           a["groups"])
 
     def t(shape):
         return [shape[1], shape[0], *shape[2:]]

@@ -1,7 +1,7 @@
 """Python face of the ``torch.ops.dce`` operators: the functional API, fake
 kernels (for torch.compile / FakeTensor) and autograd registration.
 
-The schemas live in csrc/ops.cpp; the kernels in csrc/cpu (and csrc/cuda).
+The schemas live in csrc/op_schemas.h; the kernels in csrc/cpu (and csrc/cuda).
 """
 from __future__ import annotations
 
@@ -18,6 +18,19 @@ __all__ = ["channel_sparse_conv2d", "call_conv_op", "register_python_parts", "ga
 
 _IntOrPair = Union[int, Sequence[int]]
 
+
+def _argument_names(op: torch._ops.OpOverload) -> tuple[str, ...]:
+    return tuple(argument.name for argument in op._schema.arguments)
+
+
+# The arguments of the conv op and of its backward op, in schema order, read
+# from the registered schemas (csrc/op_schemas.h defines them once for every
+# namespace). This module and flops.py find arguments by these names, never by
+# position; test_op_registration checks every namespace's schemas against
+# these tuples, and the Python signatures that mirror them (the functional
+# API, call_conv_op, the fakes) against the schemas.
+CONV_ARGS = _argument_names(torch.ops.dce.channel_sparse_conv2d.default)
+CONV_BACKWARD_ARGS = _argument_names(torch.ops.dce.channel_sparse_conv2d_backward.default)
 
 
 def _resolve_padding(input, weight, stride, padding, dilation):
@@ -78,9 +91,11 @@ def channel_sparse_conv2d(
     narrow activations, as a physically narrower network would; the weight and
     all parameter gradients keep the layer's full shape either way.
     """
-    return call_conv_op(torch.ops.dce.channel_sparse_conv2d.default, input, weight, bias,
-                        in_idx, out_idx, stride, padding, dilation, groups, saliency_probe,
-                        packed_input, packed_output)
+    return call_conv_op(torch.ops.dce.channel_sparse_conv2d.default, input=input,
+                        weight=weight, bias=bias, in_idx=in_idx, out_idx=out_idx, stride=stride,
+                        padding=padding, dilation=dilation, groups=groups,
+                        saliency_probe=saliency_probe, packed_input=packed_input,
+                        packed_output=packed_output)
 
 
 def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, dilation=1,
@@ -92,8 +107,11 @@ def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, 
     if unbatched:
         input = input.unsqueeze(0)
     input, padding = _resolve_padding(input, weight, stride, padding, dilation)
-    out = op(input, weight, bias, in_idx, out_idx, list(stride), list(padding), list(dilation),
-             groups, saliency_probe, packed_input, packed_output)
+    # By keyword: the schema, not this call, decides the order.
+    out = op(input=input, weight=weight, bias=bias, in_idx=in_idx, out_idx=out_idx,
+             stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups,
+             saliency_probe=saliency_probe, packed_input=packed_input,
+             packed_output=packed_output)
     return out.squeeze(0) if unbatched else out
 
 
@@ -131,15 +149,24 @@ def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, 
     )
 
 
+# The forward's arguments that its backward op takes again: the tensors are
+# saved for backward, the rest kept on ctx.
+_SAVED_TENSORS = ("input", "weight", "in_idx", "out_idx")
+_KEPT_PARAMS = ("stride", "padding", "dilation", "groups", "packed_input", "packed_output")
+
+
+def _needs_grad(ctx, name: str) -> bool:
+    return ctx.needs_input_grad[CONV_ARGS.index(name)]
+
+
 def _setup_context(ctx, inputs, output):
-    (input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups, probe,
-     packed_input, packed_output) = inputs
+    # inputs holds every argument, defaults filled in, in schema order.
+    args = dict(zip(CONV_ARGS, inputs))
     # The output is kept only when saliency is wanted: it is h in sum(g * h).
-    ctx.want_saliency = probe is not None and ctx.needs_input_grad[9]
-    ctx.has_bias = bias is not None
-    ctx.conv_params = (stride, padding, dilation, groups)
-    ctx.layout = (packed_input, packed_output)
-    saved = [input, weight, in_idx, out_idx]
+    ctx.want_saliency = args["saliency_probe"] is not None and _needs_grad(ctx, "saliency_probe")
+    ctx.has_bias = args["bias"] is not None
+    ctx.params = {name: args[name] for name in _KEPT_PARAMS}
+    saved = [args[name] for name in _SAVED_TENSORS]
     if ctx.want_saliency:
         saved.append(output)
     ctx.save_for_backward(*saved)
@@ -147,16 +174,18 @@ def _setup_context(ctx, inputs, output):
 
 def _make_backward(backward_op):
     def backward(ctx, grad_output):
-        input, weight, in_idx, out_idx, *rest = ctx.saved_tensors
-        output = rest[0] if ctx.want_saliency else None
-        stride, padding, dilation, groups = ctx.conv_params
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2]]
+        saved = ctx.saved_tensors
+        tensors = dict(zip(_SAVED_TENSORS, saved))
+        output = saved[len(_SAVED_TENSORS)] if ctx.want_saliency else None
+        mask = [_needs_grad(ctx, "input"), _needs_grad(ctx, "weight"),
+                ctx.has_bias and _needs_grad(ctx, "bias")]
         grad_input, grad_weight, grad_bias, saliency = backward_op(
-            grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
-            groups, mask, *ctx.layout)
-        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None, saliency,
-                None, None)
+            grad_output=grad_output, output=output, output_mask=mask, **tensors, **ctx.params)
+        # One gradient per argument of the schema (None for the non-differentiable ones);
+        # the saliency is the gradient of the probe.
+        grads = {"input": grad_input, "weight": grad_weight, "bias": grad_bias,
+                 "saliency_probe": saliency}
+        return tuple(grads.get(name) for name in CONV_ARGS)
 
     return backward
 

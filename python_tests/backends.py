@@ -20,21 +20,26 @@ class Backend:
     name: str
     conv: Callable  # same signature as dce_kernels.channel_sparse_conv2d
     device: str
+    namespace: str  # its ops are torch.ops.<namespace>.*, for tests that call them directly
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
 
     def __str__(self) -> str:
         return self.name
 
 
 def available_backends() -> list[Backend]:
-    found = [Backend("cpu", dce_kernels.channel_sparse_conv2d, "cpu")]
+    found = [Backend("cpu", dce_kernels.channel_sparse_conv2d, "cpu", "dce")]
     # The emulator exists wherever its fiber switch does (x86-64); there, a
     # missing or broken build must fail the suite, not skip it silently.
     if platform.machine().lower() in {"x86_64", "amd64"}:
         from dce_kernels import emulated
 
-        found.append(Backend("emulated", emulated.channel_sparse_conv2d, "cpu"))
+        found.append(Backend("emulated", emulated.channel_sparse_conv2d, "cpu", "dce_emu"))
     if torch.cuda.is_available():
-        found.append(Backend("cuda", dce_kernels.channel_sparse_conv2d, "cuda"))
+        found.append(Backend("cuda", dce_kernels.channel_sparse_conv2d, "cuda", "dce"))
     return found
 
 

@@ -2,12 +2,70 @@
 torch.compile, and the errors bad input gets."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import dce_kernels
+from backends import BACKENDS
+from dce_kernels import ops
 
 OP = torch.ops.dce.channel_sparse_conv2d.default
+
+# Every library of the dce schemas present here: dce, and dce_emu where the emulator is built.
+NAMESPACES = sorted({backend.namespace for backend in BACKENDS})
+
+
+def _schema_arguments(op):
+    return [(a.name, str(a.type), a.default_value if a.has_default_value() else "no default")
+            for a in op._schema.arguments]
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_every_library_registers_the_same_schemas(namespace):
+    library = getattr(torch.ops, namespace)
+    for name, names in (("channel_sparse_conv2d", ops.CONV_ARGS),
+                        ("channel_sparse_conv2d_backward", ops.CONV_BACKWARD_ARGS)):
+        op, reference = getattr(library, name).default, getattr(torch.ops.dce, name).default
+        # ops.py finds arguments by these names (read from torch.ops.dce's schemas).
+        assert tuple(a.name for a in op._schema.arguments) == names
+        assert _schema_arguments(op) == _schema_arguments(reference)
+        assert [str(r.type) for r in op._schema.returns] == \
+            [str(r.type) for r in reference._schema.returns]
+
+
+def test_ops_py_reads_arguments_the_schemas_have():
+    # The names setup_context saves and the backward passes on, in both schemas.
+    shared = set(ops._SAVED_TENSORS + ops._KEPT_PARAMS)
+    assert shared <= set(ops.CONV_ARGS) & set(ops.CONV_BACKWARD_ARGS)
+    assert {"bias", "saliency_probe"} <= set(ops.CONV_ARGS)
+    assert {"grad_output", "output", "output_mask"} <= set(ops.CONV_BACKWARD_ARGS)
+
+
+def _mirrors():
+    """Python functions whose parameters are the op's arguments in schema order:
+    (function, schema arguments, leading parameters that are not the op's)."""
+    conv, backward = OP, torch.ops.dce.channel_sparse_conv2d_backward.default
+    found = [("channel_sparse_conv2d", dce_kernels.channel_sparse_conv2d, conv, 0),
+             ("call_conv_op", ops.call_conv_op, conv, 1),
+             ("forward_fake", ops._forward_fake, conv, 0),
+             ("backward_fake", ops._backward_fake, backward, 0)]
+    if "dce_emu" in NAMESPACES:
+        from dce_kernels import emulated
+        found.append(("emulated.channel_sparse_conv2d", emulated.channel_sparse_conv2d, conv, 0))
+    return [pytest.param(*rest, id=name) for name, *rest in found]
+
+
+@pytest.mark.parametrize("fn, op, skip", _mirrors())
+def test_python_signatures_follow_the_schema(fn, op, skip):
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    assert [p.name for p in params] == [a.name for a in op._schema.arguments]
+    for param, arg in zip(params, op._schema.arguments):
+        # The dispatcher drops arguments equal to their schema default before it
+        # calls a fake kernel, so a Python default must be that same value.
+        if arg.has_default_value():
+            assert param.default == arg.default_value, f"{fn.__qualname__}({param.name})"
 
 
 def _args(requires_grad: bool, dtype=torch.float64, stride=(1, 1), padding=(1, 1),
@@ -107,3 +165,51 @@ def test_bad_stride_and_padding_raise():
 def test_bad_saliency_probe_shape_raises():
     with pytest.raises(RuntimeError, match="saliency_probe must have shape"):
         _call(saliency_probe=torch.zeros(7, requires_grad=True))
+
+
+def _backward_call(backend, packed_output=False):
+    """A forward of `backend`'s op and the keyword arguments of its backward op
+    for that forward, all good: each bad-input case below spoils one of them."""
+    dev = backend.device
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64, device=dev)
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, device=dev)
+    conv = dict(in_idx=torch.tensor([0, 2, 5], device=dev), out_idx=torch.tensor([1, 4], device=dev),
+                stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1,
+                packed_output=packed_output)
+    y = backend.ops.channel_sparse_conv2d(x, w, None, saliency_probe=None, **conv)
+    return dict(grad_output=torch.randn_like(y), input=x, weight=w, output=y,
+                output_mask=[True, True, False], **conv)
+
+
+# Every backend checks the backward's arguments with one function (csrc/common):
+# grad_output and output must be what the forward returned for these arguments.
+BAD_GRAD_OUTPUT = {
+    "short spatially": (dict(), lambda a: dict(grad_output=a["grad_output"][..., :-1],
+                                               output=None),
+                        r"grad_output shape \[2, 5, 7, 4\] does not match .*\[2, 5, 7, 5\]"),
+    "too few channels": (dict(), lambda a: dict(grad_output=a["grad_output"][:, :4], output=None),
+                         r"grad_output shape \[2, 4, 7, 5\] does not match"),
+    "unbatched": (dict(), lambda a: dict(grad_output=a["grad_output"][0], output=None),
+                  "grad_output shape"),
+    "full width for a packed output": (
+        dict(packed_output=True),
+        lambda a: dict(grad_output=torch.zeros(2, 5, 7, 5, dtype=torch.float64,
+                                               device=a["input"].device), output=None),
+        r"grad_output shape \[2, 5, 7, 5\] does not match .*\[2, 2, 7, 5\]"),
+    "float32": (dict(), lambda a: dict(grad_output=a["grad_output"].float()),
+                "grad_output dtype Float differs from input dtype Double"),
+    "output of another shape": (dict(), lambda a: dict(output=a["output"][:, :, 1:]),
+                                "output shape .* differs from grad_output shape"),
+    "output float32": (dict(), lambda a: dict(output=a["output"].float()),
+                       "output dtype Float differs from input dtype Double"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GRAD_OUTPUT)
+def test_backward_op_rejects_a_bad_grad_output(backend, case):
+    call_args, spoil, message = BAD_GRAD_OUTPUT[case]
+    args = _backward_call(backend, **call_args)
+    backward = backend.ops.channel_sparse_conv2d_backward
+    backward(**args)  # the unspoilt call is fine: the error below is the spoilt argument's
+    with pytest.raises(RuntimeError, match=message):
+        backward(**{**args, **spoil(args)})

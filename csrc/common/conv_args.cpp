@@ -129,4 +129,41 @@ void check_saliency_probe(const c10::optional<at::Tensor>& probe, int64_t out_ch
   }
 }
 
+BackwardArgs check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                 const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& output,
+                                 const at::Tensor& in_idx, const at::Tensor& out_idx,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups, bool packed_input,
+                                 bool packed_output, const char* op_name) {
+  check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, op_name);
+  BackwardArgs args;
+  args.indices = check_channel_indices(input, weight, groups, in_idx, out_idx, packed_input,
+                                       packed_output, op_name);
+  args.out_channels = output_channels(weight, args.indices.out, packed_output);
+  args.out_size = conv_output_size(input, weight, stride, padding, dilation);
+  const auto [Ho, Wo] = args.out_size;
+  TORCH_CHECK(grad_output.defined(), op_name, ": grad_output must be a tensor");
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
+                  grad_output.size(1) == args.out_channels && grad_output.size(2) == Ho &&
+                  grad_output.size(3) == Wo,
+              op_name, ": grad_output shape ", grad_output.sizes(),
+              " does not match input/weight (expected [", input.size(0), ", ",
+              args.out_channels, ", ", Ho, ", ", Wo, "])");
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op_name, ": grad_output dtype ",
+              grad_output.scalar_type(), " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), op_name, ": grad_output is on ",
+              grad_output.device(), " but input is on ", input.device());
+  args.with_saliency = output.has_value() && output->defined();
+  if (args.with_saliency) {
+    TORCH_CHECK(output->sizes() == grad_output.sizes(), op_name, ": output shape ",
+                output->sizes(), " differs from grad_output shape ", grad_output.sizes());
+    TORCH_CHECK(output->scalar_type() == input.scalar_type(), op_name, ": output dtype ",
+                output->scalar_type(), " differs from input dtype ", input.scalar_type());
+    TORCH_CHECK(output->device() == input.device(), op_name, ": output is on ",
+                output->device(), " but input is on ", input.device());
+  }
+  return args;
+}
+
 }  // namespace dce

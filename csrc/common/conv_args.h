@@ -2,12 +2,13 @@
 //
 // The op contract (DESIGN.md) promises a clear exception for bad input on every
 // backend, so the checks live here once and each backend calls them before it
-// touches memory. Shape arithmetic itself is left to at::convolution, which is
-// PyTorch's own source of truth for the conv output size.
+// touches memory. Only the device check is the backend's own (each accepts its
+// device's tensors).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <vector>
 
 namespace dce {
@@ -56,5 +57,40 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
 // carries the saliency out of backward).
 void check_saliency_probe(const c10::optional<at::Tensor>& probe, int64_t out_channels,
                           const char* op_name);
+
+// Output height and width of the conv: PyTorch's formula (at::convolution's),
+// for arguments that check_conv_args has accepted (so both are >= 1).
+inline std::array<int64_t, 2> conv_output_size(const at::Tensor& input, const at::Tensor& weight,
+                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                               at::IntArrayRef dilation) {
+  std::array<int64_t, 2> size{};
+  for (int i = 0; i < 2; ++i) {
+    size[i] = (input.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1) /
+                  stride[i] +
+              1;
+  }
+  return size;
+}
+
+// The arguments of channel_sparse_conv2d_backward, checked once for every
+// backend (the CPU backward, the CUDA launcher and the emulated one): those it
+// shares with the forward (as check_conv_args and check_channel_indices), then
+// grad_output, which must be what the forward returned for these arguments
+// ([N, channels of the output layout, Ho, Wo], input's dtype and device), and
+// output, when given, likewise. A mismatch would otherwise be read out of
+// bounds or silently reinterpreted by the kernels.
+struct BackwardArgs {
+  ChannelIndices indices;
+  int64_t out_channels = 0;          // grad_output.size(1): full or packed width
+  std::array<int64_t, 2> out_size{}; // grad_output's (Ho, Wo)
+  bool with_saliency = false;        // output was given: the saliency is wanted
+};
+BackwardArgs check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                 const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& output,
+                                 const at::Tensor& in_idx, const at::Tensor& out_idx,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups, bool packed_input,
+                                 bool packed_output, const char* op_name);
 
 }  // namespace dce

@@ -12,7 +12,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../common/conv_args.h"
+#include "../op_schemas.h"
 #include "channel_planes.h"
 
 namespace dce::cpu {
@@ -63,22 +66,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
-  check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, kBackward);
   check_cpu(input, "input", kBackward);
-  const auto [in, out] = check_channel_indices(input, weight, groups, in_idx, out_idx,
-                                               packed_input, packed_output, kBackward);
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
-                  grad_output.size(1) == output_channels(weight, out, packed_output),
-              kBackward, ": grad_output shape ", grad_output.sizes(),
-              " does not match input/weight");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), kBackward,
-              ": grad_output dtype ", grad_output.scalar_type(), " differs from input dtype ",
-              input.scalar_type());
-  const bool with_saliency = output.has_value() && output->defined();
-  if (with_saliency) {
-    TORCH_CHECK(output->sizes() == grad_output.sizes(), kBackward, ": output shape ",
-                output->sizes(), " differs from grad_output shape ", grad_output.sizes());
-  }
+  const BackwardArgs args =
+      check_backward_args(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
+                          dilation, groups, packed_input, packed_output, kBackward);
+  const auto& [in, out] = args.indices;
+  const bool with_saliency = args.with_saliency;
   const auto [want_gi, want_gw, want_gb] = output_mask;
 
   const at::Tensor g = grad_output.contiguous();
@@ -140,6 +133,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }
 
 }  // namespace
+
+// The kernels have the schemas' types (a mismatch fails here, at compile time,
+// rather than when the library registers them).
+static_assert(std::is_same_v<decltype(forward_cpu), schema::ChannelSparseConv2dFn>);
+static_assert(std::is_same_v<decltype(backward_cpu), schema::ChannelSparseConv2dBackwardFn>);
 
 TORCH_LIBRARY_IMPL(dce, CPU, m) {
   m.impl("channel_sparse_conv2d", &forward_cpu);

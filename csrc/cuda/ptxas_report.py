@@ -19,9 +19,12 @@ SOURCE = "csrc/cuda/conv_cuda.cu"
 
 
 def nvcc_path():
-    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
+    # torch's own toolkit guess (CUDA_HOME or CUDA_PATH, else the nvcc on PATH,
+    # else /usr/local/cuda). Only nvcc is run here, so a wrapper script on PATH
+    # (where that guess is not the toolkit: see setup.py) serves as well.
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
     found = shutil.which("nvcc")
     if not found:
         sys.exit("ptxas_report: no nvcc found (set CUDA_HOME)")

@@ -12,6 +12,7 @@
 #include <array>
 #include <climits>
 #include <tuple>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <ATen/cuda/CUDAContext.h>
@@ -20,6 +21,7 @@
 #endif
 
 #include "../common/conv_args.h"
+#include "../op_schemas.h"
 #include "conv_kernels.cuh"
 
 namespace dce::kernels {
@@ -143,15 +145,6 @@ void zero_inactive(T* data, const ListPlan& plan, int64_t n, int64_t plane) {
              plan.active.const_data_ptr<uint8_t>(), static_cast<int>(plan.active.size(0)), plane);
 }
 
-inline std::array<int64_t, 2> output_size(const at::Tensor& x, const at::Tensor& w,
-                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                          at::IntArrayRef dilation) {
-  std::array<int64_t, 2> out{};
-  for (int i = 0; i < 2; ++i)
-    out[i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (w.size(2 + i) - 1) - 1) / stride[i] + 1;
-  return out;
-}
-
 inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,
                                         const at::Tensor& in_idx, const at::Tensor& out_idx,
@@ -175,7 +168,7 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
   const at::Tensor w = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  const auto [Ho, Wo] = output_size(x, w, stride, padding, dilation);
+  const auto [Ho, Wo] = conv_output_size(x, w, stride, padding, dilation);
   at::Tensor y = at::empty({x.size(0), Cy, Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
   const ConvGeom geom = make_geom(x, w, Cy, Ho, Wo, stride, padding, dilation, groups, in, out,
@@ -215,27 +208,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
   constexpr const char* op = "channel_sparse_conv2d_backward";
-  check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, op);
   check_device(input, "input", op);
-  const auto indices = check_channel_indices(input, weight, groups, in_idx, out_idx,
-                                             packed_input, packed_output, op);
-  const int64_t Cy = output_channels(weight, indices.out, packed_output);
-  const auto [Ho, Wo] = output_size(input, weight, stride, padding, dilation);
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == input.size(0) &&
-                  grad_output.size(1) == Cy && grad_output.size(2) == Ho &&
-                  grad_output.size(3) == Wo,
-              op, ": grad_output shape ", grad_output.sizes(), " does not match input/weight");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output dtype ",
-              grad_output.scalar_type(), " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(), op, ": grad_output is on ",
-              grad_output.device(), " but input is on ", input.device());
-  const bool with_saliency = output.has_value() && output->defined();
-  if (with_saliency) {
-    TORCH_CHECK(output->sizes() == grad_output.sizes(), op, ": output shape ", output->sizes(),
-                " differs from grad_output shape ", grad_output.sizes());
-    TORCH_CHECK(output->scalar_type() == input.scalar_type() && output->device() == input.device(),
-                op, ": output must match input's dtype and device");
-  }
+  const BackwardArgs args =
+      check_backward_args(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
+                          dilation, groups, packed_input, packed_output, op);
+  const auto& indices = args.indices;
+  const int64_t Cy = args.out_channels;
+  const auto [Ho, Wo] = args.out_size;
+  const bool with_saliency = args.with_saliency;
 #if defined(__CUDACC__)
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
@@ -313,6 +293,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
   if (want_gw) grad_weight = gw_acc.scalar_type() == x.scalar_type() ? gw_acc : gw_acc.to(x.scalar_type());
   return {grad_input, grad_weight, grad_bias, saliency};
 }
+
+// The launchers have the schemas' types (a mismatch fails here, at compile
+// time, rather than when a library registers them).
+static_assert(std::is_same_v<decltype(channel_sparse_conv2d), schema::ChannelSparseConv2dFn>);
+static_assert(
+    std::is_same_v<decltype(channel_sparse_conv2d_backward), schema::ChannelSparseConv2dBackwardFn>);
 
 }  // namespace DCE_KERNEL_NS
 }  // namespace dce::kernels

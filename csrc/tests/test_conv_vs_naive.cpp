@@ -10,20 +10,16 @@
 #include <string>
 
 #include "naive_conv.h"
+#include "op_schemas.h"
 
 namespace {
 
 int failures = 0;
 std::string library = "dce";
 
-using Forward = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                           at::IntArrayRef, int64_t, const std::optional<at::Tensor>&, bool,
-                           bool);
-using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-    int64_t, std::array<bool, 3>, bool, bool);
+// The ops' C++ types; typed() checks them against the library's registered schemas.
+using Forward = dce::schema::ChannelSparseConv2dFn;
+using Backward = dce::schema::ChannelSparseConv2dBackwardFn;
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                    const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
