@@ -17,17 +17,22 @@ def _rows(seed=0, seeds=(0, 1, 2), fractions=(0.25, 0.5, 0.75)):
     rng = random.Random(seed)
     rows = []
     for s in seeds:
-        rows.append(dict(name=f"dense-p1.0-s{s}", selector="dense", fraction=1.0, seed=s,
+        rows.append(dict(name=f"dense-p1.0-s{s}", method="dense", fraction=1.0, seed=s,
                          test_acc=rng.uniform(0.85, 0.9), params=1000, flops=50000,
-                         param_reduction=1.0, flop_reduction=1.0))
+                         param_reduction=1.0, flop_reduction=1.0,
+                         seconds=rng.uniform(90, 110), train_flops=rng.uniform(9e9, 1.1e10)))
         for p in fractions:
-            for sel in ("cucb", "random"):
+            for sel in METHODS:
                 kept = round(1000 * p * p)
-                rows.append(dict(name=f"{sel}-p{p}-s{s}", selector=sel, fraction=p, seed=s,
+                rows.append(dict(name=f"{sel}-p{p}-s{s}", method=sel, fraction=p, seed=s,
                                  test_acc=rng.uniform(0.5, 0.9), params=kept,
                                  flops=50 * kept, param_reduction=1000 / kept,
-                                 flop_reduction=50000 / (50 * kept)))
+                                 flop_reduction=50000 / (50 * kept),
+                                 seconds=rng.uniform(20, 60), train_flops=rng.uniform(1e9, 5e9)))
     return rows
+
+
+METHODS = ("shrink", "cucb", "narrow")
 
 
 def _png_size(path):
@@ -40,11 +45,11 @@ def _png_size(path):
 def test_aggregate_matches_numpy():
     rows = _rows(seed=7)
     cells = aggregate(rows)
-    keys = {(r["selector"], r["fraction"]) for r in rows}
-    assert [(c["selector"], c["fraction"]) for c in cells] == sorted(keys)
+    keys = {(r["method"], r["fraction"]) for r in rows}
+    assert [(c["method"], c["fraction"]) for c in cells] == sorted(keys)
     for cell in cells:
         mine = [r for r in rows
-                if r["selector"] == cell["selector"] and r["fraction"] == cell["fraction"]]
+                if r["method"] == cell["method"] and r["fraction"] == cell["fraction"]]
         acc = np.array([r["test_acc"] for r in mine])
         assert cell["n"] == len(mine) == 3 and cell["seeds"] == [0, 1, 2]
         assert cell["acc_mean"] == pytest.approx(acc.mean())
@@ -66,20 +71,31 @@ def test_aggregate_one_seed_and_no_rows():
 def test_markdown_table_rows():
     rows = _rows(seed=3)
     lines = markdown_table(rows).splitlines()
-    assert len(lines) == 2 + 4  # header, rule, 3 fractions, baseline
-    for p, line in zip((0.25, 0.5, 0.75), lines[2:5]):
-        cucb = np.array([r["test_acc"] for r in rows if r["selector"] == "cucb"
-                         and r["fraction"] == p])
-        rand = np.array([r["test_acc"] for r in rows if r["selector"] == "random"
-                         and r["fraction"] == p])
-        assert line.startswith(f"| {100 * p:.0f}% |")
-        assert f"{100 * cucb.mean():.2f} ± {100 * cucb.std(ddof=1):.2f}" in line
-        assert f"{100 * rand.mean():.2f} ± {100 * rand.std(ddof=1):.2f}" in line
-        assert f"{100 * (cucb.mean() - rand.mean()):+.2f}" in line
-        assert f"({1 / (round(1000 * p * p) / 1000):.2f}x fewer)" in line
-    dense = np.array([r["test_acc"] for r in rows if r["selector"] == "dense"])
-    assert lines[5].startswith("| 100% (dense baseline) |") and "[n=" not in "".join(lines)
-    assert f"{100 * dense.mean():.2f} ± {100 * dense.std(ddof=1):.2f}" in lines[5]
+    assert len(lines) == 2 + 3 * len(METHODS) + 1  # header, rule, fractions x methods, dense
+
+    def column(method, p, key):
+        return np.array([r[key] for r in rows if r["method"] == method and r["fraction"] == p])
+
+    dense_seconds = column("dense", 1.0, "seconds").mean()
+    dense_flops = column("dense", 1.0, "train_flops").mean()
+    body = iter(lines[2:])
+    for p in (0.25, 0.5, 0.75):
+        narrow = column("narrow", p, "test_acc")
+        for method in METHODS:  # DCE first, the baselines after it
+            line = next(body)
+            acc = column(method, p, "test_acc")
+            assert line.startswith(f"| {100 * p:.0f}% | {method} |")
+            assert f"{100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}" in line
+            if method != "narrow":
+                assert f"| {100 * (acc.mean() - narrow.mean()):+.2f} |" in line
+            assert f"({1 / (round(1000 * p * p) / 1000):.2f}x fewer)" in line
+            assert f"| {column(method, p, 'seconds').mean() / dense_seconds:.2f}x |" in line
+            assert f"{column(method, p, 'train_flops').mean() / dense_flops:.2f}x |" in line
+    dense = column("dense", 1.0, "test_acc")
+    last = next(body)
+    assert last.startswith("| 100% | dense |") and "[n=" not in "".join(lines)
+    assert f"{100 * dense.mean():.2f} ± {100 * dense.std(ddof=1):.2f}" in last
+    assert "| 1.00x | 1.00x |" in last
 
 
 def test_plots_are_written(tmp_path):
@@ -89,7 +105,7 @@ def test_plots_are_written(tmp_path):
         width, height = _png_size(path)
         assert width > 300 and height > 200
     # A selector or the baseline missing (e.g. a partial sweep) still plots.
-    partial = [r for r in _rows() if r["selector"] == "cucb"]
+    partial = [r for r in _rows() if r["method"] == "cucb"]
     for path in plot_results(partial, str(tmp_path / "partial")):
         _png_size(path)
 
@@ -126,6 +142,5 @@ def test_markdown_table_marks_cells_with_fewer_seeds():
     rows = [r for r in _rows(seed=5) if not (r["name"] == "cucb-p0.5-s2")]
     lines = markdown_table(rows).splitlines()
     marked = [line for line in lines if "[n=" in line]
-    assert len(marked) == 1 and marked[0].startswith("| 50% |")
-    cucb, rand = marked[0].split(" | ")[1:3]
-    assert cucb.endswith("[n=2]") and "[n=" not in rand
+    assert len(marked) == 1 and marked[0].startswith("| 50% | cucb |")
+    assert marked[0].split(" | ")[2].endswith("[n=2]")

@@ -73,41 +73,45 @@ def test_grid_is_seed_major_with_one_baseline_per_seed():
     # Fraction 1.0 is the baseline alone, whether or not it is listed.
     assert plan_runs([0.5], ["cucb"], [0]) == [RunSpec(BASELINE, 1.0, 0),
                                                RunSpec("cucb", 0.5, 0)]
+    # Narrow runs come after the others of their seed (they may need their widths).
+    assert [r.method for r in plan_runs([0.5], ["narrow", "cucb"], [0])] == [
+        BASELINE, "cucb", "narrow"]
+    assert [r.method for r in plan_runs([0.5], ["cucb"], [0], baseline=False)] == ["cucb"]
     default = plan_runs()
-    assert len(default) == 3 * (1 + 9 * 2)
+    assert len(default) == 3 * (1 + 9 * 5)
     assert len({r.name for r in default}) == len(default)
 
 
-@pytest.mark.parametrize("fractions,selectors,seeds,message", [
+@pytest.mark.parametrize("fractions,methods,seeds,message", [
     ([], ["cucb"], [0], "fractions: the list is empty"),
-    ([0.5], [], [0], "selectors: the list is empty"),
+    ([0.5], [], [0], "methods: the list is empty"),
     ([0.5], ["cucb"], [], "seeds: the list is empty"),
     ([0.0], ["cucb"], [0], "fraction 0.0 is outside"),
     ([1.5], ["cucb"], [0], "fraction 1.5 is outside"),
     ([-0.25], ["cucb"], [0], "outside"),
     ([float("nan")], ["cucb"], [0], "outside"),
-    ([0.5], ["greedy"], [0], "unknown selector 'greedy'"),
+    ([0.5], ["greedy"], [0], "unknown method 'greedy'"),
     ([0.5, 0.5], ["cucb"], [0], "fractions: duplicate"),
-    ([0.5], ["cucb", "cucb"], [0], "selectors: duplicate"),
+    ([0.5], ["cucb", "cucb"], [0], "methods: duplicate"),
     ([0.5], ["cucb"], [1, 1], "seeds: duplicate"),
     ([0.5], ["cucb"], [-1], "seed -1"),
 ])
-def test_bad_grids_are_refused_by_name(fractions, selectors, seeds, message):
+def test_bad_grids_are_refused_by_name(fractions, methods, seeds, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        plan_runs(fractions, selectors, seeds)
+        plan_runs(fractions, methods, seeds)
 
 
-def test_baseline_is_the_same_for_both_selectors(tmp_path):
-    # Why the sweep runs fraction 1.0 once per seed, not once per selector.
-    base = _base(explore_epochs=1)
+def test_baseline_is_the_full_network_from_scratch_for_the_total_epochs(tmp_path):
+    # The dense baseline is what a user does without channel selection: the whole
+    # architecture trained from scratch for as many epochs as every other method.
+    base = _base(explore_epochs=1, finetune_epochs=1)
     spec = RunSpec(BASELINE, 1.0, 0)
-    a = train(run_config(base, spec, str(tmp_path / "a")), datasets=DATA).to_dict()
-    b = train(dataclass_replace(run_config(base, spec, str(tmp_path / "b")), selector="random"),
-              datasets=DATA).to_dict()
-    assert a["config"]["selector"] == "cucb" and b["config"]["selector"] == "random"
-    assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]]
-    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    config = run_config(base, spec, str(tmp_path / "a"))
+    assert (config.method, config.fraction, config.dense_epochs) == ("narrow", 1.0, 0)
+    a = train(config, datasets=DATA).to_dict()
+    assert [h["phase"] for h in a["history"]] == ["train", "train"]
     assert a["compact"]["params"] == a["dense"]["params"]  # all channels kept
+    assert a["compact"]["flops"] == a["dense"]["flops"]
 
 
 def dataclass_replace(config, **kw):
@@ -134,7 +138,7 @@ def test_sweep_runs_everything_once_and_tables_the_reports(tmp_path, train_calls
         config = json.load(open(os.path.join(run_dir, "config.json")))
         assert (config["fraction"], config["seed"], config["dense_epochs"]) == (
             spec.fraction, spec.seed, 0)
-        assert config["selector"] == ("cucb" if spec.selector == BASELINE else spec.selector)
+        assert config["method"] == ("narrow" if spec.method == BASELINE else spec.method)
         assert not os.path.exists(os.path.join(run_dir, "lock"))
 
     # The table holds exactly what the reports say.
@@ -152,7 +156,7 @@ def test_sweep_runs_everything_once_and_tables_the_reports(tmp_path, train_calls
             report["dense"]["flops"] / report["compact"]["flops"])
         assert row["channels_kept"] == sum(report["selection"]["channels_kept"])
         assert row["epochs"] == 3 and row["seconds"] > 0
-        if row["selector"] == BASELINE:
+        if row["method"] == BASELINE:
             assert row["fraction"] == 1.0 and row["param_reduction"] == 1.0
         else:
             assert row["param_reduction"] > 1.5
@@ -247,7 +251,7 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     runs = plan_runs([0.5], ["cucb", "random"], [0])
 
     def flaky(config, resume=False, **kw):
-        if config.selector == "random":
+        if config.method == "random":
             raise FloatingPointError("loss is nan")
         return train(config, resume=resume, **kw)
 
@@ -319,7 +323,7 @@ def test_sweep_options_map_onto_train_config():
     args = parser.parse_args(["sweep", "--fractions", "0.1,0.5,1", "--selectors", "random",
                               "--seeds", "4,5", "--width", "0.25", "--explore-epochs", "3",
                               "--lr", "0.1", "--train-limit", "100", "--no-progress"])
-    assert (args.fractions, args.selectors, args.seeds) == ([0.1, 0.5, 1.0], ["random"], [4, 5])
+    assert (args.fractions, args.methods, args.seeds) == ([0.1, 0.5, 1.0], ["random"], [4, 5])
     config = config_from_args(args)
     assert (config.width, config.explore_epochs, config.lr, config.train_limit) == (
         0.25, 3, 0.1, 100)
@@ -334,7 +338,8 @@ def test_sweep_options_map_onto_train_config():
         assert train_opts[dest].default == sweep_opts[dest].default, dest
         assert train_opts[dest].help == sweep_opts[dest].help, dest
     # What the sweep sets per run is not an option of the sweep.
-    assert not {"fraction", "selector", "seed", "run_dir", "resume", "dense_epochs"} & set(
+    assert not {"fraction", "method", "seed", "run_dir", "resume", "dense_epochs",
+                "widths_from"} & set(
         sweep_opts)
     for name in ("sweep", "plot"):
         for action in sub[name]._actions:
@@ -344,7 +349,7 @@ def test_sweep_options_map_onto_train_config():
 @pytest.mark.parametrize("argv,message", [
     (["--fractions", "0.5,1.5"], "fraction 1.5 is outside (0, 1]"),
     (["--fractions", ""], "fractions: the list is empty"),
-    (["--selectors", "cucb,greedy"], "unknown selector 'greedy'"),
+    (["--methods", "cucb,greedy"], "unknown method 'greedy'"),
 ])
 def test_cli_sweep_rejects_bad_grids(tmp_path, capsys, argv, message):
     assert main(["sweep", "--out", str(tmp_path), "--no-progress", *argv]) == 2

@@ -73,7 +73,7 @@ def test_three_phases_export_and_resume_equivalence(tmp_path):
 
 def test_random_selector_resnet_global_budget_without_dense(tmp_path):
     data = (_data(32, 3), _data(16, 4))
-    report = train(_config(tmp_path, model="resnet20", width=0.25, selector="random",
+    report = train(_config(tmp_path, model="resnet20", width=0.25, method="random",
                            budget="global", dense_epochs=0, explore_epochs=1,
                            finetune_epochs=1, optimizer="adam", lr=0.01, finetune_lr=0.005),
                    datasets=data).to_dict()
@@ -96,8 +96,8 @@ def test_resume_with_other_options_is_refused(tmp_path):
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="fraction"):
         TrainConfig(fraction=1.5).validate()
-    with pytest.raises(ValueError, match="selector"):
-        TrainConfig(selector="greedy").validate()
+    with pytest.raises(ValueError, match="unknown method 'greedy'"):
+        TrainConfig(method="greedy").validate()
     with pytest.raises(ValueError, match="explore_epochs"):
         TrainConfig(explore_epochs=0).validate()
 
@@ -111,7 +111,7 @@ def test_cli_help_explains_every_option(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--fraction", "--selector", "--budget", "--tau", "--resume", "--run-dir",
+    for option in ("--fraction", "--method", "--budget", "--tau", "--resume", "--run-dir",
                    "--explore-epochs", "--finetune-epochs", "--dense-epochs", "--data-dir"):
         assert option in out
 

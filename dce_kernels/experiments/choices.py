@@ -1,4 +1,5 @@
-"""The choices a run offers by name: selectors, optimizers, budgets.
+"""The choices a run offers by name: methods and their selectors, optimizers, budgets,
+learning-rate schedules.
 
 The CLI's ``choices=``, ``TrainConfig.validate()``, the sweep's grid and the
 trainer's factories all read these tables, so a new entry is added once.
@@ -9,16 +10,50 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..selectors import BUDGETS, CUCBSelector, RandomSelector
+from ..selectors import (BUDGETS, CUCBSelector, RandomSelector, ShrinkSelector,
+                         TaylorPruneSelector)
 
-__all__ = ["SELECTORS", "OPTIMIZERS", "BUDGETS", "check_choice"]
+__all__ = ["METHODS", "DCE_METHODS", "SELECTORS", "OPTIMIZERS", "BUDGETS", "LR_SCHEDULES",
+           "phases_of", "check_choice"]
 
-# name -> factory(num_channels, config) of a selector for the run's channel plan.
+# The ways a run produces a compact network (see dce_kernels.experiments.train), and the
+# phases each goes through ("dense" is the optional full-width baseline before them).
+METHODS: Mapping[str, tuple[str, ...]] = {
+    "shrink": ("dense", "explore", "finetune"),   # DCE, all channels shrinking to the budget
+    "cucb": ("dense", "explore", "finetune"),     # DCE, the poster's CUCB bandit
+    "random": ("dense", "explore", "finetune"),   # DCE, uniformly random channels
+    "prune": ("dense", "explore", "finetune"),    # train dense, prune by Taylor, fine-tune
+    "narrow": ("dense", "train"),                 # the compact architecture from scratch
+}
+DCE_METHODS = ("shrink", "cucb", "random")
+
+LR_SCHEDULES = ("restart", "continuous")
+
+
+def phases_of(method: str) -> tuple[str, ...]:
+    check_choice("method", method, METHODS)
+    return METHODS[method]
+
+
+def _cucb(num_channels, c, steps_per_epoch):
+    return CUCBSelector(num_channels, c.fraction, tau=c.tau, budget=c.budget, seed=c.seed,
+                        reward=c.reward, discount=c.discount,
+                        horizon=c.explore_epochs * steps_per_epoch if c.anneal else None)
+
+
+# method -> factory(num_channels, config, steps_per_epoch) of the selector that runs the
+# explore phase (narrow has none).
 SELECTORS: Mapping[str, Callable] = {
-    "cucb": lambda num_channels, c: CUCBSelector(num_channels, c.fraction, tau=c.tau,
-                                                 budget=c.budget, seed=c.seed),
-    "random": lambda num_channels, c: RandomSelector(num_channels, c.fraction, budget=c.budget,
-                                                     seed=c.seed),
+    "shrink": lambda num_channels, c, steps_per_epoch: ShrinkSelector(
+        num_channels, c.fraction, horizon=c.explore_epochs * steps_per_epoch,
+        budget=c.budget, seed=c.seed, reward=c.reward, discount=c.discount),
+    "cucb": _cucb,
+    "random": lambda num_channels, c, steps_per_epoch: RandomSelector(
+        num_channels, c.fraction, budget=c.budget, seed=c.seed),
+    # Saliency of the last training epoch only (Molchanov et al. 2017 rank a trained net).
+    "prune": lambda num_channels, c, steps_per_epoch: TaylorPruneSelector(
+        num_channels, c.fraction, budget=c.budget, seed=c.seed,
+        accumulate_from=(c.explore_epochs - 1) * steps_per_epoch),
 }
 
 # name -> factory(params, lr, config) of the wrapped torch optimizer.

@@ -20,7 +20,8 @@ def _defaults():
 
 
 def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
-    from .choices import BUDGETS, OPTIMIZERS, SELECTORS
+    from ..selectors import REWARD_RULES
+    from .choices import BUDGETS, LR_SCHEDULES, METHODS, OPTIMIZERS
 
     """The options of one run, shared by ``train`` and ``sweep`` (one source of truth).
     ``sweep``: leave out what the sweep sets per run (fraction, selector, seed, run
@@ -44,19 +45,36 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
                    help="use only the first N training images (default: all)")
     g.add_argument("--test-limit", type=int, default=d.test_limit,
                    help="use only the first N test images (default: all)")
-    g = p.add_argument_group("channel selection")
+    g = p.add_argument_group("method and channel selection")
     if not sweep:
         g.add_argument("--fraction", type=float, default=d.fraction,
-                       help="fraction of channels active during exploration and kept in the "
-                            "compact model, in (0, 1]")
-        g.add_argument("--selector", choices=list(SELECTORS), default=d.selector,
-                       help="cucb: combinatorial UCB over normalized saliency; random: uniform "
-                            "random channels every step and at the end (the paper's baseline)")
+                       help="fraction of channels kept in the compact model (and active "
+                            "during exploration, for cucb and random), in (0, 1]")
+        g.add_argument("--method", "--selector", dest="method", choices=list(METHODS),
+                       default=d.method, help=_METHOD_HELP)
     g.add_argument("--budget", choices=list(BUDGETS), default=d.budget,
                    help="layer: each layer keeps the fraction of its channels; global: "
                         "the fraction of all channels, shared among layers by rank (>= 1 each)")
     g.add_argument("--tau", type=int, default=d.tau,
-                   help="warm-up steps with random channels before CUCB takes over")
+                   help="cucb: warm-up steps with random channels before the bandit takes over")
+    g.add_argument("--reward", choices=list(REWARD_RULES), default=d.reward,
+                   help="per-step normalization of saliency into a reward (shrink, cucb): max "
+                        "(the poster), l2 (Molchanov's per-layer L2), rank")
+    g.add_argument("--discount", type=float, default=d.discount,
+                   help="shrink, cucb: rewards enter a channel's mean with weight "
+                        "max(1/T, 1 - discount); 1 is the plain mean")
+    g.add_argument("--anneal", action=argparse.BooleanOptionalAction, default=d.anneal,
+                   help="cucb: scale the confidence term down to 0 over the exploration, so "
+                        "the bandit converges before fine-tuning")
+    g.add_argument("--scale-init", action=argparse.BooleanOptionalAction, default=d.scale_init,
+                   help="shrink, cucb, random: initialize conv weights for the active width "
+                        "(x 1/sqrt(fraction))")
+    g.add_argument("--rewind", action=argparse.BooleanOptionalAction, default=d.rewind,
+                   help="reset the kept channels to their initial weights before fine-tuning")
+    if not sweep:
+        g.add_argument("--widths-from", default=d.widths_from,
+                       help="narrow: take the per-layer channel counts from this finished "
+                            "run's directory (needed under a global budget)")
     g = p.add_argument_group("schedule")
     if not sweep:
         g.add_argument("--dense-epochs", type=int, default=d.dense_epochs,
@@ -69,10 +87,13 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
                    help="optimizer; inactive channels' weights and state never change")
     g.add_argument("--lr", type=float, default=d.lr,
-                   help="learning rate of the dense and exploration phases (cosine-decayed to "
-                        "0 within each phase)")
+                   help="learning rate of the dense, exploration and narrow phases (cosine-"
+                        "decayed to 0)")
     g.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
-                   help="learning rate of the fine-tuning phase (cosine-decayed)")
+                   help="learning rate of the fine-tuning phase under --lr-schedule restart")
+    g.add_argument("--lr-schedule", choices=list(LR_SCHEDULES), default=d.lr_schedule,
+                   help="restart: a cosine decay per phase (the poster); continuous: one decay "
+                        "from --lr over exploration and fine-tuning together")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     g = p.add_argument_group("run")
@@ -94,6 +115,13 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+_METHOD_HELP = ("shrink: DCE, all channels active at first, shrinking to the fraction by "
+                "mean saliency over the exploration; cucb: DCE with the poster's CUCB bandit; "
+                "random: DCE with uniformly random channels (the poster's baseline); prune: "
+                "train dense, keep the channels of highest Taylor saliency, fine-tune; narrow: "
+                "the compact architecture trained from scratch for the same epochs")
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -113,8 +141,8 @@ def _str_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import SELECTORS
-    from .sweep import DEFAULT_FRACTIONS
+    from .choices import METHODS
+    from .sweep import DEFAULT_FRACTIONS, DEFAULT_METHODS
 
     d = _defaults()
     parser = argparse.ArgumentParser(
@@ -149,10 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
                    default=list(DEFAULT_FRACTIONS),
                    help="comma-separated active fractions in (0, 1]; 1.0 is the dense baseline, "
                         "which is always run (once per seed)")
-    g.add_argument("--selectors", type=_str_list, default=list(SELECTORS),
-                   help="comma-separated selectors: cucb, random")
+    g.add_argument("--methods", "--selectors", dest="methods", type=_str_list,
+                   default=list(DEFAULT_METHODS),
+                   help=f"comma-separated methods: {', '.join(METHODS)}")
     g.add_argument("--seeds", type=_int_list, default=[0, 1, 2],
                    help="comma-separated seeds (the paper runs every experiment 3 times)")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="leave out the dense baseline runs (for an ablation beside a sweep "
+                        "that has them)")
     g.add_argument("--out", default="runs/sweep", help="output directory (shareable)")
     g.add_argument("--max-runs", type=int, default=None,
                    help="start at most this many runs in this invocation")
@@ -231,7 +263,7 @@ def summary_table(report) -> str:
     sel = report.selection
     if sel:
         lines.append(f"channels kept: {sum(sel.channels_kept)}/{sum(sel.channels_total)} "
-                     f"({report.config['selector']}, budget {report.config['budget']})")
+                     f"({report.config['method']}, budget {report.config['budget']})")
     lines.append(f"exported: {report.export.program} (accuracy equals the sparse "
                  f"model's: {report.export.accuracy_matches_sparse})")
     return "\n".join(lines)
@@ -271,7 +303,8 @@ def _sweep(args) -> int:
 
     _set_threads(args.threads)
     try:
-        runs = plan_runs(args.fractions, args.selectors, args.seeds)
+        runs = plan_runs(args.fractions, args.methods, args.seeds,
+                         baseline=not args.no_baseline)
         base = config_from_args(args)
         root = sweep_dir(args.out, base)
         if args.collect_only:

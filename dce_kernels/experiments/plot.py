@@ -1,12 +1,13 @@
 """The poster's Fig. 3 from a sweep's results table, and a size-vs-accuracy figure.
 
-``accuracy_figure``: test accuracy vs % active channels, CUCB and random, the
+``accuracy_figure``: test accuracy vs % of channels kept, one line per method (DCE's
+variants, post-training pruning, the narrow network trained from scratch), the
 mean over seeds as a line and min..max over seeds as a band (with three seeds a
 standard deviation says little; the band shows every seed), each seed as a dot,
 and the dense baseline (fraction 1.0) as a horizontal line with its band.
 
 ``reduction_figure``: accuracy vs parameter reduction and vs FLOP reduction
-(factor dense / compact, log axis), one point per selector and fraction with
+(factor dense / compact, log axis), one point per method and fraction with
 min..max error bars, the dense baseline as a horizontal line.
 
 matplotlib runs on its Agg backend (no display needed).
@@ -16,15 +17,19 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from .results import aggregate
+from .results import METHOD_ORDER, aggregate
 
 __all__ = ["accuracy_figure", "reduction_figure", "plot_results", "ACCURACY_PNG",
            "REDUCTION_PNG"]
 
 ACCURACY_PNG = "accuracy_vs_channels.png"
 REDUCTION_PNG = "reduction_vs_accuracy.png"
-_STYLE = {"cucb": dict(color="tab:blue", marker="o", label="CUCB (ours)"),
-          "random": dict(color="tab:orange", marker="s", label="random selection")}
+_STYLE = {"shrink": dict(color="tab:blue", marker="o", label="DCE, shrinking (ours)"),
+          "cucb": dict(color="tab:cyan", marker="v", label="DCE, CUCB (poster)"),
+          "random": dict(color="tab:orange", marker="s", label="DCE, random channels"),
+          "prune": dict(color="tab:red", marker="^", label="Taylor pruning after dense"),
+          "narrow": dict(color="tab:green", marker="D", label="narrow, from scratch")}
+assert set(_STYLE) <= set(METHOD_ORDER)
 
 
 def _pyplot():
@@ -37,7 +42,7 @@ def _pyplot():
 
 
 def _dense_line(ax, cells: list[dict]) -> Optional[dict]:
-    dense = [c for c in cells if c["selector"] == "dense"]
+    dense = [c for c in cells if c["method"] == "dense"]
     if not dense:
         return None
     d = dense[0]
@@ -57,8 +62,8 @@ def accuracy_figure(rows: Sequence[dict], path: str, title: Optional[str] = None
                     yerr=[[100 * (dense["acc_mean"] - dense["acc_min"])],
                           [100 * (dense["acc_max"] - dense["acc_mean"])]],
                     color="black", marker="D", capsize=3, zorder=4)
-    for selector, style in _STYLE.items():
-        mine = [c for c in cells if c["selector"] == selector]
+    for method, style in _STYLE.items():
+        mine = [c for c in cells if c["method"] == method]
         if not mine:
             continue
         x = [100 * c["fraction"] for c in mine]
@@ -67,12 +72,13 @@ def accuracy_figure(rows: Sequence[dict], path: str, title: Optional[str] = None
         ax.fill_between(x, [100 * c["acc_min"] for c in mine],
                         [100 * c["acc_max"] for c in mine], color=style["color"], alpha=0.18,
                         linewidth=0)
-        seeds = [r for r in rows if r["selector"] == selector]
+        seeds = [r for r in rows if r["method"] == method]
         ax.scatter([100 * r["fraction"] for r in seeds], [100 * r["test_acc"] for r in seeds],
                    color=style["color"], s=8, alpha=0.6, zorder=3)
-    ax.set_xlabel("active channels (% of each conv layer)")
+    ax.set_xlabel("channels kept (% of each conv layer, or of all under a global budget)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "Accuracy vs active channels: mean, band = min..max over seeds")
+    ax.set_title(title or "Accuracy vs channels kept: mean, band = min..max over seeds",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -88,8 +94,8 @@ def reduction_figure(rows: Sequence[dict], path: str, title: Optional[str] = Non
     for ax, key, label in ((axes[0], "param_reduction", "parameter reduction (dense / compact)"),
                            (axes[1], "flop_reduction", "FLOP reduction (dense / compact)")):
         _dense_line(ax, cells)
-        for selector, style in _STYLE.items():
-            mine = [c for c in cells if c["selector"] == selector]
+        for method, style in _STYLE.items():
+            mine = [c for c in cells if c["method"] == method]
             if not mine:
                 continue
             y = [100 * c["acc_mean"] for c in mine]
@@ -97,7 +103,7 @@ def reduction_figure(rows: Sequence[dict], path: str, title: Optional[str] = Non
                    [100 * (c["acc_max"] - c["acc_mean"]) for c in mine]]
             ax.errorbar([c[key] for c in mine], y, yerr=err, color=style["color"],
                         marker=style["marker"], capsize=3, label=style["label"])
-            if selector == "cucb":
+            if method == "narrow":
                 for c in mine:
                     ax.annotate(f"{100 * c['fraction']:.0f}%", (c[key], 100 * c["acc_mean"]),
                                 textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -28,6 +28,7 @@ class EpochRecord:
     test_acc: float
     train_seconds: float
     lr_end: float
+    train_flops: int = 0  # forward + backward of every step (0 in reports made before)
 
 
 @dataclass
@@ -38,10 +39,12 @@ class PhaseTotals:
     seconds: float = 0.0
     seconds_per_epoch: Optional[float] = None
     test_acc: Optional[float] = None
+    train_flops: int = 0
 
     def add(self, record: EpochRecord) -> None:
         self.epochs += 1
         self.seconds += record.train_seconds
+        self.train_flops += record.train_flops
         self.seconds_per_epoch = self.seconds / self.epochs
         self.test_acc = record.test_acc
 
@@ -108,6 +111,15 @@ class RunReport:
     reduction: Optional[Reduction] = None
     export: Optional[ExportInfo] = None
     wall_clock_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall-clock of all training epochs (evaluation and export not included)."""
+        return sum(p.seconds for p in self.phases.values())
+
+    @property
+    def train_flops(self) -> int:
+        return sum(p.train_flops for p in self.phases.values())
 
     def record_epoch(self, record: EpochRecord) -> None:
         self.history.append(record)

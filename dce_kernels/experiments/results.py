@@ -3,8 +3,9 @@
 ``collect`` builds the rows, ``write_results`` writes ``results.json`` (rows plus
 the sweep's options and the runs still missing) and ``results.csv`` (rows only)
 atomically, ``read_results`` reads either back, ``aggregate`` reduces the seeds of
-each (selector, fraction) cell to mean / std / min / max, and ``markdown_table``
-renders that for the README.
+each (method, fraction) cell to mean / std / min / max, and ``markdown_table``
+renders that for the README: every method side by side with its size and its training
+cost relative to the dense baseline.
 """
 from __future__ import annotations
 
@@ -22,15 +23,17 @@ __all__ = ["COLUMNS", "collect", "write_results", "read_results", "aggregate",
 
 
 # One row per run; the order is the CSV's column order.
-COLUMNS = ("name", "selector", "fraction", "seed", "test_acc", "explore_test_acc",
+COLUMNS = ("name", "method", "fraction", "seed", "test_acc", "explore_test_acc",
            "params", "flops", "dense_params", "dense_flops", "param_reduction",
-           "flop_reduction", "channels_kept", "channels_total", "epochs", "seconds")
+           "flop_reduction", "channels_kept", "channels_total", "widths", "epochs", "seconds",
+           "train_flops")
+_TEXT_COLUMNS = {"name", "method", "widths"}
 
 
 def _row(spec, report: RunReport) -> dict:
     explore = [h.test_acc for h in report.history if h.phase == "explore"]
     return {
-        "name": spec.name, "selector": spec.selector, "fraction": float(spec.fraction),
+        "name": spec.name, "method": spec.method, "fraction": float(spec.fraction),
         "seed": spec.seed,
         # The exported compact model's accuracy (equal to the sparse model's).
         "test_acc": report.compact.test_acc,
@@ -41,8 +44,11 @@ def _row(spec, report: RunReport) -> dict:
         "flop_reduction": report.reduction.flops,
         "channels_kept": sum(report.selection.channels_kept),
         "channels_total": sum(report.selection.channels_total),
+        "widths": "-".join(str(k) for k in report.selection.channels_kept),
         "epochs": len(report.history),
-        "seconds": sum(report.wall_clock_seconds.values()),
+        # The training cost: wall-clock and FLOPs of every training epoch.
+        "seconds": report.train_seconds,
+        "train_flops": report.train_flops,
     }
 
 
@@ -86,7 +92,7 @@ def write_results(root: str, runs: Sequence) -> tuple[list[dict], list[str]]:
 
 
 _INT_COLUMNS = {"seed", "params", "flops", "dense_params", "dense_flops", "channels_kept",
-                "channels_total", "epochs"}
+                "channels_total", "epochs", "train_flops"}
 
 
 def read_results(path: str) -> list[dict]:
@@ -104,7 +110,7 @@ def read_results(path: str) -> list[dict]:
             for raw in csv.DictReader(f):
                 row: dict = {}
                 for key, value in raw.items():
-                    if key in ("name", "selector"):
+                    if key in _TEXT_COLUMNS:
                         row[key] = value
                     elif value == "":
                         row[key] = None
@@ -124,56 +130,73 @@ def _stats(values: list[float]) -> dict:
 
 
 def aggregate(rows: Sequence[dict]) -> list[dict]:
-    """One entry per (selector, fraction), sorted: n seeds, accuracy mean/std/min/max,
-    and the mean parameter/FLOP counts and reductions."""
+    """One entry per (method, fraction), sorted: n seeds, accuracy mean/std/min/max,
+    and the mean sizes, reductions and training costs."""
     if not rows:
         raise ValueError("aggregate: no finished runs in the results table")
     cells: dict[tuple[str, float], list[dict]] = {}
     for row in rows:
-        cells.setdefault((row["selector"], float(row["fraction"])), []).append(row)
+        cells.setdefault((row["method"], float(row["fraction"])), []).append(row)
     out = []
-    for (selector, fraction), group in sorted(cells.items()):
+    for (method, fraction), group in sorted(cells.items()):
         acc = _stats([r["test_acc"] for r in group])
-        entry = {"selector": selector, "fraction": fraction, "n": len(group),
+        entry = {"method": method, "fraction": fraction, "n": len(group),
                  "seeds": sorted(r["seed"] for r in group),
                  "acc_mean": acc["mean"], "acc_std": acc["std"],
                  "acc_min": acc["min"], "acc_max": acc["max"]}
-        for key in ("params", "flops", "param_reduction", "flop_reduction"):
-            entry[key] = _stats([float(r[key]) for r in group])["mean"]
+        for key in ("params", "flops", "param_reduction", "flop_reduction", "seconds",
+                    "train_flops"):
+            values = [float(r[key]) for r in group if r.get(key) is not None]
+            entry[key] = _stats(values)["mean"] if values else None
         out.append(entry)
     return out
 
 
-def _fmt_acc(cell: Optional[dict], seeds: int) -> str:
-    if cell is None:
-        return "-"
+def _fmt_acc(cell: dict, seeds: int) -> str:
     text = (f"{100 * cell['acc_mean']:.2f} ± {100 * cell['acc_std']:.2f} "
             f"({100 * cell['acc_min']:.2f}–{100 * cell['acc_max']:.2f})")
     # A partial sweep: say which cells rest on fewer seeds than the others.
     return text if cell["n"] == seeds else f"{text} [n={cell['n']}]"
 
 
+def _ratio(value: Optional[float], reference: Optional[float]) -> str:
+    if not value or not reference:
+        return "-"
+    return f"{value / reference:.2f}x"
+
+
+# The order of methods in tables and figures: DCE first, then what a user would do instead.
+METHOD_ORDER = ("shrink", "cucb", "random", "prune", "narrow", "dense")
+
+
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-    """Accuracy (%) mean ± std (min–max over seeds) per fraction, CUCB vs random,
-    with parameter and FLOP counts and reductions vs the dense network."""
-    cells = {(a["selector"], a["fraction"]): a for a in aggregate(rows)}
-    fractions = sorted({f for _, f in cells})
-    seeds = max(a["n"] for a in cells.values())
-    lines = ["| active channels | CUCB acc. % | random acc. % | CUCB − random (pts) "
-             "| params | FLOPs / image |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for p in fractions:
-        cucb, rand, dense = cells.get(("cucb", p)), cells.get(("random", p)), cells.get(("dense", p))
-        any_cell = cucb or rand or dense
-        sizes = [f"{any_cell['params'] / 1e3:.1f}k", f"{any_cell['flops'] / 1e6:.2f}M"]
-        if dense is not None:
-            lines.append(f"| {100 * p:.0f}% (dense baseline) | {_fmt_acc(dense, seeds)} "
-                         f"| (same run) | - | {sizes[0]} | {sizes[1]} |")
-            continue
-        sizes[0] += f" ({any_cell['param_reduction']:.2f}x fewer)"
-        sizes[1] += f" ({any_cell['flop_reduction']:.2f}x fewer)"
-        diff = ("-" if cucb is None or rand is None
-                else f"{100 * (cucb['acc_mean'] - rand['acc_mean']):+.2f}")
-        lines.append(f"| {100 * p:.0f}% | {_fmt_acc(cucb, seeds)} | {_fmt_acc(rand, seeds)} "
-                     f"| {diff} | {sizes[0]} | {sizes[1]} |")
+    """Per fraction, every method: accuracy (%) mean ± std (min–max over seeds), the
+    difference to the narrow network, the compact model's size, and the training cost
+    (wall-clock and training FLOPs) relative to the dense baseline."""
+    cells = aggregate(rows)
+    seeds = max(a["n"] for a in cells)
+    dense = next((a for a in cells if a["method"] == "dense"), None)
+    lines = ["| kept | method | accuracy % | vs narrow (pts) | params | FLOPs / image "
+             "| training time (x dense) | training FLOPs (x dense) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for fraction in sorted({a["fraction"] for a in cells}):
+        here = sorted((a for a in cells if a["fraction"] == fraction),
+                      key=lambda a: _method_rank(a["method"]))
+        narrow = next((a for a in here if a["method"] == "narrow"), None)
+        for a in here:
+            diff = ("-" if narrow is None or a is narrow
+                    else f"{100 * (a['acc_mean'] - narrow['acc_mean']):+.2f}")
+            size = f"{a['params'] / 1e3:.1f}k"
+            flops = f"{a['flops'] / 1e6:.2f}M"
+            if a["method"] != "dense":
+                size += f" ({a['param_reduction']:.2f}x fewer)"
+                flops += f" ({a['flop_reduction']:.2f}x fewer)"
+            lines.append(
+                f"| {100 * fraction:.0f}% | {a['method']} | {_fmt_acc(a, seeds)} | {diff} "
+                f"| {size} | {flops} | {_ratio(a['seconds'], dense and dense['seconds'])} "
+                f"| {_ratio(a['train_flops'], dense and dense['train_flops'])} |")
     return "\n".join(lines)

@@ -1,18 +1,21 @@
-"""A grid of training runs: accuracy vs active fraction, CUCB vs random, several seeds.
+"""A grid of training runs: accuracy vs fraction of channels kept, every method, several seeds.
 
 Layout of an output directory (``out``)::
 
     <out>/<dataset>-<model>/sweep.json                the options every run shares
-    <out>/<dataset>-<model>/<selector>-p<frac>-s<seed>/  one train() run each
+    <out>/<dataset>-<model>/<method>-p<frac>-s<seed>/  one train() run each
     <out>/<dataset>-<model>/results.json, results.csv  the table (see dce_kernels.experiments.results)
 
 The dense baseline is the run at fraction 1.0, once per seed, named
-``dense-p1.0-s<seed>``: at p = 1 both selectors activate every channel at every
-step and keep all of them, so CUCB and random would train the identical network
-(the test suite checks this). It gets exactly the compact runs' schedule
-(explore + fine-tune epochs, same learning rates), which makes it the fair
-reference; fraction 1.0 in the list of fractions means this run. The train()
-phase ``dense`` is therefore switched off in sweep runs (``dense_epochs=0``).
+``dense-p1.0-s<seed>``: the narrow network at p = 1 is the full architecture, trained
+from scratch for the total epochs (exploration + fine-tuning), which is what a user
+does without any channel selection. Fraction 1.0 in the list of fractions means this
+run. The train() phase ``dense`` is therefore switched off in sweep runs
+(``dense_epochs=0``).
+
+A narrow network under a global budget takes its channel counts from the ``cucb``
+(else ``shrink``) run of the same fraction and seed, so it runs after that run has
+finished; a sweep process waits for it while another process holds it.
 
 Bookkeeping, so that a sweep can be killed and restarted, and so that several
 ``dce sweep`` processes (on one machine, or several sharing a file system with
@@ -40,62 +43,68 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
-from .choices import SELECTORS, check_choice
+from .choices import DCE_METHODS, METHODS, check_choice
 from .files import CHECKPOINT, ERROR, LOCK, MUTEX, REPORT, SWEEP_OPTIONS
-from .train import TrainConfig, train
+from .train import TrainConfig, options_diff, train
 
 __all__ = ["RunSpec", "SweepOutcome", "DEFAULT_FRACTIONS", "BASELINE",
            "plan_runs", "sweep_dir", "run_sweep", "write_table", "try_claim", "release"]
 
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
-BASELINE = "dense"  # the "selector" label of the fraction-1.0 run
+DEFAULT_METHODS = tuple(METHODS)
+WAIT_SECONDS = 30  # between looks at a run another process is finishing
+BASELINE = "dense"  # the "method" label of the fraction-1.0 run
 # TrainConfig fields that vary within a sweep or do not change the computation.
-_PER_RUN = ("fraction", "selector", "seed", "run_dir", "progress", "data_dir", "device",
-            "dense_epochs")
+_PER_RUN = ("fraction", "method", "seed", "run_dir", "progress", "data_dir", "device",
+            "dense_epochs", "widths_from")
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """One cell of the grid."""
 
-    selector: str  # "cucb", "random" or BASELINE
+    method: str  # one of METHODS, or BASELINE
     fraction: float
     seed: int
 
     @property
     def name(self) -> str:
         # repr() of a float is exact and unique: 0.1 -> "0.1", 1.0 -> "1.0".
-        return f"{self.selector}-p{float(self.fraction)!r}-s{self.seed}"
+        return f"{self.method}-p{float(self.fraction)!r}-s{self.seed}"
 
 
 def plan_runs(fractions: Sequence[float] = DEFAULT_FRACTIONS,
-              selectors: Sequence[str] = tuple(SELECTORS),
-              seeds: Sequence[int] = (0, 1, 2)) -> list[RunSpec]:
+              methods: Sequence[str] = DEFAULT_METHODS,
+              seeds: Sequence[int] = (0, 1, 2), baseline: bool = True) -> list[RunSpec]:
     """The grid, seed by seed (an interrupted sweep has whole curves first):
-    per seed the dense baseline, then every fraction below 1 with every selector."""
-    fractions, selectors, seeds = list(fractions), list(selectors), list(seeds)
+    per seed the dense baseline (unless ``baseline=False``: an ablation that shares
+    another sweep's), then every fraction below 1 with every method (narrow last, as
+    it may need another run's channel counts)."""
+    fractions, methods, seeds = list(fractions), list(methods), list(seeds)
     if not fractions:
         raise ValueError("fractions: the list is empty")
-    if not selectors:
-        raise ValueError("selectors: the list is empty")
+    if not methods:
+        raise ValueError("methods: the list is empty")
     if not seeds:
         raise ValueError("seeds: the list is empty")
     for p in fractions:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise ValueError(f"fraction {p!r} is outside (0, 1]")
-    for s in selectors:
-        check_choice("selector", s, SELECTORS)
+    for m in methods:
+        check_choice("method", m, METHODS)
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ValueError(f"seed {s!r} is not a non-negative integer")
     for name, values in (("fractions", [float(p) for p in fractions]),
-                         ("selectors", selectors), ("seeds", seeds)):
+                         ("methods", methods), ("seeds", seeds)):
         if len(set(values)) != len(values):
             raise ValueError(f"{name}: duplicate entries in {values}")
     runs = []
     for seed in seeds:
-        runs.append(RunSpec(BASELINE, 1.0, seed))
-        runs += [RunSpec(sel, float(p), seed) for p in fractions if p < 1.0 for sel in selectors]
+        if baseline:
+            runs.append(RunSpec(BASELINE, 1.0, seed))
+        ordered = sorted(methods, key=lambda m: m == "narrow")
+        runs += [RunSpec(m, float(p), seed) for p in fractions if p < 1.0 for m in ordered]
     return runs
 
 
@@ -103,11 +112,28 @@ def sweep_dir(out: str, base: TrainConfig) -> str:
     return os.path.join(out, f"{base.dataset}-{base.model}")
 
 
-def run_config(base: TrainConfig, spec: RunSpec, root: str) -> TrainConfig:
-    """The TrainConfig of one run: the shared options plus the cell's own."""
-    selector = "cucb" if spec.selector == BASELINE else spec.selector
-    return dataclasses.replace(base, fraction=spec.fraction, selector=selector, seed=spec.seed,
-                               dense_epochs=0, run_dir=os.path.join(root, spec.name))
+def run_config(base: TrainConfig, spec: RunSpec, root: str,
+               width_method: str = DCE_METHODS[0]) -> TrainConfig:
+    """The TrainConfig of one run: the shared options plus the cell's own. A narrow
+    network under a global budget takes the channel counts of the ``width_method`` run
+    of the same fraction and seed."""
+    method = "narrow" if spec.method == BASELINE else spec.method
+    widths_from = None
+    if method == "narrow" and base.budget == "global" and spec.method != BASELINE:
+        widths_from = os.path.join(root, RunSpec(width_method, spec.fraction, spec.seed).name)
+    return dataclasses.replace(base, fraction=spec.fraction, method=method, seed=spec.seed,
+                               dense_epochs=0, run_dir=os.path.join(root, spec.name),
+                               widths_from=widths_from)
+
+
+def width_method(runs: Sequence[RunSpec]) -> str:
+    """The DCE method whose channel counts the narrow runs of a global budget take: the
+    first of DCE_METHODS in the grid."""
+    planned = {r.method for r in runs}
+    for method in DCE_METHODS:
+        if method in planned:
+            return method
+    return DCE_METHODS[0]
 
 
 def shared_options(base: TrainConfig) -> dict:
@@ -193,9 +219,8 @@ def _check_or_record_options(root: str, base: TrainConfig) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved != options:
-            diff = {k: (saved.get(k), options.get(k)) for k in sorted(set(saved) | set(options))
-                    if saved.get(k) != options.get(k)}
+        diff = options_diff(saved, options)
+        if diff:
             raise ValueError(f"{root} holds a sweep made with other options (saved, now): "
                              f"{diff}; choose another output directory")
         return
@@ -241,8 +266,9 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
         _check_or_record_options(root, base)
     outcome = SweepOutcome(root)
     started = 0
+    source = width_method(runs)
     for i, spec in enumerate(runs):
-        config = run_config(base, spec, root)
+        config = run_config(base, spec, root, source)
         if _finished(config.run_dir):
             outcome.skipped.append(spec.name)
             continue
@@ -262,6 +288,10 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(config.run_dir, ERROR))  # from an earlier attempt
         try:
+            if config.widths_from is not None and not _wait_for(config.widths_from, log):
+                raise RuntimeError(f"{spec.name} needs the channel counts of "
+                                   f"{os.path.basename(config.widths_from)}, which has not "
+                                   "finished (add its method to the sweep, or rerun)")
             resume = os.path.exists(os.path.join(config.run_dir, CHECKPOINT))
             log(f"[{i + 1}/{len(runs)}] {'resuming' if resume else 'starting'} {spec.name}")
             t0 = time.perf_counter()
@@ -281,6 +311,21 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
             release(config.run_dir)
     write_table(root, runs)
     return outcome
+
+
+def _wait_for(run_dir: str, log: Callable[[str], None]) -> bool:
+    """Waits while another live process works on ``run_dir``; True once it finished."""
+    while not _finished(run_dir):
+        try:
+            with open(os.path.join(run_dir, LOCK)) as f:
+                owner = f.read()
+        except FileNotFoundError:
+            return False  # nobody works on it
+        if _is_stale(owner):
+            return False
+        log(f"waiting for {os.path.basename(run_dir)} ({owner.strip()})")
+        time.sleep(WAIT_SECONDS)
+    return True
 
 
 def write_table(root: str, runs: Sequence[RunSpec]) -> tuple[list[dict], list[str]]:

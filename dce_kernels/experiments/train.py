@@ -1,24 +1,35 @@
-"""Three-phase training of a compact network, with a dense baseline, checkpoints and a report.
+"""One training run of a method that produces a compact network, with checkpoints and a report.
 
-Phases (each a number of epochs; each epoch ends with a test evaluation and a
-checkpoint, so ``resume=True`` continues a stopped run exactly as if it had not
-stopped):
+Methods (``TrainConfig.method``, the table in :mod:`.choices`):
 
-0. ``dense`` (optional): the same architecture, same initialization, all
-   channels, for comparison.
-1. ``explore``: each step a selector (CUCB or random) picks the active channels,
-   the step trains only them (:class:`~dce_kernels.optim.MaskedOptimizer`), and the
-   selector learns from the saliency the layers report.
-2. ``select`` (instant): keep the channels of highest mean saliency at the
-   target fraction (random ones for the random selector).
-3. ``finetune``: train the kept channels only; the others stay inactive.
+- ``cucb``, ``random``: Dynamic Channel Execution. Phase ``explore``: each step the
+  selector picks the active channels, the step trains only them
+  (:class:`~dce_kernels.optim.MaskedOptimizer`), and the selector learns from the
+  saliency the layers report. Then the selector keeps its best channels (CUCB: highest
+  mean reward; random: random ones), and phase ``finetune`` trains only those.
+- ``prune``: post-training pruning (Molchanov et al. 2017). Phase ``explore`` trains
+  the dense network while the saliency of its last epoch is summed; the channels of
+  highest L2-normalized sum are kept and fine-tuned. It costs dense training.
+- ``narrow``: the compact architecture (the budget's per-layer channel counts, or for a
+  global budget those another run chose, ``widths_from``) built physically small and
+  trained from scratch for the same total epochs (phase ``train``): Liu et al. 2019's
+  baseline.
 
-Then the compact network is exported (:mod:`dce_kernels.compact`) and evaluated
-on its own. ``report.json`` in the run directory holds accuracies, parameter
-and FLOP counts of dense vs compact, reductions and wall-clock times.
+Every method may start with phase ``dense`` (the full architecture, same initialization,
+for comparison). Each phase is a number of epochs; each epoch ends with a test
+evaluation and a checkpoint, so ``resume=True`` continues a stopped run exactly as if it
+had not stopped.
 
-Learning rate: cosine decay from the phase's base rate to zero within each
-phase, computed from the step number (no scheduler state to checkpoint).
+Learning rate: cosine decay to zero, computed from the step number (no scheduler state
+to checkpoint). ``lr_schedule="restart"`` (the poster) decays within each phase, from
+``lr`` and, when fine-tuning, from ``finetune_lr``; ``"continuous"`` runs one decay
+from ``lr`` over exploration and fine-tuning together, as the narrow network's single
+phase does.
+
+Then the compact network is exported (:mod:`dce_kernels.compact`) and evaluated on its
+own. ``report.json`` holds accuracies, parameter and FLOP counts of dense vs compact,
+and the run's training cost: wall-clock seconds and training FLOPs (forward and
+backward, counted by ``torch.utils.flop_counter`` on the first step of every epoch).
 """
 from __future__ import annotations
 
@@ -27,27 +38,31 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..channels import ChannelPlan, plan_for
 from ..compact import compact_model, export_compact
-from .models import build_model
 from ..optim import MaskedOptimizer
-from ..selectors import DEFAULT_TAU
-from .choices import BUDGETS, OPTIMIZERS, SELECTORS, check_choice
+from ..selectors import DEFAULT_TAU, REWARD_RULES, _Selector
+from .choices import (BUDGETS, DCE_METHODS, LR_SCHEDULES, METHODS, OPTIMIZERS, SELECTORS,
+                      check_choice, phases_of)
 from .files import CHECKPOINT, CONFIG, EXPORT_STEM, REPORT
+from .models import build_model
+from .models.init import reinitialize
 from .report import (CompactSummary, DenseSummary, EpochRecord, ExportInfo, PhaseTotals,
                      Reduction, RunReport, Selection)
 
-__all__ = ["TrainConfig", "train", "PHASES"]
+__all__ = ["TrainConfig", "train", "narrow_model", "evaluate", "recalibrate_batchnorm"]
 
-PHASES = ("dense", "explore", "finetune")
+FLOP_SAMPLE_EVERY = 25  # training steps between two FLOP counts
+RECALIBRATION_BATCHES = 20
 
 
 @dataclass
@@ -60,8 +75,14 @@ class TrainConfig:
     width: float = 1.0
     fraction: float = 0.5
     budget: str = "layer"
-    selector: str = "cucb"
+    method: str = "cucb"
     tau: int = DEFAULT_TAU
+    reward: str = "max"
+    discount: float = 1.0
+    anneal: bool = False
+    scale_init: bool = False
+    rewind: bool = False
+    widths_from: Optional[str] = None
     explore_epochs: int = 2
     finetune_epochs: int = 1
     dense_epochs: int = 3
@@ -69,6 +90,7 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     finetune_lr: float = 0.01
+    lr_schedule: str = "restart"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     train_limit: Optional[int] = None
@@ -81,23 +103,40 @@ class TrainConfig:
     def validate(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must lie in (0, 1], got {self.fraction}")
-        check_choice("selector", self.selector, SELECTORS)
+        check_choice("method", self.method, METHODS)
         check_choice("budget", self.budget, BUDGETS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("reward", self.reward, REWARD_RULES)
+        check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
         if self.explore_epochs < 1:
             raise ValueError("explore_epochs must be >= 1: the selector needs to see data")
         if self.finetune_epochs < 0 or self.dense_epochs < 0 or self.tau < 0:
             raise ValueError("epoch counts and tau must be non-negative")
         if self.batch_size < 1 or self.lr <= 0 or self.finetune_lr <= 0:
             raise ValueError("batch_size, lr and finetune_lr must be positive")
+        if not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"discount must lie in (0, 1], got {self.discount}")
+        if self.widths_from is not None and self.method != "narrow":
+            raise ValueError("widths_from names the run whose channel counts a narrow "
+                             f"network takes; it means nothing to method {self.method!r}")
+        if self.method == "narrow" and self.budget == "global" and self.widths_from is None:
+            raise ValueError("a narrow network under a global budget needs the channel "
+                             "counts a selector chose: pass widths_from (a finished run)")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of samples")
 
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The phases this run goes through, in order."""
+        phases = phases_of(self.method)
+        return phases if self.dense_epochs > 0 else tuple(p for p in phases if p != "dense")
+
     def epochs(self, phase: str) -> int:
         return {"dense": self.dense_epochs, "explore": self.explore_epochs,
-                "finetune": self.finetune_epochs}[phase]
+                "finetune": self.finetune_epochs,
+                "train": self.explore_epochs + self.finetune_epochs}[phase]
 
 
 def load_data(config: TrainConfig) -> tuple[Dataset, Dataset, dict]:
@@ -123,6 +162,79 @@ def _describe(ds: Dataset, num_classes: Optional[int] = None) -> dict:
             "image_size": int(x.shape[-1])}
 
 
+def options_diff(saved: dict, now: dict, ignore=()) -> dict:
+    """The options that differ between a saved configuration and this one, as
+    ``{name: (saved, now)}``. Options that do not change the computation (``ignore``)
+    may differ; an option the saved one lacks (made before the option existed) counts
+    as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    keys = (set(saved) | set(now)) - set(ignore)
+    return {k: (saved.get(k, defaults.get(k)), now.get(k, defaults.get(k))) for k in sorted(keys)
+            if saved.get(k, defaults.get(k)) != now.get(k, defaults.get(k))}
+
+
+def full_model(config: TrainConfig, info: dict, device=None) -> nn.Module:
+    """The architecture at full width, initialized from ``config.seed`` (the dense
+    baseline and every sparse run start from these same weights)."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, info["in_channels"], info["num_classes"],
+                        width=config.width, image_size=info.get("image_size"))
+    return model.to(device) if device is not None else model
+
+
+def budget_counts(config: TrainConfig, num_channels: list[int]) -> list[int]:
+    """The per-layer channel counts of a narrow network: the layer budget's, or the
+    counts the run in ``widths_from`` kept."""
+    if config.widths_from is None:
+        return _Selector(num_channels, config.fraction, "layer").active_counts()
+    path = os.path.join(config.widths_from, REPORT)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"widths_from: no finished run at {config.widths_from} "
+                                f"(no {REPORT})")
+    kept = RunReport.load(path).selection.channels_kept
+    if len(kept) != len(num_channels) or any(not 1 <= k <= c for k, c in zip(kept, num_channels)):
+        raise ValueError(f"widths_from: {config.widths_from} kept {kept} channels, which "
+                         f"does not fit this model's layers {num_channels}")
+    return list(kept)
+
+
+def narrow_model(config: TrainConfig, info: dict, device=None) -> tuple[nn.Module, list[int],
+                                                                        list[int]]:
+    """The compact architecture as a plain model with a fresh initialization, and its
+    per-layer channel counts next to the full ones.
+
+    The architecture is what :func:`~dce_kernels.compact.compact_model` exports for a
+    selection of those counts, so it equals a DCE run's compact model exactly; the
+    weights are then initialized anew, as a model of that size would be."""
+    full = full_model(config, info, device)
+    plan = plan_for(full)
+    counts = budget_counts(config, plan.num_channels)
+    plan.apply([torch.arange(k, device=full_device(full)) for k in counts])
+    small = compact_model(full, plan)
+    torch.manual_seed(config.seed)
+    reinitialize(small)
+    return small, counts, plan.num_channels
+
+
+def full_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def scale_for_active_width(model: nn.Module, fraction: float) -> None:
+    """Scales every conv weight by ``1 / sqrt(fraction)``: He initialization of the
+    layer as wide as its active part.
+
+    Why: a layer followed by BatchNorm is scale-invariant, so its effective step size
+    is ``lr / |w|^2``. Initialized for the full fan, the active block of a layer at
+    fraction p has ``|w|^2`` p times that of the same-sized narrow layer, so every
+    step moves it 1/p times further than the narrow network at the same learning rate
+    (4x at p = 0.25, 10x at p = 0.1)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(1.0 / math.sqrt(fraction))
+
+
 class _Run:
     """The state of one run and the code that moves it forward."""
 
@@ -131,59 +243,87 @@ class _Run:
         self.config = config
         self.train_ds, self.test_ds, self.info = train_ds, test_ds, info
         self.device = torch.device(config.device)
-        self.phase_index = 0 if config.dense_epochs > 0 else 1
+        self.phases = config.phases
+        self.phase_index = 0
         self.epoch = 0  # next epoch to run within the phase
         self.report = RunReport(config=dataclasses.asdict(config),
                                 data={**info, "train_samples": len(train_ds),
                                       "test_samples": len(test_ds)})
         self.selection: Optional[list[torch.Tensor]] = None
+        self.plan: Optional[ChannelPlan] = None
+        self.selector = None
         self._enter_phase(fresh=True)
 
     # -- construction ----------------------------------------------------------
 
-    def _new_model(self) -> nn.Module:
-        # Same seed for the dense baseline and the sparse run: same initial weights.
-        torch.manual_seed(self.config.seed)
-        model = build_model(self.config.model, self.info["in_channels"],
-                            self.info["num_classes"], width=self.config.width,
-                            image_size=self.info.get("image_size"))
-        return model.to(self.device)
+    def _new_model(self, sparse: bool) -> nn.Module:
+        """The initial weights; ``sparse``: of the channel-selecting phases."""
+        model = full_model(self.config, self.info, self.device)
+        if sparse and self.config.scale_init and self.config.method in DCE_METHODS:
+            scale_for_active_width(model, self.config.fraction)
+        return model
 
     def _new_selector(self, plan: ChannelPlan):
-        return SELECTORS[self.config.selector](plan.num_channels, self.config)
+        return SELECTORS[self.config.method](plan.num_channels, self.config,
+                                             self.steps_per_epoch)
 
-    def _new_optimizer(self, lr: float) -> MaskedOptimizer:
+    def _new_optimizer(self, lr: float):
         opt = OPTIMIZERS[self.config.optimizer](self.model.parameters(), lr, self.config)
-        return MaskedOptimizer(opt, self.plan.active_blocks)
+        return opt if self.plan is None else MaskedOptimizer(opt, self.plan.active_blocks)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n, b = len(self.train_ds), self.config.batch_size
+        return n // b if n > b else 1  # the loader drops the last partial batch
 
     @property
     def phase(self) -> str:
-        return PHASES[self.phase_index]
+        return self.phases[self.phase_index]
 
-    def _base_lr(self) -> float:
-        return self.config.finetune_lr if self.phase == "finetune" else self.config.lr
+    def _lr(self, step: int) -> float:
+        """The learning rate at ``step`` of the current phase."""
+        c = self.config
+        total = c.epochs(self.phase) * self.steps_per_epoch
+        base = c.finetune_lr if self.phase == "finetune" else c.lr
+        if c.lr_schedule == "continuous" and self.phase in ("explore", "finetune"):
+            base = c.lr
+            if self.phase == "finetune":
+                step += c.explore_epochs * self.steps_per_epoch
+            total = (c.explore_epochs + c.finetune_epochs) * self.steps_per_epoch
+        if total == 0:  # a phase of no epochs never steps
+            return base
+        return base * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
     def _enter_phase(self, fresh: bool) -> None:
         """Builds what the current phase trains. ``fresh``: at a phase start
         (not when a checkpoint is about to overwrite the state)."""
         phase = self.phase
-        # Fine-tuning continues the explored model, unless a checkpoint restores it.
-        if phase != "finetune" or not fresh:
-            self.model = self._new_model()
+        if phase == "train":
+            self.model, counts, totals = narrow_model(self.config, self.info, self.device)
+            self.plan, self.selector = None, None
+            self.report.selection = Selection(channels_kept=counts, channels_total=totals,
+                                              indices=[list(range(k)) for k in counts])
+        elif phase != "finetune" or not fresh:
+            # Fine-tuning continues the explored model, unless a checkpoint restores it.
+            self.model = self._new_model(sparse=phase != "dense")
             self.plan = plan_for(self.model)
             self.selector = None if phase == "dense" else self._new_selector(self.plan)
-        if phase == "dense":
+        if phase == "dense" or (phase == "explore" and self.config.method == "prune"):
             self.plan.apply(None)
         if phase == "finetune":
             if fresh:
-                # Phase 2: keep the most salient channels (one selector call).
+                # Keep the best channels (one selector call).
                 self.selection = self.selector.best()
                 self.report.selection = Selection(
                     channels_kept=[int(s.numel()) for s in self.selection],
                     channels_total=list(self.plan.num_channels),
                     indices=[s.tolist() for s in self.selection])
+                if self.config.rewind:
+                    # The kept channels restart from their initial weights (as in the
+                    # lottery-ticket experiments); only the choice of channels is kept.
+                    self.model.load_state_dict(self._new_model(sparse=True).state_dict())
             self.plan.apply(self.selection)
-        self.optimizer = self._new_optimizer(self._base_lr())
+        self.optimizer = self._new_optimizer(self._lr(0))
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -200,13 +340,9 @@ class _Run:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = dict(state["config"])
-        mine = dataclasses.asdict(self.config)
-        # Options that do not change the computation may differ on resume.
-        for key in ("progress", "run_dir", "data_dir", "device"):
-            saved.pop(key, None), mine.pop(key, None)
-        if saved != mine:
-            diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
+        diff = options_diff(state["config"], dataclasses.asdict(self.config),
+                            ignore=("progress", "run_dir", "data_dir", "device"))
+        if diff:
             raise ValueError(f"cannot resume: the checkpoint was made with other options "
                              f"(saved, now): {diff}")
         self.phase_index, self.epoch = state["phase_index"], state["epoch"]
@@ -235,57 +371,75 @@ class _Run:
         return DataLoader(self.train_ds, batch_size=self.config.batch_size, shuffle=True,
                           generator=g, drop_last=len(self.train_ds) > self.config.batch_size)
 
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step; returns the loss and the logits."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        exploring = self.phase == "explore"
+        if exploring:
+            selection = self.selector.select()
+            if self.config.method != "prune":  # prune trains dense: nothing to apply
+                self.plan.apply(selection)
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
+                                     f"{self.epoch + 1}: lower the learning rate")
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        if exploring:
+            self.selector.update(self.plan.saliency())
+        return loss, out
+
     def run_epoch(self) -> EpochRecord:
         from tqdm import tqdm
 
         c = self.config
         self.model.train()
         loader = self._loader(train=True)
-        total_steps = c.epochs(self.phase) * len(loader)
         step0 = self.epoch * len(loader)
-        exploring = self.phase == "explore"
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, flop_samples = 0.0, 0, 0, []
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"{self.phase} {self.epoch + 1}/{c.epochs(self.phase)}",
                    disable=not c.progress, leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(self.device), y.to(self.device)
-            lr = self._base_lr() * 0.5 * (1.0 + math.cos(math.pi * (step0 + i) / total_steps))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            if exploring:
-                self.plan.apply(self.selector.select())
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
-                                         f"{self.epoch + 1}, step {i}: lower the learning rate")
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            if exploring:
-                self.selector.update(self.plan.saliency())
+            lr = self._lr(step0 + i)
+            if i % FLOP_SAMPLE_EVERY == 0:
+                # Training FLOPs: counting every step would slow it down; the active
+                # channel counts change smoothly (or not at all), so a regular sample
+                # of steps stands for the others.
+                with FlopCounterMode(display=False) as counter:
+                    loss, out = self._step(x, y, lr)
+                flop_samples.append(counter.get_total_flops())
+            else:
+                loss, out = self._step(x, y, lr)
             loss_sum += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         train_time = time.perf_counter() - start
-        if exploring:
-            # Evaluate what phase 2 would keep now; the next step re-selects anyway.
+        if self.phase == "explore":
+            # Evaluate what fine-tuning would keep now; the next step re-selects anyway.
             self.plan.apply(self.selector.best())
+            recalibrate_batchnorm(self.model, loader, self.device)
         test_acc = evaluate(self.model, self._loader(train=False), self.device)
+        if self.phase == "explore" and c.method == "prune":
+            self.plan.apply(None)
         return EpochRecord(phase=self.phase, epoch=self.epoch + 1, train_loss=loss_sum / seen,
                            train_acc=correct / seen, test_acc=test_acc, train_seconds=train_time,
-                           lr_end=lr)
+                           lr_end=lr,
+                           train_flops=round(sum(flop_samples) / len(flop_samples) * len(loader)))
 
     def advance(self) -> bool:
         """Runs one epoch (or a phase change); False once all phases are done."""
-        if self.phase_index >= len(PHASES):
+        if self.done:
             return False
         if self.epoch >= self.config.epochs(self.phase):
             self.phase_index += 1
             self.epoch = 0
-            if self.phase_index < len(PHASES):
+            if not self.done:
                 self._enter_phase(fresh=True)
             return True
         self.report.record_epoch(self.run_epoch())
@@ -295,7 +449,36 @@ class _Run:
 
     @property
     def done(self) -> bool:
-        return self.phase_index >= len(PHASES)
+        return self.phase_index >= len(self.phases)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, device=None,
+                          batches: int = RECALIBRATION_BATCHES) -> None:
+    """Recomputes every BatchNorm's running statistics for the channels now active, as
+    the average over ``batches`` training batches.
+
+    Why: running statistics gathered while other channels (or all of them) were active
+    describe another network; a layer with a quarter of its inputs active sees about a
+    quarter of the variance. Evaluating, or starting to fine-tune, with those stats
+    measures the stale statistics instead of the network."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(x.to(device) if device is not None else x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 @torch.no_grad()
@@ -320,15 +503,18 @@ def _finish(run: _Run) -> RunReport:
     c, report = run.config, run.report
     example = run.test_ds[0][0].unsqueeze(0).to(run.device)
     run.model.eval()
-    compact = compact_model(run.model, run.plan).eval()
+    # A narrow network is plain already; a sparse one exports its active channels.
+    compact = run.model if run.plan is None else compact_model(run.model, run.plan).eval()
     paths = export_compact(compact, example.repeat(2, 1, 1, 1), c.run_dir, stem=EXPORT_STEM)
     test_loader = run._loader(train=False)
     sparse_acc = evaluate(run.model, test_loader, run.device)
-    compact_acc = evaluate(compact, test_loader, run.device)
-    dense_model = run._new_model().eval()  # the architecture at full width
+    compact_acc = sparse_acc if run.plan is None else evaluate(compact, test_loader, run.device)
+    dense_model = full_model(c, run.info, run.device).eval()
     dense_phase = report.phases.get("dense", PhaseTotals())
-    explore = report.phases["explore"]
-    fine = report.phases.get("finetune")
+    # The phases that trained the compact network: the first after "dense" and the last
+    # that ran (a phase of 0 epochs leaves no record).
+    trained = [report.phases[p] for p in run.phases if p != "dense" and p in report.phases]
+    first, last = trained[0], trained[-1]
     report.dense = DenseSummary(params=count_params(dense_model),
                                 flops=count_flops(dense_model, example),
                                 test_acc=dense_phase.test_acc,
@@ -337,8 +523,8 @@ def _finish(run: _Run) -> RunReport:
         params=count_params(compact), flops=count_flops(compact, example),
         test_acc=compact_acc, sparse_test_acc=sparse_acc,
         sparse_flops=count_flops(run.model, example),
-        seconds_per_epoch=(fine or explore).seconds_per_epoch,
-        explore_seconds_per_epoch=explore.seconds_per_epoch)
+        seconds_per_epoch=last.seconds_per_epoch,
+        explore_seconds_per_epoch=first.seconds_per_epoch)
     report.reduction = Reduction(
         params=report.dense.params / max(report.compact.params, 1),
         flops=report.dense.flops / max(report.compact.flops, 1),
