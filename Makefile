@@ -76,25 +76,35 @@ demo: build fashion-mnist
 	rm -rf $(DEMO_DIR)
 	$(PY) -m dce_kernels.experiments.cli train --dataset fashion-mnist $(DEMO_ARGS) --run-dir $(DEMO_DIR)
 
-# -- make sweep: the paper's experiment, scaled to 2 CPU cores (see README, "Reproducing the
-# paper"): accuracy vs active channels, CUCB vs random, 3 seeds, on full Fashion-MNIST.
-# Two worker processes share SWEEP_DIR and split the runs; rerunning continues a stopped sweep.
+# -- make sweep: the protocol that decides whether DCE is worth it (README, "Results"): on
+# full Fashion-MNIST, VGG-11 (width 0.25) at 10/25/50% of the channels and ResNet-20 (width
+# 0.5) at 50%, DCE (shrink, global budget) against its random-order control, post-training
+# Taylor pruning, the narrow network trained from scratch (at DCE's widths and uniform) and
+# the dense network, every method 8 epochs, 3 seeds. Two worker processes share SWEEP_DIR and
+# split the runs; rerunning continues a stopped sweep (it takes hours on 2 cores).
 # Each worker runs one torch thread: on a shared machine, OpenMP threads competing with
 # other processes slow small models down many times over.
 SWEEP_DIR ?= runs/sweep-fmnist
 SWEEP_WORKERS ?= 2
-SWEEP_ARGS ?= --dataset fashion-mnist --model vgg11 --width 0.25 \
-	--fractions 0.1,0.25,0.5,0.75,1.0 --selectors cucb,random --seeds 0,1,2 \
-	--explore-epochs 2 --finetune-epochs 1 --batch-size 128 --lr 0.1 --finetune-lr 0.02 --tau 100
+SWEEP_COMMON ?= --dataset fashion-mnist --methods shrink,shrink-random,prune,narrow,narrow-uniform \
+	--seeds 0,1,2 --budget global --reward l2 --lr-schedule continuous --explore-epochs 2 \
+	--finetune-epochs 6 --batch-size 128 --lr 0.1 --finetune-lr 0.02
+SWEEP_GRIDS ?= "--model vgg11 --width 0.25 --fractions 0.1,0.25,0.5,1.0" \
+	"--model resnet20 --width 0.5 --fractions 0.5,1.0"
 
 sweep: build fashion-mnist
 	mkdir -p $(SWEEP_DIR)
 	for i in $$(seq $(SWEEP_WORKERS)); do \
-		$(PY) -m dce_kernels.experiments.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --threads 1 \
-			--no-progress > $(SWEEP_DIR)/worker$$i.log 2>&1 & \
+		( for grid in $(SWEEP_GRIDS); do \
+			$(PY) -m dce_kernels.experiments.cli sweep --out $(SWEEP_DIR) $(SWEEP_COMMON) $$grid \
+				--threads 1 --no-progress; \
+		done ) > $(SWEEP_DIR)/worker$$i.log 2>&1 & \
 	done; wait
-	$(PY) -m dce_kernels.experiments.cli sweep --out $(SWEEP_DIR) $(SWEEP_ARGS) --collect-only
+	for grid in $(SWEEP_GRIDS); do \
+		$(PY) -m dce_kernels.experiments.cli sweep --out $(SWEEP_DIR) $(SWEEP_COMMON) $$grid --collect-only; \
+	done
 	$(PY) -m dce_kernels.experiments.cli plot $(SWEEP_DIR)/fashion-mnist-vgg11
+	$(PY) -m dce_kernels.experiments.cli plot $(SWEEP_DIR)/fashion-mnist-resnet20
 
 # --- CUDA kernels: sanitizer run of the emulated backend, ptxas resource report.
 

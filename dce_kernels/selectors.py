@@ -423,12 +423,18 @@ class ShrinkSelector(_Selector):
     ``max(budget total, round(f_t sum C))`` shared by rank. Rewards as
     :func:`normalize_rewards` (``reward``); ``discount`` as in :class:`CUCBSelector`.
     ``best()`` is the final set (before the horizon: the best survivors at the budget).
+
+    ``order="random"`` drops channels in random order instead (the same schedule and
+    cost, no saliency): the control that says what the saliency ranking is worth.
     """
 
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
                  horizon: int = 1, budget: str = "layer", seed: int = 0,
-                 reward: str = "l2", discount: float = 1.0) -> None:
+                 reward: str = "l2", discount: float = 1.0, order: str = "saliency") -> None:
         super().__init__(num_channels, fraction, budget, seed)
+        if order not in ("saliency", "random"):
+            raise ValueError(f"order must be 'saliency' or 'random', got {order!r}")
+        self.order = order
         if int(horizon) != horizon or horizon < 1:
             raise ValueError(f"horizon must be a positive number of steps, got {horizon}")
         check_reward_rule(reward)
@@ -454,7 +460,9 @@ class ShrinkSelector(_Selector):
         return layer, total
 
     def _alive_scores(self) -> list[torch.Tensor]:
-        return [torch.where(a, m, -math.inf) for a, m in zip(self.alive, self.means)]
+        scores = self.means if self.order == "saliency" else [torch.zeros_like(m)
+                                                               for m in self.means]
+        return [torch.where(a, m, -math.inf) for a, m in zip(self.alive, scores)]
 
     def _choose(self) -> list[torch.Tensor]:
         layer, total = self.counts_at(self.steps)
@@ -475,7 +483,7 @@ class ShrinkSelector(_Selector):
 
     def _config(self) -> dict:
         return {**super()._config(), "horizon": self.horizon, "reward": self.reward,
-                "discount": self.discount}
+                "discount": self.discount, "order": self.order}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "alive": [a.clone() for a in self.alive]}

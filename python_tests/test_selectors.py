@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dce_kernels import CUCBSelector, RandomSelector
+from dce_kernels.selectors import ShrinkSelector, TaylorPruneSelector
 from dce_kernels.selectors import normalize_rewards
 
 
@@ -234,3 +235,186 @@ def test_bad_input_raises():
         sel.update([torch.rand(4), torch.tensor([1.0, float("nan"), 0.0])])
     with pytest.raises(ValueError, match="saved for"):
         CUCBSelector([4, 3], tau=2).load_state_dict(RandomSelector([4, 3]).state_dict())
+
+
+# -- reward rules, discount, annealing (levers of the compact-networks work) ------------
+
+def test_reward_rules_hand_worked():
+    s = torch.tensor([3.0, 9.0, 4.0, 0.0, 4.0], dtype=torch.float64)
+    active = torch.tensor([0, 2, 4])  # values 3, 4, 4
+    assert normalize_rewards(s, active, "max").tolist() == pytest.approx([0.75, 1.0, 1.0])
+    norm = math.sqrt(9 + 16 + 16)
+    assert normalize_rewards(s, active, "l2").tolist() == pytest.approx(
+        [3 / norm, 4 / norm, 4 / norm])
+    # Ranks 0..1 over three channels; the two 4s share ranks 1 and 2 -> 1.5 / 2.
+    assert normalize_rewards(s, active, "rank").tolist() == pytest.approx([0.0, 0.75, 0.75])
+    assert normalize_rewards(s, torch.tensor([1]), "rank").tolist() == [1.0]
+    assert normalize_rewards(s, torch.tensor([3]), "rank").tolist() == [0.0]
+    assert normalize_rewards(torch.zeros(5, dtype=torch.float64), active, "l2").eq(0).all()
+    with pytest.raises(ValueError, match="reward must be one of max, l2, rank"):
+        normalize_rewards(s, active, "mean")
+
+
+def test_discounted_means_hand_worked():
+    # discount 0.75: a reward enters with weight max(1/T, 0.25). Both channels are active
+    # (fraction 1), so channel 0's reward is s0 / max(s0, s1).
+    sel = CUCBSelector([2], fraction=1.0, tau=10, discount=0.75)
+    means = []
+    for s0, s1 in [(1.0, 2.0), (2.0, 2.0), (2.0, 1.0), (1.0, 4.0), (4.0, 1.0)]:
+        sel.select()
+        sel.update([torch.tensor([s0, s1])])
+        means.append(sel.means[0][0].item())
+    # Channel 0's rewards: 0.5, 1, 1, 0.25, 1. T = 1..5, weights 1, 1/2, 1/3, 1/4, 1/4.
+    m = 0.5
+    m += (1 - m) / 2            # 0.75
+    m += (1 - m) / 3            # 0.8333
+    m += (0.25 - m) * 0.25      # 0.6875
+    m += (1 - m) * 0.25         # 0.765625
+    assert means[-1] == pytest.approx(m)
+    plain = CUCBSelector([2], fraction=1.0, tau=10)
+    for s0, s1 in [(1.0, 2.0), (2.0, 2.0), (2.0, 1.0), (1.0, 4.0), (4.0, 1.0)]:
+        plain.select()
+        plain.update([torch.tensor([s0, s1])])
+    assert plain.means[0][0].item() == pytest.approx((0.5 + 1 + 1 + 0.25 + 1) / 5)
+    with pytest.raises(ValueError, match="discount"):
+        CUCBSelector([2], discount=0.0)
+
+
+def test_annealed_confidence_hand_worked():
+    sel = CUCBSelector([3], fraction=1 / 3, tau=0, horizon=20)
+    _set_stats(sel, [[4.0, 1.0, 2.0]], [[0.5, 0.2, 0.9]], steps=9)
+    # t = 10 of 20: half the poster's bonus.
+    bounds = sel.ucb(10)[0]
+    half = torch.tensor([0.5 + 0.929228, 0.2 + 1.858456, 0.9 + 1.314130], dtype=torch.float64)
+    assert torch.allclose(bounds, half - torch.tensor([0.929228, 1.858456, 1.314130],
+                                                      dtype=torch.float64) / 2, atol=1e-5)
+    # At the horizon and after it, the bandit only exploits: the highest mean wins.
+    assert sel.confidence_scale(20) == 0.0 and sel.confidence_scale(30) == 0.0
+    assert torch.allclose(sel.ucb(20)[0], torch.tensor([0.5, 0.2, 0.9], dtype=torch.float64))
+    with pytest.raises(ValueError, match="horizon"):
+        CUCBSelector([3], horizon=0)
+
+
+def test_poster_state_still_loads_into_poster_cucb():
+    # Options left at their defaults do not enter the state's config, so a checkpoint of
+    # the poster's algorithm made before the options existed loads.
+    old = CUCBSelector([4, 2], fraction=0.5, tau=3, seed=1)
+    state = old.state_dict()
+    assert set(state["config"]) == {"kind", "num_channels", "fractions", "budget", "tau"}
+    CUCBSelector([4, 2], fraction=0.5, tau=3, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved for"):
+        CUCBSelector([4, 2], fraction=0.5, tau=3, seed=1, reward="l2").load_state_dict(state)
+
+
+# -- ShrinkSelector ---------------------------------------------------------------------
+
+def test_shrink_schedule_hand_worked():
+    sel = ShrinkSelector([10, 20], fraction=0.2, horizon=4)
+    # f_t = 0.2 + 0.8 (1 - t/4)^3: t=0 -> 1, t=1 -> 0.5375, t=2 -> 0.3, t>=4 -> 0.2.
+    assert sel.active_fraction(0) == 1.0
+    assert sel.active_fraction(1) == pytest.approx(0.5375)
+    assert sel.active_fraction(2) == pytest.approx(0.3)
+    assert sel.active_fraction(4) == sel.active_fraction(9) == pytest.approx(0.2)
+    assert sel.counts_at(0)[0] == [10, 20]
+    assert sel.counts_at(1)[0] == [5, 11]       # round(5.375), round(10.75)
+    assert sel.counts_at(2)[0] == [3, 6]
+    assert sel.counts_at(4)[0] == sel.counts_at(7)[0] == [2, 4]
+    glob = ShrinkSelector([10, 20], fraction=0.2, horizon=4, budget="global")
+    assert [glob.counts_at(t)[1] for t in (0, 1, 2, 4)] == [30, 16, 9, 6]
+
+
+def test_shrink_drops_lowest_mean_and_never_brings_a_channel_back():
+    sel = ShrinkSelector([4], fraction=0.5, horizon=2, reward="max")
+    first = sel.select()[0]
+    assert first.tolist() == [0, 1, 2, 3]  # everything starts active
+    sel.update([torch.tensor([1.0, 4.0, 2.0, 3.0])])  # rewards 0.25, 1, 0.5, 0.75
+    # t = 1 of 2: f = 0.5 + 0.5 * 0.125 = 0.5625 -> round(2.25) = 2 channels: the top means.
+    second = sel.select()[0]
+    assert second.tolist() == [1, 3]
+    # Channel 0 now reports a huge saliency, but it is inactive: ignored; dropped stays out.
+    sel.update([torch.tensor([100.0, 1.0, 100.0, 4.0])])
+    assert sel.select()[0].tolist() == [1, 3]
+    assert sel.best()[0].tolist() == [1, 3]
+    assert sel.alive[0].tolist() == [False, True, False, True]
+
+
+def test_shrink_global_budget_shares_the_total_by_rank():
+    sel = ShrinkSelector([3, 3], fraction=0.5, horizon=1, budget="global", reward="l2")
+    sel.select()
+    # l2 rewards: layer 0 [3,4,0]/5 = .6 .8 0; layer 1 [1,1,1]/sqrt(3) = .577 each.
+    sel.update([torch.tensor([3.0, 4.0, 0.0]), torch.tensor([1.0, 1.0, 1.0])])
+    chosen = sel.select()
+    # Total 3: each layer's best is forced in (ch 1 of layer 0, one of layer 1), then the
+    # next best overall is channel 0 of layer 0 (0.6 > 0.577).
+    assert chosen[0].tolist() == [0, 1] and chosen[1].numel() == 1
+
+
+def test_shrink_resume_is_exact():
+    def drive(sel, steps, g):
+        out = []
+        for _ in range(steps):
+            out.append([s.tolist() for s in sel.select()])
+            sel.update([torch.rand(c, generator=g, dtype=torch.float64)
+                        for c in sel.num_channels])
+        return out
+
+    a = ShrinkSelector([6, 5], fraction=0.4, horizon=5, seed=2)
+    ga = torch.Generator().manual_seed(0)
+    full = drive(a, 8, ga)
+    b = ShrinkSelector([6, 5], fraction=0.4, horizon=5, seed=2)
+    gb = torch.Generator().manual_seed(0)
+    head = drive(b, 3, gb)
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)
+    buf.seek(0)
+    c = ShrinkSelector([6, 5], fraction=0.4, horizon=5, seed=2)
+    c.load_state_dict(torch.load(buf, weights_only=False))
+    assert head + drive(c, 5, gb) == full
+
+
+# -- TaylorPruneSelector ----------------------------------------------------------------
+
+def test_prune_keeps_highest_accumulated_saliency_of_the_last_steps():
+    sel = TaylorPruneSelector([4, 2], fraction=0.5, accumulate_from=2)
+    saliencies = [
+        ([100.0, 0.0, 0.0, 0.0], [0.0, 100.0]),   # steps 1-2: not accumulated
+        ([100.0, 0.0, 0.0, 0.0], [0.0, 100.0]),
+        ([1.0, 3.0, 2.0, 0.5], [2.0, 1.0]),       # steps 3-4: accumulated
+        ([1.0, 2.0, 3.0, 0.5], [2.0, 0.5]),
+    ]
+    for s0, s1 in saliencies:
+        assert [s.tolist() for s in sel.select()] == [[0, 1, 2, 3], [0, 1]]  # trains dense
+        sel.update([torch.tensor(s0), torch.tensor(s1)])
+    assert sel.sums[0].tolist() == [2.0, 5.0, 5.0, 1.0]
+    assert sel.sums[1].tolist() == [4.0, 1.5]
+    norm0 = math.sqrt(4 + 25 + 25 + 1)
+    assert torch.allclose(sel.scores()[0], torch.tensor([2, 5, 5, 1], dtype=torch.float64) / norm0)
+    best = sel.best()
+    assert best[0].tolist() == [1, 2] and best[1].tolist() == [0]
+
+
+def test_prune_global_budget_ranks_l2_normalized_sums():
+    sel = TaylorPruneSelector([2, 2], fraction=0.75, budget="global")
+    sel.select()
+    # Raw sums favour layer 1 by 100x; normalized: layer 0 [.6 .8], layer 1 [.995 .0995].
+    sel.update([torch.tensor([3.0, 4.0]), torch.tensor([1000.0, 100.0])])
+    best = sel.best()
+    assert best[0].tolist() == [0, 1] and best[1].tolist() == [0]
+
+
+def test_shrink_random_order_ignores_saliency_and_stays_monotone():
+    picks = []
+    for seed in range(6):
+        sel = ShrinkSelector([8], fraction=0.25, horizon=3, order="random", seed=seed)
+        alive = set(range(8))
+        for _ in range(4):
+            chosen = set(sel.select()[0].tolist())
+            assert chosen <= alive  # a dropped channel never returns
+            alive = chosen
+            # Channel 0 always has by far the highest saliency; random order ignores it.
+            sel.update([torch.tensor([100.0] + [1.0] * 7)])
+        picks.append(0 in alive)
+        assert len(alive) == 2
+    assert not all(picks)
+    with pytest.raises(ValueError, match="order"):
+        ShrinkSelector([8], order="magnitude")

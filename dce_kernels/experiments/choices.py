@@ -13,19 +13,26 @@ import torch
 from ..selectors import (BUDGETS, CUCBSelector, RandomSelector, ShrinkSelector,
                          TaylorPruneSelector)
 
-__all__ = ["METHODS", "DCE_METHODS", "SELECTORS", "OPTIMIZERS", "BUDGETS", "LR_SCHEDULES",
+__all__ = ["METHODS", "DCE_METHODS", "NARROW_METHODS", "SELECTORS", "OPTIMIZERS", "BUDGETS", "LR_SCHEDULES",
            "phases_of", "check_choice"]
 
 # The ways a run produces a compact network (see dce_kernels.experiments.train), and the
 # phases each goes through ("dense" is the optional full-width baseline before them).
 METHODS: Mapping[str, tuple[str, ...]] = {
     "shrink": ("dense", "explore", "finetune"),   # DCE, all channels shrinking to the budget
+    "shrink-random": ("dense", "explore", "finetune"),  # the same, dropped in random order
     "cucb": ("dense", "explore", "finetune"),     # DCE, the poster's CUCB bandit
     "random": ("dense", "explore", "finetune"),   # DCE, uniformly random channels
     "prune": ("dense", "explore", "finetune"),    # train dense, prune by Taylor, fine-tune
-    "narrow": ("dense", "train"),                 # the compact architecture from scratch
+    # The compact architecture from scratch: the budget's per-layer counts (under a global
+    # budget, the counts a DCE run chose) ...
+    "narrow": ("dense", "train"),
+    # ... and the uniformly narrow network (each layer's fraction), whatever the budget:
+    # what a user builds without DCE.
+    "narrow-uniform": ("dense", "train"),
 }
-DCE_METHODS = ("shrink", "cucb", "random")
+NARROW_METHODS = ("narrow", "narrow-uniform")
+DCE_METHODS = ("shrink", "shrink-random", "cucb", "random")
 
 LR_SCHEDULES = ("restart", "continuous")
 
@@ -43,10 +50,17 @@ def _cucb(num_channels, c, steps_per_epoch):
 
 # method -> factory(num_channels, config, steps_per_epoch) of the selector that runs the
 # explore phase (narrow has none).
+def _shrink(order):
+    def factory(num_channels, c, steps_per_epoch):
+        return ShrinkSelector(num_channels, c.fraction, horizon=c.explore_epochs * steps_per_epoch,
+                              budget=c.budget, seed=c.seed, reward=c.reward,
+                              discount=c.discount, order=order)
+    return factory
+
+
 SELECTORS: Mapping[str, Callable] = {
-    "shrink": lambda num_channels, c, steps_per_epoch: ShrinkSelector(
-        num_channels, c.fraction, horizon=c.explore_epochs * steps_per_epoch,
-        budget=c.budget, seed=c.seed, reward=c.reward, discount=c.discount),
+    "shrink": _shrink("saliency"),
+    "shrink-random": _shrink("random"),
     "cucb": _cucb,
     "random": lambda num_channels, c, steps_per_epoch: RandomSelector(
         num_channels, c.fraction, budget=c.budget, seed=c.seed),

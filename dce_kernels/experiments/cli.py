@@ -116,10 +116,13 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
 
 
 _METHOD_HELP = ("shrink: DCE, all channels active at first, shrinking to the fraction by "
-                "mean saliency over the exploration; cucb: DCE with the poster's CUCB bandit; "
+                "mean saliency over the exploration; shrink-random: the same, channels "
+                "dropped in random order; cucb: DCE with the poster's CUCB bandit; "
                 "random: DCE with uniformly random channels (the poster's baseline); prune: "
                 "train dense, keep the channels of highest Taylor saliency, fine-tune; narrow: "
-                "the compact architecture trained from scratch for the same epochs")
+                "the compact architecture trained from scratch for the same epochs (under a "
+                "global budget with the widths of --widths-from); narrow-uniform: the "
+                "uniformly narrow network (each layer's fraction) from scratch")
 
 
 def _float_list(text: str) -> list[float]:

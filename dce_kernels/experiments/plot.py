@@ -25,10 +25,14 @@ __all__ = ["accuracy_figure", "reduction_figure", "plot_results", "ACCURACY_PNG"
 ACCURACY_PNG = "accuracy_vs_channels.png"
 REDUCTION_PNG = "reduction_vs_accuracy.png"
 _STYLE = {"shrink": dict(color="tab:blue", marker="o", label="DCE, shrinking (ours)"),
+          "shrink-random": dict(color="tab:purple", marker="P",
+                                label="DCE shrinking, random channels"),
           "cucb": dict(color="tab:cyan", marker="v", label="DCE, CUCB (poster)"),
-          "random": dict(color="tab:orange", marker="s", label="DCE, random channels"),
+          "random": dict(color="tab:orange", marker="s", label="DCE, random (poster)"),
           "prune": dict(color="tab:red", marker="^", label="Taylor pruning after dense"),
-          "narrow": dict(color="tab:green", marker="D", label="narrow, from scratch")}
+          "narrow": dict(color="tab:green", marker="D", label="narrow, from scratch"),
+          "narrow-uniform": dict(color="tab:olive", marker="d",
+                                 label="uniformly narrow, from scratch")}
 assert set(_STYLE) <= set(METHOD_ORDER)
 
 
@@ -103,7 +107,8 @@ def reduction_figure(rows: Sequence[dict], path: str, title: Optional[str] = Non
                    [100 * (c["acc_max"] - c["acc_mean"]) for c in mine]]
             ax.errorbar([c[key] for c in mine], y, yerr=err, color=style["color"],
                         marker=style["marker"], capsize=3, label=style["label"])
-            if method == "narrow":
+            if method == "narrow-uniform" or (method == "narrow" and not any(
+                    c["method"] == "narrow-uniform" for c in cells)):
                 for c in mine:
                     ax.annotate(f"{100 * c['fraction']:.0f}%", (c[key], 100 * c["acc_mean"]),
                                 textcoords="offset points", xytext=(4, 4), fontsize=7)

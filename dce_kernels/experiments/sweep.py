@@ -43,7 +43,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
-from .choices import DCE_METHODS, METHODS, check_choice
+from .choices import DCE_METHODS, METHODS, NARROW_METHODS, check_choice
 from .files import CHECKPOINT, ERROR, LOCK, MUTEX, REPORT, SWEEP_OPTIONS
 from .train import TrainConfig, options_diff, train
 
@@ -103,7 +103,7 @@ def plan_runs(fractions: Sequence[float] = DEFAULT_FRACTIONS,
     for seed in seeds:
         if baseline:
             runs.append(RunSpec(BASELINE, 1.0, seed))
-        ordered = sorted(methods, key=lambda m: m == "narrow")
+        ordered = sorted(methods, key=lambda m: m in NARROW_METHODS)
         runs += [RunSpec(m, float(p), seed) for p in fractions if p < 1.0 for m in ordered]
     return runs
 

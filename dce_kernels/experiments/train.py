@@ -119,7 +119,8 @@ class TrainConfig:
         if self.widths_from is not None and self.method != "narrow":
             raise ValueError("widths_from names the run whose channel counts a narrow "
                              f"network takes; it means nothing to method {self.method!r}")
-        if self.method == "narrow" and self.budget == "global" and self.widths_from is None:
+        if (self.method == "narrow" and self.budget == "global" and self.fraction < 1.0
+                and self.widths_from is None):
             raise ValueError("a narrow network under a global budget needs the channel "
                              "counts a selector chose: pass widths_from (a finished run)")
         for name in ("train_limit", "test_limit"):
@@ -183,9 +184,9 @@ def full_model(config: TrainConfig, info: dict, device=None) -> nn.Module:
 
 
 def budget_counts(config: TrainConfig, num_channels: list[int]) -> list[int]:
-    """The per-layer channel counts of a narrow network: the layer budget's, or the
-    counts the run in ``widths_from`` kept."""
-    if config.widths_from is None:
+    """The per-layer channel counts of a narrow network: the layer budget's (always for
+    ``narrow-uniform``), or the counts the run in ``widths_from`` kept."""
+    if config.widths_from is None or config.method == "narrow-uniform":
         return _Selector(num_channels, config.fraction, "layer").active_counts()
     path = os.path.join(config.widths_from, REPORT)
     if not os.path.exists(path):
@@ -298,7 +299,7 @@ class _Run:
         """Builds what the current phase trains. ``fresh``: at a phase start
         (not when a checkpoint is about to overwrite the state)."""
         phase = self.phase
-        if phase == "train":
+        if phase == "train":  # a narrow method
             self.model, counts, totals = narrow_model(self.config, self.info, self.device)
             self.plan, self.selector = None, None
             self.report.selection = Selection(channels_kept=counts, channels_total=totals,
