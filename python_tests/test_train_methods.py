@@ -30,8 +30,8 @@ DATA = (_data(64, 11), _data(32, 12))
 
 def _config(run_dir, **kw):
     base = dict(model="vgg11", width=0.25, dense_epochs=0, explore_epochs=2, finetune_epochs=1,
-                batch_size=16, tau=2, fraction=0.5, lr=0.05, run_dir=str(run_dir),
-                progress=False)
+                batch_size=16, tau=2, fraction=0.5, lr=0.05, budget="layer",
+                run_dir=str(run_dir), progress=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -149,8 +149,8 @@ def test_continuous_schedule_runs_one_cosine_over_explore_and_finetune(tmp_path)
     expected = [0.08 * 0.5 * (1 + math.cos(math.pi * (steps * (e + 1) - 1) / total))
                 for e in range(3)]
     assert [h.lr_end for h in report.history] == pytest.approx(expected)
-    restart = train(_config(tmp_path / "r", method="shrink", lr=0.08, finetune_lr=0.02),
-                    datasets=DATA)
+    restart = train(_config(tmp_path / "r", method="shrink", lr=0.08, finetune_lr=0.02,
+                            lr_schedule="restart"), datasets=DATA)
     assert [h.lr_end for h in restart.history] == pytest.approx([
         0.08 * 0.5 * (1 + math.cos(math.pi * (steps - 1) / (2 * steps))),
         0.08 * 0.5 * (1 + math.cos(math.pi * (2 * steps - 1) / (2 * steps))),
@@ -262,3 +262,30 @@ def train_report(run_dir):
     from dce_kernels.experiments.report import RunReport
 
     return RunReport.load(os.path.join(run_dir, "report.json"))
+
+
+def test_cli_compare_trains_the_baselines_alongside_and_prints_them(tmp_path, monkeypatch,
+                                                                    capsys):
+    from dce_kernels.experiments import train as train_module
+    from dce_kernels.experiments.cli import main
+
+    monkeypatch.setattr(train_module, "load_data",
+                        lambda config: (DATA[0], DATA[1], {**INFO, "name": "synthetic"}))
+    run_dir = tmp_path / "run"
+    code = main(["train", "--run-dir", str(run_dir), "--no-progress", "--width", "0.25",
+                 "--batch-size", "16", "--explore-epochs", "1", "--finetune-epochs", "1",
+                 "--compare", "narrow-uniform,narrow"])
+    assert code == 0
+    out = capsys.readouterr().out
+    reports = {m: train_report(str(d)) for m, d in [
+        ("shrink", run_dir), ("narrow-uniform", run_dir / "narrow-uniform"),
+        ("narrow", run_dir / "narrow")]}
+    table = out[out.rindex("method"):].splitlines()
+    assert [line.split()[0] for line in table[2:]] == list(reports)
+    for line, report in zip(table[2:], reports.values()):
+        assert f"{100 * report.compact.test_acc:.2f}%" in line
+        assert "-".join(str(k) for k in report.selection.channels_kept) in line
+    # The narrow network at DCE's widths (global budget by default) has its architecture.
+    assert reports["narrow"].compact.params == reports["shrink"].compact.params
+    assert main(["train", "--run-dir", str(tmp_path / "x"), "--compare", "tiny"]) == 2
+    assert "unknown --compare method 'tiny'" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .files import ERROR, REPORT, RESULTS_CSV, RESULTS_JSON
+from .files import CHECKPOINT, ERROR, REPORT, RESULTS_CSV, RESULTS_JSON
 
 __all__ = ["main", "build_parser", "config_from_args", "summary_table"]
 
@@ -109,6 +109,10 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
         g.add_argument("--resume", action="store_true",
                        help="continue the run in --run-dir from its last checkpoint (same "
                             "options)")
+        g.add_argument("--compare", type=_str_list, default=[],
+                       help="after the run, train these methods with the same options and "
+                            "epochs (in RUN_DIR/METHOD) and print all side by side, e.g. "
+                            "narrow-uniform,narrow")
         g.add_argument("--stop-after-epochs", type=int, default=None,
                        help="stop after this many epochs in this invocation (continue later "
                             "with --resume)")
@@ -282,22 +286,52 @@ def _set_threads(threads: Optional[int]) -> None:
     torch.set_num_threads(threads)
 
 
+def comparison_table(reports: dict) -> str:
+    """Method -> finished RunReport, side by side: what each gives and what it cost."""
+    rows = [("method", "test accuracy", "parameters", "FLOPs / image", "channels kept",
+             "training time", "training FLOPs")]
+    for method, r in reports.items():
+        rows.append((method, _fmt_acc(r.compact.test_acc), _fmt_count(r.compact.params),
+                     _fmt_count(r.compact.flops),
+                     "-".join(str(k) for k in r.selection.channels_kept),
+                     _fmt_s(r.train_seconds), _fmt_count(r.train_flops)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def _train(args) -> int:
+    from .choices import METHODS, check_choice
     from .train import train
 
     _set_threads(args.threads)
     config = config_from_args(args)
     try:
+        for method in args.compare:
+            check_choice("--compare method", method, METHODS)
         report = train(config, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
+        if report is None:
+            print(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume "
+                  f"--run-dir {args.run_dir}")
+            return 0
+        print(summary_table(report))
+        print(f"report: {os.path.join(args.run_dir, REPORT)}")
+        reports = {config.method: report}
+        for method in args.compare:
+            # The same options and epochs; a narrow network takes this run's widths.
+            other = dataclasses.replace(
+                config, method=method, dense_epochs=0,
+                run_dir=os.path.join(config.run_dir, method),
+                widths_from=config.run_dir if method == "narrow" else None)
+            resume = args.resume and os.path.exists(os.path.join(other.run_dir, CHECKPOINT))
+            print(f"\ntraining {method} for comparison ({other.run_dir})", flush=True)
+            reports[method] = train(other, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"dce train: error: {e}", file=sys.stderr)
         return 2
-    if report is None:
-        print(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume "
-              f"--run-dir {args.run_dir}")
-        return 0
-    print(summary_table(report))
-    print(f"report: {os.path.join(args.run_dir, REPORT)}")
+    if len(reports) > 1:
+        print("\n" + comparison_table(reports))
     return 0
 
 
