@@ -76,8 +76,8 @@ demo: build fashion-mnist
 	rm -rf $(DEMO_DIR)
 	$(PY) -m dce_kernels.experiments.cli train --dataset fashion-mnist $(DEMO_ARGS) --run-dir $(DEMO_DIR)
 
-# -- make sweep: the paper's experiment, scaled to 2 CPU cores (see README, "Reproducing the
-# paper"): accuracy vs active channels, CUCB vs random, 3 seeds, on full Fashion-MNIST.
+# -- make sweep: the paper's experiment, scaled to 2 CPU cores (see
+# docs/reproducing-the-poster.md): accuracy vs active channels, CUCB vs random, 3 seeds, on full Fashion-MNIST.
 # Two worker processes share SWEEP_DIR and split the runs; rerunning continues a stopped sweep.
 # Each worker runs one torch thread: on a shared machine, OpenMP threads competing with
 # other processes slow small models down many times over.
