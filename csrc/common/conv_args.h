@@ -1,6 +1,6 @@
 // Argument checks shared by every backend of dce::channel_sparse_conv2d.
 //
-// The op contract (DESIGN.md) promises a clear exception for bad input on every
+// The op contract (ARCHITECTURE.md, "The op contract") promises a clear exception for bad input on every
 // backend, so the checks live here once and each backend calls them before it
 // touches memory. Only the device check is the backend's own (each accepts its
 // device's tensors).
