@@ -28,7 +28,8 @@ def backends() -> dict[str, str]:
     found = {"cpu": "yes" if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
              else "no (the extension registered no CPU kernel)"}
     if importlib.util.find_spec("dce_kernels._emu") is None:
-        found["emulated"] = f"no (not built: the emulator needs x86-64, this is {platform.machine()})"
+        found["emulated"] = ("no (not built: the emulator needs x86-64, this is "
+                             f"{platform.machine()})")
     else:
         found["emulated"] = "yes"
     if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):

@@ -25,7 +25,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["CUCBSelector", "RandomSelector", "ShrinkSelector", "TaylorPruneSelector", "BUDGETS", "DEFAULT_TAU",
+__all__ = ["CUCBSelector", "RandomSelector", "ShrinkSelector", "TaylorPruneSelector", "BUDGETS",
+           "DEFAULT_TAU",
            "REWARD_RULES", "normalize_rewards"]
 
 # How a fraction becomes channel counts (see the module docstring).

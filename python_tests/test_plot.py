@@ -144,3 +144,45 @@ def test_markdown_table_marks_cells_with_fewer_seeds():
     marked = [line for line in lines if "[n=" in line]
     assert len(marked) == 1 and marked[0].startswith("| 50% | cucb |")
     assert marked[0].split(" | ")[2].endswith("[n=2]")
+
+
+def _report(fraction, seed, acc, seconds, flops, kept):
+    from dce_kernels.experiments.report import (CompactSummary, DenseSummary, EpochRecord,
+                                                Reduction, RunReport, Selection)
+
+    r = RunReport(config={"fraction": fraction, "seed": seed}, data={})
+    r.record_epoch(EpochRecord("train", 1, 0.5, 0.8, acc, seconds, 0.0, flops))
+    r.selection = Selection(channels_kept=kept, channels_total=[8, 8], indices=[])
+    r.dense = DenseSummary(params=1000, flops=9000, test_acc=None, seconds_per_epoch=None)
+    r.compact = CompactSummary(params=10 * sum(kept), flops=90 * sum(kept), test_acc=acc,
+                               sparse_test_acc=acc, sparse_flops=0, seconds_per_epoch=seconds,
+                               explore_seconds_per_epoch=seconds)
+    r.reduction = Reduction(params=1000 / (10 * sum(kept)), flops=9000 / (90 * sum(kept)),
+                            accuracy_change=None)
+    return r
+
+
+def test_ablation_table_of_variant_folders(tmp_path, capsys):
+    rng = random.Random(4)
+    truth = {}
+    for variant, kept in (("dense", [8, 8]), ("narrow", [4, 4]), ("shrink-global", [6, 2])):
+        for seed in range(3):
+            acc, seconds, flops = rng.uniform(0.8, 0.9), rng.uniform(10, 90), rng.uniform(1, 9)
+            truth.setdefault(variant, []).append((acc, seconds, flops))
+            folder = tmp_path / variant / "fashion-mnist-vgg11" / f"run-s{seed}"
+            folder.mkdir(parents=True)
+            _report(0.5, seed, acc, seconds, flops, kept).save(str(folder / "report.json"))
+    out = tmp_path / "table.md"
+    assert main(["ablation-table", str(tmp_path), "--markdown", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert open(out).read().strip() == "\n".join(lines)
+    mean = lambda v, i: np.mean([t[i] for t in truth[v]])  # noqa: E731
+    for line, variant in zip(lines[2:], ("dense", "narrow", "shrink-global")):
+        acc = np.array([t[0] for t in truth[variant]])
+        assert line.startswith(
+            f"| {variant} | {100 * acc.mean():.2f} ± {100 * acc.std(ddof=1):.2f}")
+        if variant != "narrow":
+            assert f"| {100 * (acc.mean() - mean('narrow', 0)):+.2f} |" in line
+        assert f"| {mean(variant, 1) / mean('dense', 1):.2f}x |" in line
+        assert line.endswith(f"| {mean(variant, 2) / mean('dense', 2):.2f}x |")
+    assert main(["ablation-table", str(tmp_path / "none")]) == 2

@@ -13,7 +13,8 @@ import torch
 from ..selectors import (BUDGETS, CUCBSelector, RandomSelector, ShrinkSelector,
                          TaylorPruneSelector)
 
-__all__ = ["METHODS", "DCE_METHODS", "NARROW_METHODS", "SELECTORS", "OPTIMIZERS", "BUDGETS", "LR_SCHEDULES",
+__all__ = ["METHODS", "DCE_METHODS", "NARROW_METHODS", "SELECTORS", "OPTIMIZERS", "BUDGETS",
+           "LR_SCHEDULES",
            "phases_of", "check_choice"]
 
 # The ways a run produces a compact network (see dce_kernels.experiments.train), and the

@@ -157,33 +157,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="explore channels with a bandit, keep the most salient, fine-tune, export",
+        help="train a compact network by one method (DCE, pruning or narrow), export it",
         description=(
-            "Phase 0 (optional): train the dense model as a baseline. Phase 1: train with only "
-            "--fraction of each conv layer's channels active per step, chosen by --selector "
-            "from the Taylor saliency the layers report. Phase 2: keep the channels of highest "
-            "mean saliency. Phase 3: fine-tune them. Then export the physically smaller model "
+            "Phase 0 (optional, --dense-epochs): the dense model as a reference. Then, by "
+            "--method: shrink/shrink-random/cucb/random (DCE) explore with only some channels "
+            "active per step, chosen from the Taylor saliency the layers report, keep "
+            "--fraction of them and fine-tune; prune trains dense, keeps the channels of "
+            "highest saliency and fine-tunes; narrow/narrow-uniform train the compact "
+            "architecture from scratch. Then export the physically smaller model "
             "(RUN_DIR/compact.pt2, loadable with torch.export.load and no dce_kernels) and write "
-            "RUN_DIR/report.json. A checkpoint is written after every epoch."))
+            "RUN_DIR/report.json with accuracy, sizes and the training cost. A checkpoint is "
+            "written after every epoch."))
     _add_run_options(t, d, sweep=False)
 
     s = sub.add_parser(
         "sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="the paper's experiment: accuracy vs active fraction, CUCB vs random, seeds",
+        help="a grid of runs: every fraction x method x seed, with the dense baseline",
         description=(
-            "Runs `dce train` (explore, select, fine-tune; no dense phase) for every fraction "
-            "below 1 x selector x seed, plus once per seed the dense baseline: the fraction-1.0 "
-            "run, where both selectors train the identical full network on the same schedule. "
-            "Each run goes to OUT/<dataset>-<model>/<selector>-p<fraction>-s<seed>/. Finished "
-            "runs are skipped, interrupted ones resumed from their checkpoint; several "
-            "processes may share OUT and split the runs (a lock file per run). The table of "
-            "all finished runs is written to OUT/<dataset>-<model>/results.json and .csv; "
-            "`dce plot` draws it."))
+            "Runs `dce train` (no dense phase) for every fraction below 1 x method x seed, "
+            "plus once per seed the dense baseline: the fraction-1.0 run, the full network "
+            "trained from scratch for the same epochs. Each run goes to "
+            "OUT/<dataset>-<model>/<method>-p<fraction>-s<seed>/. Finished runs are skipped, "
+            "interrupted ones resumed from their checkpoint; several processes may share OUT "
+            "and split the runs (a lock file per run). The table of all finished runs is "
+            "written to OUT/<dataset>-<model>/results.json and .csv; `dce plot` draws it."))
     g = s.add_argument_group("grid")
     g.add_argument("--fractions", type=_float_list,
                    default=list(DEFAULT_FRACTIONS),
-                   help="comma-separated active fractions in (0, 1]; 1.0 is the dense baseline, "
-                        "which is always run (once per seed)")
+                   help="comma-separated fractions of channels kept, in (0, 1]; 1.0 is the "
+                        "dense baseline, run once per seed unless --no-baseline")
     g.add_argument("--methods", "--selectors", dest="methods", type=_str_list,
                    default=list(DEFAULT_METHODS),
                    help=f"comma-separated methods: {', '.join(METHODS)}")
@@ -204,15 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw a sweep's results: accuracy vs active channels; size vs accuracy",
         description=(
             "Reads a sweep's results (results.json or .csv, or the directory holding them) and "
-            "writes accuracy_vs_channels.png (test accuracy vs % active channels, CUCB and "
-            "random, mean and min..max over seeds, dense baseline as a line) and "
+            "writes accuracy_vs_channels.png (test accuracy vs % channels kept, one line per "
+            "method, mean and min..max over seeds, dense baseline as a line) and "
             "reduction_vs_accuracy.png (accuracy vs parameter and FLOP reduction), then prints "
-            "the table as Markdown."))
+            "the table (every method with its size and training cost) as Markdown."))
     p.add_argument("results", help="results.json, results.csv or the sweep directory")
     p.add_argument("--out-dir", default=None,
                    help="where the PNGs go (default: next to the results)")
     p.add_argument("--title", default=None, help="title of the accuracy figure")
     p.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
+
+    a = sub.add_parser(
+        "ablation-table", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="one table of an ablation's variants (each a folder of runs)",
+        description=(
+            "Reads every finished run under OUT/<variant>/ (the sweeps of "
+            "docs/ablation-fmnist/run.sh, or any folders of `dce train` runs) and prints one "
+            "line per variant: accuracy mean ± std (min–max) over seeds, the difference to "
+            "--reference, size and training cost relative to the variant named dense."))
+    a.add_argument("out", help="the folder holding one folder per variant")
+    a.add_argument("--reference", default="narrow", help="the variant the others are compared to")
+    a.add_argument("--markdown", default=None, help="also write the table to this file")
+    a.add_argument("--csv", default=None, help="also write every run's row to this CSV file")
     return parser
 
 
@@ -386,9 +401,33 @@ def _plot(args) -> int:
     return 0
 
 
+def _ablation_table(args) -> int:
+    import csv
+
+    from .results import COLUMNS, variant_rows, variant_table
+
+    try:
+        rows = variant_rows(args.out)
+        table = variant_table(rows, reference=args.reference)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dce ablation-table: error: {e}", file=sys.stderr)
+        return 2
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    print(table)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"train": _train, "sweep": _sweep, "plot": _plot}[args.command](args)
+    return {"train": _train, "sweep": _sweep, "plot": _plot,
+            "ablation-table": _ablation_table}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .files import REPORT, RESULTS_CSV, RESULTS_JSON, SWEEP_OPTIONS
 from .report import RunReport
 
 __all__ = ["COLUMNS", "collect", "write_results", "read_results", "aggregate",
-           "markdown_table"]
+           "markdown_table", "variant_rows", "variant_table"]
 
 
 # One row per run; the order is the CSV's column order.
@@ -203,4 +203,54 @@ def markdown_table(rows: Sequence[dict]) -> str:
                 f"| {100 * fraction:.0f}% | {a['method']} | {_fmt_acc(a, seeds)} | {diff} "
                 f"| {size} | {flops} | {_ratio(a['seconds'], dense and dense['seconds'])} "
                 f"| {_ratio(a['train_flops'], dense and dense['train_flops'])} |")
+    return "\n".join(lines)
+
+
+# -- ablations: variants of one comparison, each in a folder of its own ---------------
+
+def variant_rows(out: str) -> list[dict]:
+    """Rows of every finished run under ``out``, labelled by the first folder below it:
+    ``out/<variant>/.../<run>/report.json`` becomes a row whose ``method`` is
+    ``<variant>`` (an ablation runs each variant as a sweep of its own)."""
+    if not os.path.isdir(out):
+        raise FileNotFoundError(f"no ablation at {out}")
+    rows = []
+    for variant in sorted(os.listdir(out)):
+        for folder, _, files in sorted(os.walk(os.path.join(out, variant))):
+            if REPORT not in files:
+                continue
+            report = RunReport.load(os.path.join(folder, REPORT))
+            spec = _Label(variant, float(report.config["fraction"]),
+                          int(report.config["seed"]), os.path.basename(folder))
+            rows.append(_row(spec, report))
+    if not rows:
+        raise ValueError(f"no finished runs under {out}")
+    return rows
+
+
+class _Label:
+    """What _row needs of a run: its name, its method label, fraction and seed."""
+
+    def __init__(self, method: str, fraction: float, seed: int, name: str) -> None:
+        self.method, self.fraction, self.seed, self.name = method, fraction, seed, name
+
+
+def variant_table(rows: Sequence[dict], reference: str = "narrow") -> str:
+    """One line per variant, in the order of ``rows``: accuracy mean ± std (min–max)
+    over seeds, the difference to ``reference``, size and training cost."""
+    cells = {a["method"]: a for a in aggregate(rows)}
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    ref = cells.get(reference)
+    dense = cells.get("dense")
+    seeds = max(a["n"] for a in cells.values())
+    lines = [f"| variant | accuracy % | vs {reference} (pts) | params | FLOPs / image "
+             "| training time (x dense) | training FLOPs (x dense) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in order:
+        a = cells[name]
+        diff = "-" if ref is None or a is ref else f"{100 * (a['acc_mean'] - ref['acc_mean']):+.2f}"
+        lines.append(f"| {name} | {_fmt_acc(a, seeds)} | {diff} | {a['params'] / 1e3:.1f}k "
+                     f"| {a['flops'] / 1e6:.2f}M "
+                     f"| {_ratio(a['seconds'], dense and dense['seconds'])} "
+                     f"| {_ratio(a['train_flops'], dense and dense['train_flops'])} |")
     return "\n".join(lines)

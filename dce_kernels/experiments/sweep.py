@@ -4,7 +4,7 @@ Layout of an output directory (``out``)::
 
     <out>/<dataset>-<model>/sweep.json                the options every run shares
     <out>/<dataset>-<model>/<method>-p<frac>-s<seed>/  one train() run each
-    <out>/<dataset>-<model>/results.json, results.csv  the table (see dce_kernels.experiments.results)
+    <out>/<dataset>-<model>/results.json, results.csv  the table (see .results)
 
 The dense baseline is the run at fraction 1.0, once per seed, named
 ``dense-p1.0-s<seed>``: the narrow network at p = 1 is the full architecture, trained

@@ -375,7 +375,8 @@ class _Run:
         return DataLoader(self.train_ds, batch_size=self.config.batch_size, shuffle=True,
                           generator=g, drop_last=len(self.train_ds) > self.config.batch_size)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, x: torch.Tensor, y: torch.Tensor,
+              lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step; returns the loss and the logits."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -534,7 +535,8 @@ def _finish(run: _Run) -> RunReport:
         flops=report.dense.flops / max(report.compact.flops, 1),
         accuracy_change=(None if report.dense.test_acc is None
                          else compact_acc - report.dense.test_acc))
-    report.export = ExportInfo(**paths, accuracy_matches_sparse=abs(compact_acc - sparse_acc) < 1e-9)
+    report.export = ExportInfo(**paths,
+                               accuracy_matches_sparse=abs(compact_acc - sparse_acc) < 1e-9)
     report.wall_clock_seconds = {p: v.seconds for p, v in report.phases.items()}
     report.save(os.path.join(c.run_dir, REPORT))
     return report

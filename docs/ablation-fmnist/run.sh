@@ -4,12 +4,13 @@
 # images), 25% of the channels kept, 4 epochs in all for every variant, 3 seeds, one thread
 # per worker. Each variant is a `dce sweep` of its own under OUT; run this script in two
 # shells (or WORKERS=2) and they split the runs; rerunning continues where it stopped.
-# Then: dce-table collects every variant into one table (see the end).
+# Then `dce ablation-table OUT` collects every variant into one table.
 set -euo pipefail
 OUT=${OUT:-runs/ablation-fmnist}
 PY=${PY:-.venv/bin/python}
+# The poster's layer budget unless a variant says --budget global (the last one counts).
 COMMON=(--dataset fashion-mnist --model vgg11 --width 0.25 --batch-size 128 --lr 0.1
-        --train-limit 20000 --seeds 0,1,2 --threads 1 --no-progress)
+        --train-limit 20000 --seeds 0,1,2 --threads 1 --no-progress --budget layer)
 # label | options (4 epochs in all)
 VARIANTS=(
   "dense|--methods narrow --fractions 1.0 --explore-epochs 1 --finetune-epochs 3"
@@ -30,3 +31,29 @@ for entry in "${VARIANTS[@]}"; do
   # shellcheck disable=SC2086
   $PY -m dce_kernels.experiments.cli sweep --out "$OUT/$label" "${COMMON[@]}" $options || true
 done
+
+# Second part: the random-order control of the winner, and its widths trained from scratch
+# (is the gain in the widths or in the trained weights?).
+EXTRA=(
+  "shrink-random-global|--no-baseline --methods shrink-random --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward l2"
+  "shrink-global-discount|--no-baseline --methods shrink --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward l2 --discount 0.99"
+)
+TRAIN_COMMON=(--dataset fashion-mnist --model vgg11 --width 0.25 --batch-size 128 --lr 0.1
+              --train-limit 20000 --threads 1 --no-progress --lr-schedule continuous --reward l2)
+if [ "${PART:-all}" != "1" ]; then
+  for entry in "${EXTRA[@]}"; do
+    label=${entry%%|*}; options=${entry#*|}
+    # shellcheck disable=SC2086
+    $PY -m dce_kernels.experiments.cli sweep --out "$OUT/$label" "${COMMON[@]}" $options || true
+  done
+  for seed in 0 1 2; do
+    source_run="$OUT/shrink-global/fashion-mnist-vgg11/shrink-p0.25-s$seed"
+    target="$OUT/narrow-at-shrink-widths/fashion-mnist-vgg11/narrow-p0.25-s$seed"
+    if [ -f "$source_run/report.json" ] && [ ! -f "$target/report.json" ]; then
+      resume=(); [ -f "$target/checkpoint.pt" ] && resume=(--resume)
+      $PY -m dce_kernels.experiments.cli train "${TRAIN_COMMON[@]}" --seed "$seed" \
+        --method narrow --budget global --fraction 0.25 --explore-epochs 1 --finetune-epochs 3 \
+        --widths-from "$source_run" --run-dir "$target" "${resume[@]}" || true
+    fi
+  done
+fi
