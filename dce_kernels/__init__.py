@@ -18,7 +18,7 @@ from .flops import count_flops, count_params
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .ops import channel_sparse_conv2d
 from .optim import MaskedOptimizer
-from .selectors import CUCBSelector, RandomSelector
+from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
 
 __all__ = [
     "channel_sparse_conv2d",
@@ -29,8 +29,10 @@ __all__ = [
     "plan_for",
     "sequential_groups",
     "convert",
+    "ShrinkSelector",
     "CUCBSelector",
     "RandomSelector",
+    "TaylorPruneSelector",
     "MaskedOptimizer",
     "compact_model",
     "export_compact",
