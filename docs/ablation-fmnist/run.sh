@@ -12,19 +12,21 @@ PY=${PY:-.venv/bin/python}
 COMMON=(--dataset fashion-mnist --model vgg11 --width 0.25 --batch-size 128 --lr 0.1
         --train-limit 20000 --seeds 0,1,2 --threads 1 --no-progress --budget layer)
 # label | options (4 epochs in all)
+# Every variant spells out the options that shape it (the defaults of dce train changed
+# while this ablation ran, and a sweep folder refuses other options).
 VARIANTS=(
-  "dense|--methods narrow --fractions 1.0 --explore-epochs 1 --finetune-epochs 3"
-  "narrow|--no-baseline --methods narrow --fractions 0.25 --explore-epochs 1 --finetune-epochs 3"
-  "shrink-1+3|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward l2"
-  "poster-cucb|--no-baseline --methods cucb --fractions 0.25 --explore-epochs 3 --finetune-epochs 1 --finetune-lr 0.02 --lr-schedule restart --reward max --tau 100"
-  "prune|--no-baseline --methods prune --fractions 0.25 --explore-epochs 2 --finetune-epochs 2 --finetune-lr 0.02 --lr-schedule restart"
-  "shrink-global|--no-baseline --methods shrink --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward l2"
-  "shrink-2+2|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 2 --finetune-epochs 2 --lr-schedule continuous --reward l2"
-  "cucb-anneal|--no-baseline --methods cucb --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward max --tau 100 --anneal"
-  "shrink-max|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward max"
-  "poster-random|--no-baseline --methods random --fractions 0.25 --explore-epochs 3 --finetune-epochs 1 --finetune-lr 0.02 --lr-schedule restart"
-  "shrink-rewind|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward l2 --rewind"
-  "poster-cucb-scaleinit|--no-baseline --methods cucb --fractions 0.25 --explore-epochs 3 --finetune-epochs 1 --finetune-lr 0.02 --lr-schedule restart --reward max --tau 100 --scale-init"
+  "dense|--methods narrow --fractions 1.0 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.02 --reward l2 --lr-schedule continuous"
+  "narrow|--no-baseline --methods narrow --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.01 --reward max --lr-schedule restart"
+  "shrink-1+3|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.01 --reward l2 --lr-schedule continuous"
+  "poster-cucb|--no-baseline --methods cucb --fractions 0.25 --explore-epochs 3 --finetune-epochs 1 --finetune-lr 0.02 --reward max --lr-schedule restart"
+  "prune|--no-baseline --methods prune --fractions 0.25 --explore-epochs 2 --finetune-epochs 2 --finetune-lr 0.02 --reward max --lr-schedule restart"
+  "shrink-global|--no-baseline --methods shrink --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.01 --reward l2 --lr-schedule continuous"
+  "shrink-2+2|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 2 --finetune-epochs 2 --finetune-lr 0.01 --reward l2 --lr-schedule continuous"
+  "cucb-anneal|--no-baseline --methods cucb --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.01 --reward max --lr-schedule continuous --anneal"
+  "shrink-max|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.02 --reward max --lr-schedule continuous"
+  "poster-random|--no-baseline --methods random --fractions 0.25 --explore-epochs 3 --finetune-epochs 1 --finetune-lr 0.02 --reward l2 --lr-schedule restart"
+  "shrink-rewind|--no-baseline --methods shrink --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.02 --reward l2 --lr-schedule continuous --rewind"
+  "poster-cucb-scaleinit|--no-baseline --methods cucb --fractions 0.25 --explore-epochs 3 --finetune-epochs 1 --finetune-lr 0.02 --reward max --lr-schedule restart --scale-init"
 )
 for entry in "${VARIANTS[@]}"; do
   label=${entry%%|*}; options=${entry#*|}
@@ -35,8 +37,8 @@ done
 # Second part: the random-order control of the winner, and its widths trained from scratch
 # (is the gain in the widths or in the trained weights?).
 EXTRA=(
-  "shrink-random-global|--no-baseline --methods shrink-random --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward l2"
-  "shrink-global-discount|--no-baseline --methods shrink --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --lr-schedule continuous --reward l2 --discount 0.99"
+  "shrink-random-global|--no-baseline --methods shrink-random --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.02 --reward l2 --lr-schedule continuous"
+  "shrink-global-discount|--no-baseline --methods shrink --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.02 --reward l2 --lr-schedule continuous --discount 0.99"
 )
 TRAIN_COMMON=(--dataset fashion-mnist --model vgg11 --width 0.25 --batch-size 128 --lr 0.1
               --train-limit 20000 --threads 1 --no-progress --lr-schedule continuous --reward l2)
