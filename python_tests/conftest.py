@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from backends import BACKENDS
+from toolkit import BACKENDS
 
 
 @pytest.fixture(params=BACKENDS, ids=str)
@@ -14,3 +14,4 @@ def _seeded():
     # Fresh but reproducible random inputs for every test.
     torch.manual_seed(1234)
     yield
+

@@ -3,30 +3,17 @@ concatenation, depthwise convs, flatten into Linear, ops it cannot see through,
 untraceable models), and bad input."""
 import copy
 import pickle
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convert_reference import MaskedReference, capture_original
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
 from dce_kernels.channels import GroupSpec, conversion_notes, plan_for, sequential_groups
 from dce_kernels.channels.group import recorded_spec
 from dce_kernels.compact import compact_model
-
-
-def _randomize_norms(model):
-    # Default BatchNorms (weight 1, bias 0) map a zero channel to zero: a
-    # BatchNorm left dense by mistake would go unnoticed. Random ones do not.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
+from toolkit import capture_original, check_against_reference, random_selection, randomize_norms
 
 
 class Residual(nn.Module):
@@ -79,49 +66,6 @@ class Dense(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
-def _grads(model, x, params, seed):
-    torch.manual_seed(seed)  # the same dropout masks in both models
-    out = model(x)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return out, torch.autograd.grad(out, [x] + params, g, allow_unused=True)
-
-
-def _close(a, b, tol):
-    """Equal up to rounding, measured against the tensor's scale (gradients of
-    deep networks with random BatchNorms reach 1e4, and elements that cancel
-    out carry the rounding of the large ones)."""
-    a, b = a.detach(), b.detach()
-    return bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
-
-
-def check_against_reference(model, ref, plan, x, atol=1e-10):
-    """Outputs and gradients (input and every parameter) of the sparse model equal
-    the masked reference's; returns the reference's skip violations."""
-    masked = MaskedReference(ref, model, plan.linear_columns())
-    try:
-        params = [p for p in model.parameters()]
-        xs = x.clone().requires_grad_(True)
-        xr = x.clone().requires_grad_(True)
-        out, grads = _grads(model, xs, params, 7)
-        ref_out, ref_grads = _grads(ref, xr, params, 7)
-    finally:
-        masked.remove()
-    assert _close(out, ref_out, atol)
-    for a, b in zip(grads, ref_grads):
-        a = torch.zeros_like(b) if a is None else a
-        b = torch.zeros_like(a) if b is None else b
-        assert _close(a, b, atol)
-    return masked.violations
-
-
-def _random_selection(plan, gen, lo=0.3, hi=0.8):
-    sel = []
-    for c in plan.num_channels:
-        k = max(1, min(c - 1, round(c * float(torch.empty(1).uniform_(lo, hi, generator=gen)))))
-        sel.append(torch.randperm(c, generator=gen)[:max(k, 1)])
-    return sel
-
-
 # -- what the analysis finds ---------------------------------------------------------------
 
 def test_residual_adds_tie_their_producers():
@@ -140,7 +84,7 @@ def test_residual_adds_tie_their_producers():
     assert isinstance(model.a1n, ChannelSparseBatchNorm2d)
     assert conversion_notes(model) == {}
 
-    plan.apply(_random_selection(plan, torch.Generator().manual_seed(0)))
+    plan.apply(random_selection(plan.num_channels, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(model.stem.out_idx, model.a2.out_idx)
     assert torch.equal(model.b2.out_idx, model.proj.out_idx)
     assert torch.equal(model.a1.in_idx, model.stem.out_idx)
@@ -173,7 +117,7 @@ def test_random_selection_matches_masked_reference_and_exports(make):
     make = globals()[make]
     torch.manual_seed(3)
     model = make().double()
-    _randomize_norms(model)
+    randomize_norms(model)
     ref = capture_original(model)
     original = copy.deepcopy(model)
     convert(model)
@@ -185,7 +129,7 @@ def test_random_selection_matches_masked_reference_and_exports(make):
         assert torch.allclose(a, b, atol=1e-12)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
-        plan.apply(_random_selection(plan, gen))
+        plan.apply(random_selection(plan.num_channels, generator=gen))
         assert check_against_reference(model, ref, plan, torch.randn_like(x)) == []
     model.eval()
     compact = compact_model(model, plan).eval()
@@ -381,7 +325,7 @@ class Untraceable(nn.Module):
 def test_untraceable_model_converts_with_a_warning_and_reads_all_inputs():
     torch.manual_seed(0)
     original = Untraceable()
-    _randomize_norms(original)
+    randomize_norms(original)
     with pytest.warns(UserWarning, match="cannot trace Untraceable.*reading all its input"):
         model = convert(original, copy=True)
     assert type(model.c1) is ChannelSparseConv2d and type(model.bn) is nn.BatchNorm2d

@@ -3,7 +3,7 @@ vgg11_bn, mobilenet_v2 and densenet121 (untrained, 32x32 inputs, float64 but for
 
 Per model, on one converted instance: all channels active equals the original
 (outputs and gradients); random selections equal the masked original graph
-(convert_reference.py) and skip only channels that are exactly zero there; a
+(toolkit.MaskedReference) and skip only channels that are exactly zero there; a
 few training steps with CUCB keep inactive weights untouched and report
 saliency; the exported compact model equals the sparse one."""
 import copy
@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert_reference import capture_original
-from test_convert import _random_selection, _randomize_norms, check_against_reference
 from dce_kernels import CUCBSelector, convert
 from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model, export_compact, load_exported
 from dce_kernels.optim import ActiveBlock, MaskedOptimizer
+from toolkit import (capture_original, check_against_reference, random_selection,
+                     randomize_norms, synthetic_dataset)
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -39,7 +39,7 @@ def converted(request):
     torch.manual_seed(0)
     dtype = DTYPES.get(name, torch.float64)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).to(dtype)
-    _randomize_norms(model)
+    randomize_norms(model)
     reference = capture_original(model)  # the original layers, parameters shared
     original = copy.deepcopy(model)
     convert(model)
@@ -76,7 +76,7 @@ def test_random_channels_equal_the_masked_original(converted):
     plan = plan_for(model)
     model.train()
     gen = torch.Generator().manual_seed(11)
-    plan.apply(_random_selection(plan, gen))
+    plan.apply(random_selection(plan.num_channels, generator=gen))
     partial_inputs = sum(c.in_idx.numel() < c.in_channels for c in plan.convs)
     assert partial_inputs >= len(plan.groups) // 2  # the test skips something
     x = _input(model, 3, 3, 32, 32)
@@ -165,17 +165,12 @@ def test_build_model_adapts_stem_classes_and_small_images():
 
 
 def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
-    from torch.utils.data import TensorDataset
-
     from dce_kernels.experiments.train import TrainConfig, train
 
     g = torch.Generator().manual_seed(0)
 
     def data(n):  # one channel, 28x28, three classes with a learnable signal
-        y = torch.randint(0, 3, (n,), generator=g)
-        x = 0.5 * torch.randn(n, 1, 28, 28, generator=g)
-        x[:, 0, :8, :8] += y.view(-1, 1, 1).float()
-        return TensorDataset(x, y)
+        return synthetic_dataset(n, g, size=28, patch=8)
 
     config = TrainConfig(model="torchvision:resnet18", dense_epochs=0, explore_epochs=1,
                          finetune_epochs=1, batch_size=16, tau=1, fraction=0.5,

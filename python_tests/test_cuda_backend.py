@@ -1,5 +1,5 @@
 """The real CUDA kernels (dce::* on CUDA tensors), checked exactly like the
-emulated ones: the same cases, tiling shapes and reference as
+emulated ones: the same cases, tiling shapes and reference (toolkit.py) as
 test_emulated_backend.py / test_emulated_tiling.py. Skipped without a GPU; the
 shared correctness suite also picks up the `cuda` backend by itself then.
 """
@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import dce_kernels
-from test_emulated_backend import CASES, case_id, run_case
-from test_emulated_tiling import TILING
+from toolkit import KERNEL_CASES, TILING_CASES, ConvCase, run_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -25,18 +24,14 @@ def _require_kernels():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
                          ids=str)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 def test_cases_on_gpu(case, dtype):
-    N, Cin, Cout, H, W, k, s, p, d, g, bias, n_in, n_out = case
-    run_case(dce_kernels.channel_sparse_conv2d, "cuda", dtype, N, Cin, Cout, H, W, k, s, p, d, g,
-             bias, n_in, n_out)
+    run_case(dce_kernels.channel_sparse_conv2d, "cuda", dtype, case)
 
 
-@pytest.mark.parametrize("case", [c for c, _ in TILING], ids=[why for _, why in TILING])
+@pytest.mark.parametrize("case", TILING_CASES, ids=str)
 def test_tiling_shapes_on_gpu(case):
-    N, Cin, Cout, H, W, k, s, p, d, g, bias, n_in, n_out = case
-    run_case(dce_kernels.channel_sparse_conv2d, "cuda", torch.float64, N, Cin, Cout, H, W, k, s,
-             p, d, g, bias, n_in, n_out)
+    run_case(dce_kernels.channel_sparse_conv2d, "cuda", torch.float64, case)
 
 
 def test_gpu_matches_emulator_bit_for_bit_in_float64_forward():
@@ -55,5 +50,5 @@ def test_gpu_matches_emulator_bit_for_bit_in_float64_forward():
 
 
 def test_large_layer_on_gpu():
-    run_case(dce_kernels.channel_sparse_conv2d, "cuda", torch.float32, 8, 128, 128, 16, 16,
-             n_in=64, n_out=96)
+    run_case(dce_kernels.channel_sparse_conv2d, "cuda", torch.float32,
+             ConvCase(8, 128, 128, 16, 16, active_in=64, active_out=96))

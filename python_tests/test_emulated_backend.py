@@ -1,7 +1,7 @@
 """Focused tests of the emulated backend: the csrc/kernels CUDA kernels, run by
 the CPU emulator, against an independent reference (F.conv2d in float64 on
-masked dense tensors). The case runner is shared with test_cuda_backend.py,
-which runs the same checks on the real CUDA kernels when a GPU is present.
+masked dense tensors). test_cuda_backend.py runs the same cases (toolkit.py) on
+the real CUDA kernels when a GPU is present.
 """
 from __future__ import annotations
 
@@ -12,125 +12,23 @@ import torch
 import torch.nn.functional as F
 
 from dce_kernels import emulated
-
-# Relative tolerance per dtype: the kernels accumulate in fp32 (fp64 for double)
-# and round once on the way out; the bound is scaled by the largest reference value.
-TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+from toolkit import KERNEL_CASES, ConvCase, assert_close_scaled, complement, masked_conv2d, run_case
 
 
-def masked_reference(x, w, b, in_idx, out_idx, stride, padding, dilation, groups):
-    """F.conv2d(x * mask_in, w, b * mask_out) * mask_out, differentiable, in x's dtype."""
-    mask_in = torch.zeros(x.shape[1], dtype=x.dtype)
-    mask_in[in_idx] = 1
-    mask_out = torch.zeros(w.shape[0], dtype=x.dtype)
-    mask_out[out_idx] = 1
-    bias = b * mask_out if b is not None else None
-    y = F.conv2d(x * mask_in[None, :, None, None], w, bias, stride, padding, dilation, groups)
-    return y * mask_out[None, :, None, None]
-
-
-def assert_close(got, want, dtype, what):
-    got = got.detach().to("cpu", torch.float64)
-    want = want.detach().to(torch.float64)
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = want.abs().max().item() + 1.0
-    err = (got - want).abs().max().item() if got.numel() else 0.0
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g}, {dtype})"
-
-
-def complement(idx, n):
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[idx] = False
-    return torch.nonzero(keep).flatten()
-
-
-def run_case(conv, device, dtype, N, Cin, Cout, H, W, kernel=(3, 3), stride=1, padding=1,
-             dilation=1, groups=1, bias=True, n_in=None, n_out=None, idx_dtype=torch.long):
-    """Runs forward + backward (with saliency) through `conv` and checks every
-    result against the float64 masked dense reference, including exact zeros."""
-    kernel = (kernel, kernel) if isinstance(kernel, int) else kernel
-    x64 = torch.randn(N, Cin, H, W, dtype=torch.float64)
-    w64 = torch.randn(Cout, Cin // groups, *kernel, dtype=torch.float64)
-    b64 = torch.randn(Cout, dtype=torch.float64) if bias else None
-    in_idx = torch.randperm(Cin)[: n_in or Cin]
-    out_idx = torch.randperm(Cout)[: n_out or Cout]
-
-    x = x64.to(device, dtype).requires_grad_()
-    w = w64.to(device, dtype).requires_grad_()
-    b = b64.to(device, dtype).requires_grad_() if bias else None
-    probe = torch.zeros(Cout, device=device, dtype=dtype, requires_grad=True)
-    y = conv(x, w, b, in_idx.to(device, idx_dtype), out_idx.to(device, idx_dtype), stride,
-             padding, dilation, groups, saliency_probe=probe)
-    gy64 = torch.randn(y.shape, dtype=torch.float64)
-    y.backward(gy64.to(device, dtype))
-
-    # The reference starts from the values the backend saw (rounded to dtype).
-    xr = x.detach().cpu().double().requires_grad_()
-    wr = w.detach().cpu().double().requires_grad_()
-    br = b.detach().cpu().double().requires_grad_() if bias else None
-    gyr = gy64.to(dtype).double()
-    yr = masked_reference(xr, wr, br, in_idx, out_idx, stride, padding, dilation, groups)
-    yr.backward(gyr)
-    M = yr.shape[2] * yr.shape[3]
-    # Saliency of h = the backend's own output, as the op contract defines it.
-    h = y.detach().cpu().double()
-    sal_ref = ((gyr * h).sum((2, 3)) / M).abs().mean(0)
-
-    assert_close(y, yr, dtype, "output")
-    assert_close(x.grad, xr.grad, dtype, "grad_input")
-    assert_close(w.grad, wr.grad, dtype, "grad_weight")
-    if bias:
-        assert_close(b.grad, br.grad, dtype, "grad_bias")
-    assert_close(probe.grad, sal_ref, dtype, "saliency")
-
-    off_out = complement(out_idx, Cout).to(device)
-    off_in = complement(in_idx, Cin).to(device)
-    assert (y.detach()[:, off_out] == 0).all(), "inactive outputs must be exactly zero"
-    assert (x.grad[:, off_in] == 0).all(), "grad of inactive inputs must be exactly zero"
-    assert (w.grad[off_out] == 0).all(), "grad of inactive weight rows must be exactly zero"
-    if groups == 1:
-        assert (w.grad[:, off_in] == 0).all(), "grad of inactive weight columns must be zero"
-    assert (probe.grad[off_out] == 0).all(), "saliency of inactive outputs must be zero"
-    if bias:
-        assert (b.grad[off_out] == 0).all(), "grad_bias of inactive outputs must be zero"
-
-
-# (N, Cin, Cout, H, W, kernel, stride, padding, dilation, groups, bias, n_in, n_out)
-CASES = [
-    (2, 5, 6, 7, 6, 3, 1, 1, 1, 1, True, 3, 4),
-    (3, 17, 13, 11, 9, 3, 2, 1, 1, 1, True, 11, 7),
-    (1, 7, 5, 8, 10, (1, 3), (2, 1), (0, 1), 1, 1, False, 7, 5),
-    (2, 8, 6, 9, 7, 3, 1, 2, 2, 2, True, 5, 4),
-    (2, 6, 6, 9, 9, 3, 1, 1, 1, 6, True, 4, 3),
-    (1, 4, 9, 5, 5, 5, 1, 2, 1, 1, True, 1, 1),
-    (3, 3, 2, 6, 11, 2, 3, 0, 1, 1, True, 2, 2),
-    (2, 9, 12, 10, 10, 3, 2, 3, 3, 3, False, 6, 9),
-]
-
-
-def case_id(c):
-    return "N{}_ci{}_co{}_{}x{}_k{}_s{}_p{}_d{}_g{}_b{}_a{}-{}".format(*[
-        "x".join(map(str, v)) if isinstance(v, tuple) else v for v in c])
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 def test_float64_matches_reference(case):
-    N, Cin, Cout, H, W, k, s, p, d, g, bias, n_in, n_out = case
-    run_case(emulated.channel_sparse_conv2d, "cpu", torch.float64, N, Cin, Cout, H, W, k, s, p, d,
-             g, bias, n_in, n_out)
+    run_case(emulated.channel_sparse_conv2d, "cpu", torch.float64, case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CASES[:4], ids=case_id)
+@pytest.mark.parametrize("case", KERNEL_CASES[:4], ids=str)
 def test_low_precision_matches_reference(case, dtype):
-    N, Cin, Cout, H, W, k, s, p, d, g, bias, n_in, n_out = case
-    run_case(emulated.channel_sparse_conv2d, "cpu", dtype, N, Cin, Cout, H, W, k, s, p, d, g,
-             bias, n_in, n_out)
+    run_case(emulated.channel_sparse_conv2d, "cpu", dtype, case)
 
 
 def test_int32_index_lists():
-    run_case(emulated.channel_sparse_conv2d, "cpu", torch.float64, 2, 6, 5, 6, 6, n_in=4, n_out=3,
-             idx_dtype=torch.int32)
+    run_case(emulated.channel_sparse_conv2d, "cpu", torch.float64,
+             ConvCase(2, 6, 5, 6, 6, active_in=4, active_out=3), idx_dtype=torch.int32)
 
 
 def test_inactive_inputs_and_weights_are_never_read():
@@ -149,9 +47,9 @@ def test_inactive_inputs_and_weights_are_never_read():
     x0, w0 = x.clone(), w.clone()
     x0[:, off_in] = 0
     w0[:, off_in] = 0
-    ref = masked_reference(x0, w0, b, in_idx, out_idx, 1, 1, 1, 1)
+    ref = masked_conv2d(x0, w0, b, in_idx, out_idx, 1, 1, 1, 1)
     assert torch.isfinite(y).all()
-    assert_close(y, ref, torch.float64, "output")
+    assert_close_scaled(y, ref, torch.float64, "output")
     gi, gw, gb, sal = torch.ops.dce_emu.channel_sparse_conv2d_backward(
         torch.randn_like(y), xn, wn, y, in_idx, out_idx, [1, 1], [1, 1], [1, 1], 1,
         [True, True, True])
@@ -172,15 +70,15 @@ def test_backward_output_mask(mask, with_output):
     gi, gw, gb, sal = torch.ops.dce_emu.channel_sparse_conv2d_backward(
         g, x, w, y if with_output else None, in_idx, out_idx, [1, 1], [1, 1], [1, 1], 1, list(mask))
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    masked_reference(xr, wr, br, in_idx, out_idx, 1, 1, 1, 1).backward(g)
+    masked_conv2d(xr, wr, br, in_idx, out_idx, 1, 1, 1, 1).backward(g)
     for want, got, ref, name in zip(mask, (gi, gw, gb), (xr.grad, wr.grad, br.grad),
                                     ("grad_input", "grad_weight", "grad_bias")):
         if want:
-            assert_close(got, ref, torch.float64, name)
+            assert_close_scaled(got, ref, torch.float64, name)
         else:
             assert got is None, f"{name} was not requested and must be None"
     if with_output:
-        assert_close(sal, ((g * y).mean((2, 3))).abs().mean(0), torch.float64, "saliency")
+        assert_close_scaled(sal, ((g * y).mean((2, 3))).abs().mean(0), torch.float64, "saliency")
     else:
         assert sal is None
 
@@ -194,10 +92,10 @@ def test_unbatched_same_padding_and_noncontiguous_input():
     xm[:, 1] = 0
     ref = F.conv2d(xm, w, None, 1, "same")
     ref[:, [2, 3]] = 0
-    assert_close(y, ref, torch.float64, "output")
+    assert_close_scaled(y, ref, torch.float64, "output")
     y1 = emulated.channel_sparse_conv2d(x[0], w, None, in_idx, out_idx, padding=1)
     assert y1.dim() == 3
-    assert_close(y1, masked_reference(x[:1], w, None, in_idx, out_idx, 1, 1, 1, 1)[0],
+    assert_close_scaled(y1, masked_conv2d(x[:1], w, None, in_idx, out_idx, 1, 1, 1, 1)[0],
                  torch.float64, "unbatched output")
 
 
@@ -270,11 +168,11 @@ def test_layer_trains_with_emulated_op_and_reports_saliency():
     out = emulated.channel_sparse_conv2d(torch.relu(h), w2, None, mid, torch.arange(4), 1, 1)
     out.square().sum().backward()
     w1r, w2r = w1.detach().clone().requires_grad_(), w2.detach().clone().requires_grad_()
-    hr = masked_reference(x, w1r, None, torch.arange(3), mid, 1, 1, 1, 1)
+    hr = masked_conv2d(x, w1r, None, torch.arange(3), mid, 1, 1, 1, 1)
     hr.retain_grad()
-    masked_reference(torch.relu(hr), w2r, None, mid, torch.arange(4), 1, 1, 1, 1).square().sum().backward()
-    assert_close(w1.grad, w1r.grad, torch.float64, "grad w1")
-    assert_close(w2.grad, w2r.grad, torch.float64, "grad w2")
+    masked_conv2d(torch.relu(hr), w2r, None, mid, torch.arange(4), 1, 1, 1, 1).square().sum().backward()
+    assert_close_scaled(w1.grad, w1r.grad, torch.float64, "grad w1")
+    assert_close_scaled(w2.grad, w2r.grad, torch.float64, "grad w2")
     sal = (hr.grad * hr.detach()).mean((2, 3)).abs().mean(0)
-    assert_close(probe.grad, sal, torch.float64, "saliency")
+    assert_close_scaled(probe.grad, sal, torch.float64, "saliency")
     assert (probe.grad[[0, 3, 4]] == 0).all() and (probe.grad[mid] > 0).all()

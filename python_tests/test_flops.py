@@ -3,6 +3,8 @@
 The reference for every FLOP count is PyTorch's own counter on a physically
 narrower dense conv: the conv the active channels amount to.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dce_kernels import ChannelSparseConv2d, channel_sparse_conv2d
 from dce_kernels.flops import count_flops, count_params
+from toolkit import ConvCase
 
 
 def flops_of(fn):
@@ -19,34 +22,31 @@ def flops_of(fn):
     return counter.get_total_flops()
 
 
-def random_subset(n, fraction):
-    k = max(1, round(n * fraction))
-    return torch.randperm(n)[:k]
-
-
-# (N, C_in, C_out, H, W, kernel, stride, padding, dilation, frac_in, frac_out)
-SHAPES = [
-    (2, 8, 12, 9, 9, 3, 1, 1, 1, 0.5, 0.25),
-    (3, 6, 5, 10, 7, (3, 1), (2, 1), (1, 0), 1, 0.7, 1.0),
-    (1, 16, 16, 8, 8, 1, 1, 0, 1, 1.0, 0.4),
-    (2, 5, 9, 11, 11, 3, 2, 2, 2, 0.2, 0.6),
-    (4, 7, 3, 6, 5, 5, 3, 2, 1, 0.3, 0.34),
+# Sparse convolutions and how many of their channels are active.
+CASES = [
+    ConvCase(2, 8, 12, 9, 9, active_in=4, active_out=3),
+    ConvCase(3, 6, 5, 10, 7, kernel=(3, 1), stride=(2, 1), padding=(1, 0), active_in=4,
+             active_out=5),
+    ConvCase(1, 16, 16, 8, 8, kernel=1, padding=0, active_in=16, active_out=6),
+    ConvCase(2, 5, 9, 11, 11, stride=2, padding=2, dilation=2, active_in=1, active_out=5),
+    ConvCase(4, 7, 3, 6, 5, kernel=5, stride=3, padding=2, active_in=2, active_out=1),
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("mode", ["forward", "fwd+bwd", "fwd+bwd-weights-only"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_op_flops_equal_narrow_dense_conv(shape, mode, bias):
-    n, c_in, c_out, h, w, k, stride, padding, dilation, f_in, f_out = shape
-    kh, kw = (k, k) if isinstance(k, int) else k
-    in_idx, out_idx = random_subset(c_in, f_in), random_subset(c_out, f_out)
+def test_op_flops_equal_narrow_dense_conv(case, mode, bias):
+    case = dataclasses.replace(case, bias=bias)
+    in_idx, out_idx = case.random_indices()
     backward = mode != "forward"
     input_grad = mode == "fwd+bwd"
 
-    x = torch.randn(n, c_in, h, w, requires_grad=input_grad)
-    weight = torch.randn(c_out, c_in, kh, kw, requires_grad=backward)
-    b = torch.randn(c_out, requires_grad=backward) if bias else None
+    x, weight, b = case.tensors(torch.float32, "cpu")
+    x.requires_grad_(input_grad)
+    weight.requires_grad_(backward)
+    if bias:
+        b.requires_grad_(backward)
     # The narrow conv holds only the active channels, as separate leaf tensors.
     x_n = x.detach()[:, in_idx].clone().requires_grad_(input_grad)
     w_n = weight.detach()[out_idx][:, in_idx].clone().requires_grad_(backward)
@@ -59,9 +59,9 @@ def test_op_flops_equal_narrow_dense_conv(shape, mode, bias):
                 y.backward(torch.randn_like(y))
         return go
 
-    ours = flops_of(run(lambda: channel_sparse_conv2d(x, weight, b, in_idx, out_idx, stride,
-                                                      padding, dilation)))
-    ref = flops_of(run(lambda: F.conv2d(x_n, w_n, b_n, stride, padding, dilation)))
+    args = case.conv_args()
+    ours = flops_of(run(lambda: channel_sparse_conv2d(x, weight, b, in_idx, out_idx, **args)))
+    ref = flops_of(run(lambda: F.conv2d(x_n, w_n, b_n, **args)))
     assert ref > 0
     assert ours == ref
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dce_kernels import ChannelSparseConv2d
-from reference import masked_dense
+from toolkit import masked_dense
 
 CONV_CONFIGS = [
     dict(in_channels=3, out_channels=5, kernel_size=3),

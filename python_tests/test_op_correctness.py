@@ -7,36 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import masked_dense, random_index
-
-# (N, Cin, Cout, H, W, kernel, stride, padding, dilation, bias)
-SHAPES = [
-    (1, 1, 1, 1, 1, (1, 1), 1, 0, 1, True),          # everything of size one
-    (2, 3, 5, 7, 7, (3, 3), 1, 1, 1, True),          # the common 3x3 same-size conv
-    (3, 7, 4, 9, 6, (3, 3), 2, 1, 1, False),         # stride 2, non-square input, no bias
-    (1, 5, 6, 8, 11, (5, 5), 1, 2, 1, True),         # 5x5
-    (2, 4, 3, 10, 9, (1, 1), 3, 0, 1, True),         # 1x1, stride 3
-    (2, 6, 5, 11, 10, (3, 2), (2, 1), (1, 0), 1, True),  # non-square kernel, mixed stride/pad
-    (1, 4, 4, 9, 9, (3, 3), 1, 2, 2, False),         # dilation
-    (2, 3, 2, 3, 3, (3, 3), 1, 0, 1, True),          # output 1x1
-    (1, 2, 3, 2, 5, (2, 3), 1, (1, 0), (1, 2), True),  # tiny, everything odd
-    (3, 13, 11, 5, 7, (3, 3), 1, 1, 1, True),        # prime channel counts
-]
+from toolkit import OP_CASES, ConvCase, close_kwargs, masked_dense, random_index
 
 FRACTIONS = [(1.0, 1.0), (0.5, 0.5), (0.3, 1.0), (1.0, 0.3), (0.2, 0.7)]
-
-
-def _case(shape, dtype, device):
-    n, cin, cout, h, w, k, *_rest = shape
-    bias = shape[-1]
-    x = torch.randn(n, cin, h, w, dtype=dtype, device=device)
-    wt = torch.randn(cout, cin, *k, dtype=dtype, device=device)
-    b = torch.randn(cout, dtype=dtype, device=device) if bias else None
-    return x, wt, b
-
-
-def _conv_args(shape):
-    return dict(stride=shape[6], padding=shape[7], dilation=shape[8])
 
 
 def _run(backend, x, wt, b, in_idx, out_idx, conv_args, grad_output):
@@ -49,24 +22,20 @@ def _run(backend, x, wt, b, in_idx, out_idx, conv_args, grad_output):
     return y, x.grad, wt.grad, (b.grad if b is not None else None), probe.grad
 
 
-def _tolerances(dtype):
-    return dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("fractions", FRACTIONS, ids=lambda f: f"pin{f[0]}-pout{f[1]}")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
-def test_forward_gradients_and_saliency_match_masked_dense(backend, shape, fractions, dtype):
-    x, wt, b = _case(shape, dtype, backend.device)
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+def test_forward_gradients_and_saliency_match_masked_dense(backend, case, fractions, dtype):
+    x, wt, b = case.tensors(dtype, backend.device)
     in_idx = random_index(x.shape[1], fractions[0]).to(backend.device)
     out_idx = random_index(wt.shape[0], fractions[1]).to(backend.device)
-    args = _conv_args(shape)
+    args = case.conv_args()
     probe_out = torch.nn.functional.conv2d(x, wt, None, **args)
     grad_output = torch.randn_like(probe_out)
 
     y, gx, gw, gb, sal = _run(backend, x, wt, b, in_idx, out_idx, args, grad_output)
     ref = masked_dense(x, wt, b, in_idx, out_idx, grad_output, **args)
-    tol = _tolerances(dtype)
+    tol = close_kwargs(dtype)
     # Output sums over Cin*k*k products; scale the tolerance with the magnitude.
     torch.testing.assert_close(y.double().cpu(), ref.output, **tol)
     torch.testing.assert_close(gx.double().cpu(), ref.grad_input, **tol)
@@ -77,7 +46,7 @@ def test_forward_gradients_and_saliency_match_masked_dense(backend, shape, fract
 
 
 def test_inactive_channels_are_exactly_zero(backend):
-    x, wt, b = _case((2, 9, 7, 8, 8, (3, 3), 1, 1, 1, True), torch.float32, backend.device)
+    x, wt, b = ConvCase(2, 9, 7, 8, 8).tensors(torch.float32, backend.device)
     in_idx = torch.tensor([0, 4, 5, 8], device=backend.device)
     out_idx = torch.tensor([6, 1, 3], device=backend.device)
     y, gx, gw, gb, sal = _run(backend, x, wt, b, in_idx, out_idx, dict(padding=1),
@@ -96,7 +65,7 @@ def test_inactive_channels_are_exactly_zero(backend):
 
 
 def test_inactive_input_channels_are_never_read(backend):
-    x, wt, b = _case((2, 6, 5, 7, 7, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    x, wt, b = ConvCase(2, 6, 5, 7, 7).tensors(torch.float64, backend.device)
     in_idx = torch.tensor([1, 4], device=backend.device)
     out_idx = torch.tensor([0, 2, 3], device=backend.device)
     poisoned = x.clone()
@@ -124,7 +93,7 @@ def test_gradcheck_float64(backend, with_bias):
 
 
 def test_index_order_and_int32_indices_do_not_change_the_result(backend):
-    x, wt, b = _case((2, 8, 6, 6, 6, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    x, wt, b = ConvCase(2, 8, 6, 6, 6).tensors(torch.float64, backend.device)
     in_idx = torch.tensor([7, 1, 3, 0], device=backend.device)
     out_idx = torch.tensor([5, 2, 4], device=backend.device)
     a = backend.conv(x, wt, b, in_idx, out_idx, padding=1)
@@ -133,7 +102,7 @@ def test_index_order_and_int32_indices_do_not_change_the_result(backend):
 
 
 def test_unbatched_input_matches_batched(backend):
-    x, wt, b = _case((1, 4, 3, 7, 6, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    x, wt, b = ConvCase(1, 4, 3, 7, 6).tensors(torch.float64, backend.device)
     in_idx = torch.tensor([0, 3], device=backend.device)
     out_idx = torch.tensor([1, 2], device=backend.device)
     batched = backend.conv(x, wt, b, in_idx, out_idx, padding=1)
@@ -170,7 +139,7 @@ def test_grouped_convolution_matches_masked_dense(backend):
 
 
 def test_non_contiguous_and_channels_last_inputs_give_correct_results(backend):
-    x, wt, b = _case((2, 6, 5, 9, 9, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    x, wt, b = ConvCase(2, 6, 5, 9, 9).tensors(torch.float64, backend.device)
     in_idx = torch.tensor([1, 2, 5], device=backend.device)
     out_idx = torch.tensor([0, 4], device=backend.device)
     want = backend.conv(x, wt, b, in_idx, out_idx, padding=1)
@@ -183,7 +152,7 @@ def test_non_contiguous_and_channels_last_inputs_give_correct_results(backend):
 
 
 def test_weight_only_and_input_only_gradients(backend):
-    x, wt, b = _case((2, 5, 4, 6, 6, (3, 3), 1, 1, 1, True), torch.float64, backend.device)
+    x, wt, b = ConvCase(2, 5, 4, 6, 6).tensors(torch.float64, backend.device)
     in_idx = torch.tensor([0, 3, 4], device=backend.device)
     out_idx = torch.tensor([1, 2], device=backend.device)
     g = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=backend.device)

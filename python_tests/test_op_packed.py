@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import masked_dense, random_index
-from test_op_correctness import SHAPES, _case, _conv_args, _tolerances
+from toolkit import OP_CASES, close_kwargs, masked_dense, random_index
 
 LAYOUTS = [(True, False), (False, True), (True, True)]
 FRACTIONS = [(0.5, 0.5), (0.3, 1.0), (1.0, 0.3)]
@@ -31,12 +30,12 @@ def _run_packed(backend, x, wt, b, in_idx, out_idx, args, grad_output, layout):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"in{'P' if l[0] else 'F'}-out{'P' if l[1] else 'F'}")
 @pytest.mark.parametrize("fractions", FRACTIONS, ids=lambda f: f"pin{f[0]}-pout{f[1]}")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
-def test_packed_layouts_match_masked_dense(backend, shape, fractions, layout, dtype):
-    x, wt, b = _case(shape, dtype, backend.device)
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+def test_packed_layouts_match_masked_dense(backend, case, fractions, layout, dtype):
+    x, wt, b = case.tensors(dtype, backend.device)
     in_idx = _sorted_index(x.shape[1], fractions[0], backend.device)
     out_idx = _sorted_index(wt.shape[0], fractions[1], backend.device)
-    args = _conv_args(shape)
+    args = case.conv_args()
     grad_output = torch.randn_like(torch.nn.functional.conv2d(x, wt, None, **args))
 
     y, gx, gw, gb, sal = _run_packed(backend, x, wt, b, in_idx, out_idx, args, grad_output,
@@ -44,7 +43,7 @@ def test_packed_layouts_match_masked_dense(backend, shape, fractions, layout, dt
     ref = masked_dense(x, wt, b, in_idx, out_idx, grad_output, **args)
     packed_in, packed_out = layout
     cpu_in, cpu_out = in_idx.cpu(), out_idx.cpu()
-    tol = _tolerances(dtype)
+    tol = close_kwargs(dtype)
     torch.testing.assert_close(y.double().cpu(), ref.output[:, cpu_out] if packed_out
                                else ref.output, **tol)
     torch.testing.assert_close(gx.double().cpu(), ref.grad_input[:, cpu_in] if packed_in

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dce_kernels
-from backends import BACKENDS
 from dce_kernels import ops
+from toolkit import BACKENDS
 
 OP = torch.ops.dce.channel_sparse_conv2d.default
 
