@@ -109,16 +109,6 @@ def test_gradcheck():
         (x, w, b))
 
 
-def test_opcheck():
-    x = torch.randn(2, 4, 5, 5)
-    w = torch.randn(3, 4, 3, 3, requires_grad=True)
-    b = torch.randn(3, requires_grad=True)
-    probe = torch.zeros(3, requires_grad=True)
-    torch.library.opcheck(
-        torch.ops.dce_emu.channel_sparse_conv2d.default,
-        (x, w, b, torch.tensor([0, 3]), torch.tensor([2]), [1, 1], [1, 1], [1, 1], 1, probe))
-
-
 BAD_INDEX = [
     (torch.tensor([0, 0]), "more than once"),
     (torch.tensor([0, 9]), "out of range"),

@@ -106,14 +106,14 @@ def test_packed_layout_bad_input(backend, case, message):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_packed(layout):
-    import dce_kernels  # noqa: F401
-
+def test_opcheck_packed(backend, layout):
     packed_in, packed_out = layout
-    x = torch.randn(2, 3 if packed_in else 6, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    probe = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    args = (x, w, b, torch.tensor([0, 2, 5]), torch.tensor([1, 3]), [1, 1], [1, 1], [1, 1], 1,
-            probe, packed_in, packed_out)
-    torch.library.opcheck(torch.ops.dce.channel_sparse_conv2d.default, args)
+    leaf = dict(dtype=torch.float64, device=backend.device, requires_grad=True)
+    x = torch.randn(2, 3 if packed_in else 6, 5, 5, **leaf)
+    w = torch.randn(4, 6, 3, 3, **leaf)
+    b = torch.randn(4, **leaf)
+    probe = torch.zeros(4, **leaf)
+    in_idx = torch.tensor([0, 2, 5], device=backend.device)
+    out_idx = torch.tensor([1, 3], device=backend.device)
+    args = (x, w, b, in_idx, out_idx, [1, 1], [1, 1], [1, 1], 1, probe, packed_in, packed_out)
+    torch.library.opcheck(backend.ops.channel_sparse_conv2d.default, args)

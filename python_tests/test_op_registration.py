@@ -69,35 +69,52 @@ def test_python_signatures_follow_the_schema(fn, op, skip):
 
 
 def _args(requires_grad: bool, dtype=torch.float64, stride=(1, 1), padding=(1, 1),
-          dilation=(1, 1)):
-    x = torch.randn(2, 6, 7, 5, dtype=dtype, requires_grad=requires_grad)
-    w = torch.randn(5, 6, 3, 3, dtype=dtype, requires_grad=requires_grad)
-    b = torch.randn(5, dtype=dtype, requires_grad=requires_grad)
-    probe = torch.zeros(5, dtype=dtype, requires_grad=requires_grad)
-    return (x, w, b, torch.tensor([0, 2, 5]), torch.tensor([4, 1]), list(stride),
-            list(padding), list(dilation), 1, probe)
+          dilation=(1, 1), device="cpu"):
+    leaf = dict(dtype=dtype, device=device, requires_grad=requires_grad)
+    x = torch.randn(2, 6, 7, 5, **leaf)
+    w = torch.randn(5, 6, 3, 3, **leaf)
+    b = torch.randn(5, **leaf)
+    probe = torch.zeros(5, **leaf)
+    return (x, w, b, torch.tensor([0, 2, 5], device=device),
+            torch.tensor([4, 1], device=device), list(stride), list(padding), list(dilation), 1,
+            probe)
 
 
+# opcheck: the schema, fake kernel, autograd registration and dispatch of each backend's op.
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("geometry", [dict(), dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2))])
-def test_opcheck(requires_grad, geometry):
-    args = _args(requires_grad, **geometry)
-    torch.library.opcheck(OP, args)
+def test_opcheck(backend, requires_grad, geometry):
+    args = _args(requires_grad, device=backend.device, **geometry)
+    torch.library.opcheck(backend.ops.channel_sparse_conv2d.default, args)
 
 
-def test_opcheck_without_bias_and_probe():
-    x, w, _, in_idx, out_idx, *rest = _args(True)
+def test_opcheck_without_bias_and_probe(backend):
+    x, w, _, in_idx, out_idx, *rest = _args(True, device=backend.device)
     args = (x, w, None, in_idx, out_idx, *rest[:-1], None)
-    torch.library.opcheck(OP, args)
+    torch.library.opcheck(backend.ops.channel_sparse_conv2d.default, args)
 
 
-def test_backward_op_opcheck():
-    x, w, b, in_idx, out_idx, stride, padding, dilation, groups, _ = _args(False)
-    y = OP(x, w, b, in_idx, out_idx, stride, padding, dilation, groups, None)
+def test_opcheck_float32_with_an_input_that_needs_no_grad(backend):
+    dev = backend.device
+    x = torch.randn(2, 4, 5, 5, device=dev)
+    w = torch.randn(3, 4, 3, 3, device=dev, requires_grad=True)
+    b = torch.randn(3, device=dev, requires_grad=True)
+    probe = torch.zeros(3, device=dev, requires_grad=True)
+    torch.library.opcheck(
+        backend.ops.channel_sparse_conv2d.default,
+        (x, w, b, torch.tensor([0, 3], device=dev), torch.tensor([2], device=dev), [1, 1],
+         [1, 1], [1, 1], 1, probe))
+
+
+def test_backward_op_opcheck(backend):
+    x, w, b, in_idx, out_idx, stride, padding, dilation, groups, _ = _args(
+        False, device=backend.device)
+    y = backend.ops.channel_sparse_conv2d(x, w, b, in_idx, out_idx, stride, padding, dilation,
+                                          groups, None)
     g = torch.randn_like(y)
     for mask in ([True, True, True], [False, True, False], [True, False, True]):
         torch.library.opcheck(
-            torch.ops.dce.channel_sparse_conv2d_backward.default,
+            backend.ops.channel_sparse_conv2d_backward.default,
             (g, x, w, y, in_idx, out_idx, stride, padding, dilation, groups, mask))
 
 
