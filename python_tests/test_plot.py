@@ -9,7 +9,9 @@ import pytest
 from dce_kernels.experiments.cli import main
 from dce_kernels.experiments.plot import ACCURACY_PNG, REDUCTION_PNG, plot_results
 from dce_kernels.experiments.results import aggregate, markdown_table, read_results
-from test_sweep import _one_thread  # noqa: F401  (autouse: tiny runs on one thread)
+from toolkit import tiny_config, tiny_datasets
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs on one thread
 
 
 def _rows(seed=0, seeds=(0, 1, 2), fractions=(0.25, 0.5, 0.75)):
@@ -111,13 +113,11 @@ def test_plots_are_written(tmp_path):
 
 
 def test_plot_of_a_tiny_sweep_from_the_command_line(tmp_path, capsys):
-    from test_sweep import DATA, _base
-
     from dce_kernels.experiments.sweep import plan_runs, run_sweep, sweep_dir
 
-    base = _base(explore_epochs=1, finetune_epochs=0)
+    base = tiny_config(explore_epochs=1, finetune_epochs=0)
     runs = plan_runs([0.5], ["cucb", "random"], [0, 1])
-    run_sweep(base, str(tmp_path), runs, datasets=DATA)
+    run_sweep(base, str(tmp_path), runs, datasets=tiny_datasets())
     root = sweep_dir(str(tmp_path), base)
     rows = read_results(root)
     assert len(rows) == len(runs)

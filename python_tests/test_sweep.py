@@ -9,38 +9,20 @@ import textwrap
 
 import pytest
 import torch
-from test_train import _data
 
 from dce_kernels.experiments import sweep as sweep_module
 from dce_kernels.experiments.cli import build_parser, config_from_args, main
 from dce_kernels.experiments.results import read_results
 from dce_kernels.experiments.sweep import (BASELINE, RunSpec, plan_runs, release, run_config, run_sweep,
                                sweep_dir, try_claim)
-from dce_kernels.experiments.train import TrainConfig, train
+from dce_kernels.experiments.train import train
+from toolkit import tiny_config, tiny_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-DATA = (_data(48, 1), _data(24, 2))
-
-
-def _base(**kw):
-    # The poster's options (the defaults are the ablation's winner, tested elsewhere).
-    base = dict(model="vgg11", width=0.125, explore_epochs=2, finetune_epochs=1, batch_size=16,
-                tau=2, progress=False, budget="layer", reward="max", lr_schedule="restart",
-                lr=0.05, finetune_lr=0.01)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from threads, and on a busy machine OpenMP threads
-    # competing with other processes make each tiny run ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+DATA = tiny_datasets()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -106,7 +88,7 @@ def test_bad_grids_are_refused_by_name(fractions, methods, seeds, message):
 def test_baseline_is_the_full_network_from_scratch_for_the_total_epochs(tmp_path):
     # The dense baseline is what a user does without channel selection: the whole
     # architecture trained from scratch for as many epochs as every other method.
-    base = _base(explore_epochs=1, finetune_epochs=1)
+    base = tiny_config(explore_epochs=1, finetune_epochs=1)
     spec = RunSpec(BASELINE, 1.0, 0)
     config = run_config(base, spec, str(tmp_path / "a"))
     assert (config.method, config.fraction, config.dense_epochs) == ("narrow", 1.0, 0)
@@ -125,7 +107,7 @@ def dataclass_replace(config, **kw):
 # -- running, skipping, the table ------------------------------------------------
 
 def test_sweep_runs_everything_once_and_tables_the_reports(tmp_path, train_calls):
-    base = _base()
+    base = tiny_config()
     runs = plan_runs([0.5, 1.0], ["cucb", "random"], [0, 1])
     outcome = run_sweep(base, str(tmp_path), runs, datasets=DATA)
     root = sweep_dir(str(tmp_path), base)
@@ -176,7 +158,7 @@ def test_sweep_runs_everything_once_and_tables_the_reports(tmp_path, train_calls
 
 
 def test_max_runs_then_continue(tmp_path, train_calls):
-    base = _base(explore_epochs=1, finetune_epochs=0)
+    base = tiny_config(explore_epochs=1, finetune_epochs=0)
     runs = plan_runs([0.5], ["cucb", "random"], [0])
     first = run_sweep(base, str(tmp_path), runs, datasets=DATA, max_runs=1)
     assert first.ran == [runs[0].name] and first.stopped == [r.name for r in runs[1:]]
@@ -189,7 +171,7 @@ def test_max_runs_then_continue(tmp_path, train_calls):
 
 
 def test_killed_run_is_resumed_and_its_stale_lock_reclaimed(tmp_path, train_calls):
-    base = _base()
+    base = tiny_config()
     runs = plan_runs([0.5], ["cucb"], [0])
     root = sweep_dir(str(tmp_path), base)
     victim = run_config(base, runs[1], root)
@@ -215,7 +197,7 @@ def test_killed_run_is_resumed_and_its_stale_lock_reclaimed(tmp_path, train_call
 
 
 def test_live_locks_are_left_alone(tmp_path, train_calls):
-    base = _base(explore_epochs=1, finetune_epochs=0)
+    base = tiny_config(explore_epochs=1, finetune_epochs=0)
     runs = plan_runs([0.5], ["cucb"], [0])
     root = sweep_dir(str(tmp_path), base)
     held = {runs[0].name: f"{os.getppid()}@{sweep_module.socket.gethostname()}",  # alive
@@ -249,7 +231,7 @@ def test_claim_and_release(tmp_path):
 
 
 def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    base = _base(explore_epochs=1, finetune_epochs=0)
+    base = tiny_config(explore_epochs=1, finetune_epochs=0)
     runs = plan_runs([0.5], ["cucb", "random"], [0])
 
     def flaky(config, resume=False, **kw):
@@ -270,11 +252,11 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
 def test_a_directory_holds_one_sweep(tmp_path):
     runs = plan_runs([0.5], ["cucb"], [0])
-    run_sweep(_base(), str(tmp_path), runs, datasets=DATA, max_runs=0)
+    run_sweep(tiny_config(), str(tmp_path), runs, datasets=DATA, max_runs=0)
     with pytest.raises(ValueError, match="explore_epochs"):
-        run_sweep(_base(explore_epochs=3), str(tmp_path), runs, datasets=DATA, max_runs=0)
+        run_sweep(tiny_config(explore_epochs=3), str(tmp_path), runs, datasets=DATA, max_runs=0)
     with pytest.raises(ValueError, match="max_runs"):
-        run_sweep(_base(), str(tmp_path), runs, datasets=DATA, max_runs=-1)
+        run_sweep(tiny_config(), str(tmp_path), runs, datasets=DATA, max_runs=-1)
 
 
 _WORKER = textwrap.dedent("""
@@ -282,11 +264,11 @@ _WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from test_sweep import DATA, _base
+    from toolkit import tiny_config, tiny_datasets
     from dce_kernels.experiments.sweep import plan_runs, run_sweep
     runs = plan_runs([0.25, 0.5], ["cucb", "random"], [0, 1])
-    outcome = run_sweep(_base(explore_epochs=1, finetune_epochs=0), {out!r}, runs,
-                        datasets=DATA)
+    outcome = run_sweep(tiny_config(explore_epochs=1, finetune_epochs=0), {out!r}, runs,
+                        datasets=tiny_datasets())
     print(json.dumps({{"ran": outcome.ran, "skipped": outcome.skipped, "busy": outcome.busy,
                       "failed": outcome.failed}}))
 """)
@@ -360,7 +342,7 @@ def test_cli_sweep_rejects_bad_grids(tmp_path, capsys, argv, message):
 
 
 def test_cli_sweep_collect_only(tmp_path, capsys):
-    base = _base(explore_epochs=1, finetune_epochs=0, dataset="fashion-mnist")
+    base = tiny_config(explore_epochs=1, finetune_epochs=0, dataset="fashion-mnist")
     runs = plan_runs([0.5], ["cucb"], [0])
     run_sweep(base, str(tmp_path), runs, datasets=DATA, max_runs=1)
     root = sweep_dir(str(tmp_path), base)

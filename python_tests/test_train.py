@@ -1,34 +1,12 @@
 """A tiny end-to-end run of all phases, resume equivalence, and the command line."""
-import importlib.util
 import json
-import sys
-import types
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 from dce_kernels.experiments.cli import build_parser, main
 from dce_kernels.experiments.train import TrainConfig, train
-
-
-@pytest.fixture(autouse=True)
-def _flops_module(monkeypatch):
-    # dce_kernels.flops comes from another branch; until it is merged, a
-    # stand-in with its interface lets the pipeline run end to end here.
-    if importlib.util.find_spec("dce_kernels.flops") is None:
-        fake = types.ModuleType("dce_kernels.flops")
-        fake.count_params = lambda model: sum(p.numel() for p in model.parameters())
-        fake.count_flops = lambda model, x: 2 * sum(p.numel() for p in model.parameters())
-        monkeypatch.setitem(sys.modules, "dce_kernels.flops", fake)
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = 0.5 * torch.randn(n, 1, 10, 10, generator=g)
-    x[:, 0, :4, :4] += y.view(-1, 1, 1).float()  # learnable signal
-    return TensorDataset(x, y)
+from toolkit import synthetic_dataset
 
 
 def _config(run_dir, **kw):
@@ -42,7 +20,7 @@ def _config(run_dir, **kw):
 
 
 def test_three_phases_export_and_resume_equivalence(tmp_path):
-    data = (_data(64, 1), _data(32, 2))
+    data = (synthetic_dataset(64, 1), synthetic_dataset(32, 2))
     full = train(_config(tmp_path / "full"), datasets=data).to_dict()
 
     assert [h["phase"] for h in full["history"]] == ["dense", "explore", "explore", "finetune"]
@@ -75,7 +53,7 @@ def test_three_phases_export_and_resume_equivalence(tmp_path):
 
 
 def test_random_selector_resnet_global_budget_without_dense(tmp_path):
-    data = (_data(32, 3), _data(16, 4))
+    data = (synthetic_dataset(32, 3), synthetic_dataset(16, 4))
     report = train(_config(tmp_path, model="resnet20", width=0.25, method="random",
                            budget="global", dense_epochs=0, explore_epochs=1,
                            finetune_epochs=1, optimizer="adam", lr=0.01, finetune_lr=0.005),
@@ -88,7 +66,7 @@ def test_random_selector_resnet_global_budget_without_dense(tmp_path):
 
 
 def test_resume_with_other_options_is_refused(tmp_path):
-    data = (_data(32, 5), _data(16, 6))
+    data = (synthetic_dataset(32, 5), synthetic_dataset(16, 6))
     train(_config(tmp_path, dense_epochs=0, explore_epochs=2), datasets=data,
           stop_after_epochs=1)
     with pytest.raises(ValueError, match="fraction"):
