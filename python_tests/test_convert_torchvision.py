@@ -16,8 +16,8 @@ from dce_kernels import CUCBSelector, convert
 from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model, export_compact, load_exported
 from dce_kernels.optim import ActiveBlock, MaskedOptimizer
-from toolkit import (capture_original, check_against_reference, random_selection,
-                     randomize_norms, synthetic_dataset)
+from toolkit import (active_parameter_count, capture_original, check_against_reference,
+                     random_selection, randomize_norms, synthetic_dataset)
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -132,7 +132,8 @@ def test_training_steps_with_cucb_then_export(converted, tmp_path):
     model.eval()
     compact = compact_model(model, plan).eval()
     n_compact = sum(p.numel() for p in compact.parameters())
-    assert n_compact < 0.6 * sum(p.numel() for p in model.parameters())
+    assert n_compact == active_parameter_count(model, plan) < 0.6 * sum(
+        p.numel() for p in model.parameters())
     x = _input(model, 3, 3, 32, 32)
     tol = TOLERANCE[x.dtype]
     with torch.no_grad():
@@ -165,6 +166,8 @@ def test_build_model_adapts_stem_classes_and_small_images():
 
 
 def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
+    from dce_kernels.experiments.files import CHECKPOINT
+    from dce_kernels.experiments.models import build_model
     from dce_kernels.experiments.train import TrainConfig, train
 
     g = torch.Generator().manual_seed(0)
@@ -175,13 +178,22 @@ def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
     config = TrainConfig(model="torchvision:resnet18", dense_epochs=0, explore_epochs=1,
                          finetune_epochs=1, batch_size=16, tau=1, fraction=0.5,
                          lr=0.01, run_dir=str(tmp_path), progress=False)
-    report = train(config, datasets=(data(32), data(16))).to_dict()
+    train_ds, test_ds = data(32), data(16)
+    report = train(config, datasets=(train_ds, test_ds)).to_dict()
     sel = report["selection"]
     assert len(sel["channels_total"]) == MODELS["resnet18"]
     assert report["export"]["accuracy_matches_sparse"]
     assert report["compact"]["flops"] < 0.5 * report["dense"]["flops"]
     program = torch.export.load(report["export"]["program"]).module()
     assert program(torch.randn(3, 1, 28, 28)).shape == (3, 3)
+    # The exported program computes the trained sparse model's logits, not only its accuracy.
+    checkpoint = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    sparse = build_model("torchvision:resnet18", in_channels=1, num_classes=3, image_size=28)
+    sparse.load_state_dict(checkpoint["model"])
+    plan_for(sparse).apply(checkpoint["selection"])
+    images = test_ds.tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(program(images), sparse.eval()(images), rtol=1e-5, atol=1e-5)
     # The command line documents such names.
     from dce_kernels.experiments.cli import build_parser
 

@@ -8,7 +8,8 @@
   the sparse layers' channel lists (``MaskedReference``).
 - ``ConvCase``: one convolution of a case table, by field name;
   ``run_case`` checks one through a backend against the reference.
-- Random channel selections, synthetic data and tiny training configurations.
+- Random channel selections, synthetic data, tiny training configurations, and
+  the number of parameters a channel selection keeps.
 """
 from __future__ import annotations
 
@@ -442,7 +443,7 @@ def check_against_reference(model, ref, plan, x, atol=1e-10):
     return masked.violations
 
 
-# -- channel selections -----------------------------------------------------------
+# -- channel selections and what they keep -------------------------------------------------
 
 def random_index(num_channels: int, fraction: float, generator=None) -> torch.Tensor:
     """A random subset of channels (at least one), in random order."""
@@ -464,6 +465,33 @@ def random_selection(num_channels, fraction: Union[float, tuple[float, float]] =
         else:
             selection.append(random_index(c, fraction, generator))
     return selection
+
+
+def active_parameter_count(model: nn.Module, plan) -> int:
+    """The parameters of the active channels, counted from each sparse layer's index
+    lists (no dce_kernels code): what the compact model of ``plan``'s selection holds."""
+    columns = {id(lin): cols for lin, cols in plan.linear_columns()}
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, ChannelSparseConv2d):
+            per_group_in = module.in_channels // module.groups
+            per_group_out = module.out_channels // module.groups
+            # Each active output reads the active inputs of its own group.
+            inputs_per_group = torch.bincount(module.in_idx.cpu() // per_group_in,
+                                              minlength=module.groups)
+            reads = inputs_per_group[module.out_idx.cpu() // per_group_out].sum()
+            total += int(reads) * module.weight[0, 0].numel()
+            total += module.out_idx.numel() if module.bias is not None else 0
+        elif isinstance(module, ChannelSparseBatchNorm2d):
+            total += 2 * module.active_idx.numel() if module.affine else 0
+        elif id(module) in columns:
+            total += module.out_features * columns[id(module)].numel()
+            total += module.bias.numel() if module.bias is not None else 0
+        else:
+            fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in fresh)
+            total += sum(p.numel() for p in fresh)
+    return total
 
 
 # -- small models, synthetic data, tiny training runs --------------------------------------
