@@ -13,19 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from dce_kernels import compact_model, count_flops, plan_for
 from dce_kernels.experiments.train import (TrainConfig, full_model, narrow_model,
                                            recalibrate_batchnorm, scale_for_active_width, train)
+from toolkit import synthetic_dataset
 
 INFO = {"in_channels": 1, "num_classes": 3, "image_size": 10}
-
-
-def _data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = 0.5 * torch.randn(n, 1, 10, 10, generator=g)
-    x[:, 0, :4, :4] += y.view(-1, 1, 1).float()  # learnable signal
-    return TensorDataset(x, y)
-
-
-DATA = (_data(64, 11), _data(32, 12))
+DATA = (synthetic_dataset(64, 11), synthetic_dataset(32, 12))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(run_dir, **kw):
@@ -34,14 +26,6 @@ def _config(run_dir, **kw):
                 run_dir=str(run_dir), progress=False)
     base.update(kw)
     return TrainConfig(**base)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- narrow ---------------------------------------------------------------------------
