@@ -30,7 +30,8 @@ _STYLE = {"shrink": dict(color="tab:blue", marker="o", label="DCE, shrinking (ou
           "cucb": dict(color="tab:cyan", marker="v", label="DCE, CUCB (poster)"),
           "random": dict(color="tab:orange", marker="s", label="DCE, random (poster)"),
           "prune": dict(color="tab:red", marker="^", label="Taylor pruning after dense"),
-          "narrow": dict(color="tab:green", marker="D", label="narrow, from scratch"),
+          "narrow": dict(color="tab:green", marker="D",
+                         label="narrow at the budget's widths, from scratch"),
           "narrow-uniform": dict(color="tab:olive", marker="d",
                                  label="uniformly narrow, from scratch")}
 assert set(_STYLE) <= set(METHOD_ORDER)
