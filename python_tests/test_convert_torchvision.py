@@ -175,8 +175,9 @@ def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):
     def data(n):  # one channel, 28x28, three classes with a learnable signal
         return synthetic_dataset(n, g, size=28, patch=8)
 
+    # The default method (shrink) at half of every group's channels.
     config = TrainConfig(model="torchvision:resnet18", dense_epochs=0, explore_epochs=1,
-                         finetune_epochs=1, batch_size=16, tau=1, fraction=0.5,
+                         finetune_epochs=1, batch_size=16, tau=1, fraction=0.5, budget="layer",
                          lr=0.01, run_dir=str(tmp_path), progress=False)
     train_ds, test_ds = data(32), data(16)
     report = train(config, datasets=(train_ds, test_ds)).to_dict()
