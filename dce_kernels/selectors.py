@@ -38,10 +38,13 @@ _Fraction = Union[float, Sequence[float]]
 
 
 class _Selector:
-    """Budget bookkeeping, tie-breaking and state shared by all selectors."""
+    """Budget bookkeeping, tie-breaking, reward statistics and state shared by all
+    selectors. ``reward`` and ``discount`` shape the per-channel means (see
+    :class:`CUCBSelector`); the selectors that rank by them expose both."""
 
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
-                 budget: str = "layer", seed: int = 0) -> None:
+                 budget: str = "layer", seed: int = 0, reward: str = "max",
+                 discount: float = 1.0) -> None:
         num_channels = [int(c) for c in num_channels]
         if not num_channels:
             raise ValueError("a selector needs at least one layer")
@@ -59,6 +62,11 @@ class _Selector:
                 raise ValueError(f"got {len(fractions)} fractions for {len(num_channels)} layers")
         if any(not (0.0 < f <= 1.0) for f in fractions):
             raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
+        check_reward_rule(reward)
+        if not 0.0 < float(discount) <= 1.0:
+            raise ValueError(f"discount must lie in (0, 1], got {discount}")
+        self.reward = reward
+        self.discount = float(discount)
         self.num_channels = num_channels
         self.fractions = fractions
         self.budget = budget
@@ -149,11 +157,12 @@ class _Selector:
         return checked
 
     def _reward(self, saliency: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return normalize_rewards(saliency, active)
+        return normalize_rewards(saliency, active, self.reward)
 
     def _step_size(self, counts: torch.Tensor) -> torch.Tensor:
-        # 1/T: the incremental mean, exact and without a history to store.
-        return 1.0 / counts
+        # 1/T, the incremental mean (exact, no history to store), until a discount
+        # below 1 floors it: an exponential moving average.
+        return torch.clamp(1.0 / counts, min=1.0 - self.discount)
 
     def _observe(self, saliencies: list[torch.Tensor]) -> None:
         """Hook for selectors that keep more than the per-channel reward means."""
@@ -288,24 +297,13 @@ class CUCBSelector(_Selector):
                  tau: int = DEFAULT_TAU, budget: str = "layer", seed: int = 0,
                  reward: str = "max", discount: float = 1.0,
                  horizon: Optional[int] = None) -> None:
-        super().__init__(num_channels, fraction, budget, seed)
+        super().__init__(num_channels, fraction, budget, seed, reward, discount)
         if int(tau) != tau or tau < 0:
             raise ValueError(f"tau must be a non-negative integer, got {tau}")
-        check_reward_rule(reward)
-        if not 0.0 < float(discount) <= 1.0:
-            raise ValueError(f"discount must lie in (0, 1], got {discount}")
         if horizon is not None and (int(horizon) != horizon or horizon < 1):
             raise ValueError(f"horizon must be a positive number of steps, got {horizon}")
         self.tau = int(tau)
-        self.reward = reward
-        self.discount = float(discount)
         self.horizon = None if horizon is None else int(horizon)
-
-    def _reward(self, saliency: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return normalize_rewards(saliency, active, self.reward)
-
-    def _step_size(self, counts: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(1.0 / counts, min=1.0 - self.discount)
 
     def confidence_scale(self, t: int) -> float:
         """``c_t``: 1 without a horizon, else falling linearly to 0 at the horizon."""
@@ -432,30 +430,23 @@ class ShrinkSelector(_Selector):
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
                  horizon: int = 1, budget: str = "layer", seed: int = 0,
                  reward: str = "l2", discount: float = 1.0, order: str = "saliency") -> None:
-        super().__init__(num_channels, fraction, budget, seed)
+        super().__init__(num_channels, fraction, budget, seed, reward, discount)
         if order not in ("saliency", "random"):
             raise ValueError(f"order must be 'saliency' or 'random', got {order!r}")
         self.order = order
         if int(horizon) != horizon or horizon < 1:
             raise ValueError(f"horizon must be a positive number of steps, got {horizon}")
-        check_reward_rule(reward)
-        if not 0.0 < float(discount) <= 1.0:
-            raise ValueError(f"discount must lie in (0, 1], got {discount}")
         self.horizon = int(horizon)
-        self.reward = reward
-        self.discount = float(discount)
         self.alive = [torch.ones(c, dtype=torch.bool) for c in self.num_channels]
 
-    def active_fraction(self, t: int) -> float:
-        """``f_t`` of the layer budget's fraction ``p`` (the first layer's under a list)."""
-        progress = min(1.0, t / self.horizon)
-        p = self.fractions[0]
-        return p + (1.0 - p) * (1.0 - progress) ** 3
+    def active_fraction(self, t: int, fraction: Optional[float] = None) -> float:
+        """``f_t`` of ``fraction`` (default: the budget's, the first layer's under a list)."""
+        p = self.fractions[0] if fraction is None else fraction
+        return p + (1.0 - p) * (1.0 - min(1.0, t / self.horizon)) ** 3
 
     def counts_at(self, t: int) -> tuple[list[int], int]:
         """Per-layer counts (layer budget) and the total (global budget) at step ``t``."""
-        progress = min(1.0, t / self.horizon)
-        layer = [max(k, round((f + (1.0 - f) * (1.0 - progress) ** 3) * c))
+        layer = [max(k, round(self.active_fraction(t, f) * c))
                  for k, f, c in zip(self.active_counts(), self.fractions, self.num_channels)]
         total = max(self.total_budget(), round(self.active_fraction(t) * sum(self.num_channels)))
         return layer, total
@@ -472,12 +463,6 @@ class ShrinkSelector(_Selector):
             a.zero_()
             a[chosen] = True
         return selection
-
-    def _reward(self, saliency: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return normalize_rewards(saliency, active, self.reward)
-
-    def _step_size(self, counts: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(1.0 / counts, min=1.0 - self.discount)
 
     def best(self, fraction: Optional[_Fraction] = None) -> list[torch.Tensor]:
         return self._with_fraction(fraction)._top(self._alive_scores())

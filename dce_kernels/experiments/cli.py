@@ -260,6 +260,14 @@ def _fmt_s(s: Optional[float]) -> str:
     return "-" if s is None else f"{s:.1f}s"
 
 
+def _text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as aligned text lines, the first row a header with a rule below."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def summary_table(report) -> str:
     """Dense vs compact of a finished run (a RunReport): accuracy, parameters, FLOPs,
     time per epoch."""
@@ -275,9 +283,7 @@ def summary_table(report) -> str:
         ("time / epoch", _fmt_s(d.seconds_per_epoch), _fmt_s(c.seconds_per_epoch),
          "(compact: fine-tune phase)"),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _text_table(rows)
     lines.append("")
     lines.append("phases: " + ", ".join(
         f"{p} {v.epochs} ep {v.seconds:.1f}s (test {_fmt_acc(v.test_acc)})"
@@ -310,10 +316,7 @@ def comparison_table(reports: dict) -> str:
                      _fmt_count(r.compact.flops),
                      "-".join(str(k) for k in r.selection.channels_kept),
                      _fmt_s(r.train_seconds), _fmt_count(r.train_flops)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_text_table(rows))
 
 
 def _train(args) -> int:

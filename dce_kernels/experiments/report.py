@@ -57,6 +57,13 @@ class Selection:
     channels_total: list[int]
     indices: list[list[int]]
 
+    @classmethod
+    def of(cls, indices, channels_total) -> "Selection":
+        """From one index list per layer (tensors or sequences) and the layers' sizes."""
+        kept = [[int(i) for i in idx] for idx in indices]
+        return cls(channels_kept=[len(k) for k in kept], channels_total=list(channels_total),
+                   indices=kept)
+
 
 @dataclass
 class DenseSummary:

@@ -30,11 +30,10 @@ COLUMNS = ("name", "method", "fraction", "seed", "test_acc", "explore_test_acc",
 _TEXT_COLUMNS = {"name", "method", "widths"}
 
 
-def _row(spec, report: RunReport) -> dict:
+def _row(name: str, method: str, fraction: float, seed: int, report: RunReport) -> dict:
     explore = [h.test_acc for h in report.history if h.phase == "explore"]
     return {
-        "name": spec.name, "method": spec.method, "fraction": float(spec.fraction),
-        "seed": spec.seed,
+        "name": name, "method": method, "fraction": float(fraction), "seed": seed,
         # The exported compact model's accuracy (equal to the sparse model's).
         "test_acc": report.compact.test_acc,
         "explore_test_acc": explore[-1] if explore else None,
@@ -60,7 +59,8 @@ def collect(root: str, runs: Sequence) -> tuple[list[dict], list[str]]:
         if not os.path.exists(path):
             missing.append(spec.name)
             continue
-        rows.append(_row(spec, RunReport.load(path)))
+        rows.append(_row(spec.name, spec.method, spec.fraction, spec.seed,
+                         RunReport.load(path)))
     return rows, missing
 
 
@@ -165,6 +165,19 @@ def _ratio(value: Optional[float], reference: Optional[float]) -> str:
     return f"{value / reference:.2f}x"
 
 
+def _diff(cell: dict, reference: Optional[dict]) -> str:
+    """Accuracy points above ``reference`` (a cell of aggregate), or "-"."""
+    if reference is None or cell is reference:
+        return "-"
+    return f"{100 * (cell['acc_mean'] - reference['acc_mean']):+.2f}"
+
+
+def _costs(cell: dict, dense: Optional[dict]) -> str:
+    """The training time and FLOPs columns, relative to the dense cell."""
+    return (f"{_ratio(cell['seconds'], dense and dense['seconds'])} "
+            f"| {_ratio(cell['train_flops'], dense and dense['train_flops'])}")
+
+
 # The order of methods in tables and figures: DCE first, then what a user would do instead.
 METHOD_ORDER = ("shrink", "shrink-random", "cucb", "random", "prune", "narrow", "narrow-uniform",
                 "dense")
@@ -192,17 +205,14 @@ def markdown_table(rows: Sequence[dict]) -> str:
                       key=lambda a: _method_rank(a["method"]))
         narrow = next((a for a in here if a["method"] == reference), None)
         for a in here:
-            diff = ("-" if narrow is None or a is narrow
-                    else f"{100 * (a['acc_mean'] - narrow['acc_mean']):+.2f}")
             size = f"{a['params'] / 1e3:.1f}k"
             flops = f"{a['flops'] / 1e6:.2f}M"
             if a["method"] != "dense":
                 size += f" ({a['param_reduction']:.2f}x fewer)"
                 flops += f" ({a['flop_reduction']:.2f}x fewer)"
             lines.append(
-                f"| {100 * fraction:.0f}% | {a['method']} | {_fmt_acc(a, seeds)} | {diff} "
-                f"| {size} | {flops} | {_ratio(a['seconds'], dense and dense['seconds'])} "
-                f"| {_ratio(a['train_flops'], dense and dense['train_flops'])} |")
+                f"| {100 * fraction:.0f}% | {a['method']} | {_fmt_acc(a, seeds)} "
+                f"| {_diff(a, narrow)} | {size} | {flops} | {_costs(a, dense)} |")
     return "\n".join(lines)
 
 
@@ -220,19 +230,11 @@ def variant_rows(out: str) -> list[dict]:
             if REPORT not in files:
                 continue
             report = RunReport.load(os.path.join(folder, REPORT))
-            spec = _Label(variant, float(report.config["fraction"]),
-                          int(report.config["seed"]), os.path.basename(folder))
-            rows.append(_row(spec, report))
+            rows.append(_row(os.path.basename(folder), variant, report.config["fraction"],
+                             int(report.config["seed"]), report))
     if not rows:
         raise ValueError(f"no finished runs under {out}")
     return rows
-
-
-class _Label:
-    """What _row needs of a run: its name, its method label, fraction and seed."""
-
-    def __init__(self, method: str, fraction: float, seed: int, name: str) -> None:
-        self.method, self.fraction, self.seed, self.name = method, fraction, seed, name
 
 
 def variant_table(rows: Sequence[dict], reference: str = "narrow") -> str:
@@ -248,9 +250,6 @@ def variant_table(rows: Sequence[dict], reference: str = "narrow") -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in order:
         a = cells[name]
-        diff = "-" if ref is None or a is ref else f"{100 * (a['acc_mean'] - ref['acc_mean']):+.2f}"
-        lines.append(f"| {name} | {_fmt_acc(a, seeds)} | {diff} | {a['params'] / 1e3:.1f}k "
-                     f"| {a['flops'] / 1e6:.2f}M "
-                     f"| {_ratio(a['seconds'], dense and dense['seconds'])} "
-                     f"| {_ratio(a['train_flops'], dense and dense['train_flops'])} |")
+        lines.append(f"| {name} | {_fmt_acc(a, seeds)} | {_diff(a, ref)} "
+                     f"| {a['params'] / 1e3:.1f}k | {a['flops'] / 1e6:.2f}M | {_costs(a, dense)} |")
     return "\n".join(lines)

@@ -213,15 +213,12 @@ def narrow_model(config: TrainConfig, info: dict, device=None) -> tuple[nn.Modul
     full = full_model(config, info, device)
     plan = plan_for(full)
     counts = budget_counts(config, plan.num_channels)
-    plan.apply([torch.arange(k, device=full_device(full)) for k in counts])
+    device = next(full.parameters()).device
+    plan.apply([torch.arange(k, device=device) for k in counts])
     small = compact_model(full, plan)
     torch.manual_seed(config.seed)
     reinitialize(small)
     return small, counts, plan.num_channels
-
-
-def full_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def scale_for_active_width(model: nn.Module, fraction: float) -> None:
@@ -277,8 +274,7 @@ class _Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        n, b = len(self.train_ds), self.config.batch_size
-        return n // b if n > b else 1  # the loader drops the last partial batch
+        return len(self._loader(train=True))  # the loader's own rule for the last batch
 
     @property
     def phase(self) -> str:
@@ -305,8 +301,7 @@ class _Run:
         if phase == "train":  # a narrow method
             self.model, counts, totals = narrow_model(self.config, self.info, self.device)
             self.plan, self.selector = None, None
-            self.report.selection = Selection(channels_kept=counts, channels_total=totals,
-                                              indices=[list(range(k)) for k in counts])
+            self.report.selection = Selection.of([range(k) for k in counts], totals)
         elif phase != "finetune" or not fresh:
             # Fine-tuning continues the explored model, unless a checkpoint restores it.
             self.model = self._new_model(sparse=phase != "dense")
@@ -318,10 +313,7 @@ class _Run:
             if fresh:
                 # Keep the best channels (one selector call).
                 self.selection = self.selector.best()
-                self.report.selection = Selection(
-                    channels_kept=[int(s.numel()) for s in self.selection],
-                    channels_total=list(self.plan.num_channels),
-                    indices=[s.tolist() for s in self.selection])
+                self.report.selection = Selection.of(self.selection, self.plan.num_channels)
                 if self.config.rewind:
                     # The kept channels restart from their initial weights (as in the
                     # lottery-ticket experiments); only the choice of channels is kept.
@@ -514,6 +506,7 @@ def _finish(run: _Run) -> RunReport:
     test_loader = run._loader(train=False)
     sparse_acc = evaluate(run.model, test_loader, run.device)
     compact_acc = sparse_acc if run.plan is None else evaluate(compact, test_loader, run.device)
+    compact_flops = count_flops(compact, example)
     dense_model = full_model(c, run.info, run.device).eval()
     dense_phase = report.phases.get("dense", PhaseTotals())
     # The phases that trained the compact network: the first after "dense" and the last
@@ -525,9 +518,9 @@ def _finish(run: _Run) -> RunReport:
                                 test_acc=dense_phase.test_acc,
                                 seconds_per_epoch=dense_phase.seconds_per_epoch)
     report.compact = CompactSummary(
-        params=count_params(compact), flops=count_flops(compact, example),
+        params=count_params(compact), flops=compact_flops,
         test_acc=compact_acc, sparse_test_acc=sparse_acc,
-        sparse_flops=count_flops(run.model, example),
+        sparse_flops=compact_flops if run.plan is None else count_flops(run.model, example),
         seconds_per_epoch=last.seconds_per_epoch,
         explore_seconds_per_epoch=first.seconds_per_epoch)
     report.reduction = Reduction(
