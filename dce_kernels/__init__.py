@@ -14,6 +14,7 @@ formulas with torch.utils.flop_counter (``flops``).
 from . import flops
 from .channels import ChannelGroup, ChannelPlan, convert, plan_for, sequential_groups
 from .compact import compact_model, export_compact
+from .cost import FlopsCost
 from .flops import count_flops, count_params
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .ops import channel_sparse_conv2d
@@ -38,5 +39,6 @@ __all__ = [
     "export_compact",
     "count_flops",
     "count_params",
+    "FlopsCost",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,15 @@ Budgets. ``budget="layer"`` (default): each layer activates
 ``max(1, round(fraction * C))`` of its ``C`` channels (``fraction`` may be a
 list, one per layer). ``budget="global"``: ``max(L, round(fraction * sum C))``
 channels over all ``L`` layers, at least one per layer (a layer with no active
-channel would cut the network), the rest by global rank.
+channel would cut the network), the rest by global rank. ``budget="flops"``: the inference FLOPs of
+the uniformly narrow network at ``fraction`` (every layer at its layer-budget count),
+spent where the scores say, under a :class:`~dce_kernels.cost.FlopsCost` of the
+model (``cost=``): channels are dropped greedily by lowest ``score / saving **
+flops_weight`` (``saving``: the FLOPs one channel less saves). ``flops_weight=0``
+(default) drops by score alone, the global budget's ranking with its total counted in
+FLOPs; ``1`` by score per FLOP, which empties the expensive layers first.
+The compact network then costs what the uniform one costs per image, so the two
+compare at equal inference cost.
 
 Ties are broken uniformly at random by the selector's own seeded generator: in
 CUCB every never-tried channel has an infinite bound, and breaking those ties by
@@ -30,7 +38,7 @@ __all__ = ["CUCBSelector", "RandomSelector", "ShrinkSelector", "TaylorPruneSelec
            "REWARD_RULES", "normalize_rewards"]
 
 # How a fraction becomes channel counts (see the module docstring).
-BUDGETS = ("layer", "global")
+BUDGETS = ("layer", "global", "flops")
 # Random warm-up steps of CUCB before the bandit takes over (the poster's tau).
 DEFAULT_TAU = 100
 
@@ -44,7 +52,7 @@ class _Selector:
 
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
                  budget: str = "layer", seed: int = 0, reward: str = "max",
-                 discount: float = 1.0) -> None:
+                 discount: float = 1.0, cost=None, flops_weight: float = 0.0) -> None:
         num_channels = [int(c) for c in num_channels]
         if not num_channels:
             raise ValueError("a selector needs at least one layer")
@@ -55,14 +63,27 @@ class _Selector:
         if isinstance(fraction, (int, float)):
             fractions = [float(fraction)] * len(num_channels)
         else:
-            if budget == "global":
-                raise ValueError("budget='global' takes one fraction, not a list")
+            if budget != "layer":
+                raise ValueError(f"budget={budget!r} takes one fraction, not a list")
             fractions = [float(f) for f in fraction]
             if len(fractions) != len(num_channels):
                 raise ValueError(f"got {len(fractions)} fractions for {len(num_channels)} layers")
         if any(not (0.0 < f <= 1.0) for f in fractions):
             raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
         check_reward_rule(reward)
+        if budget == "flops":
+            if cost is None:
+                raise ValueError("budget='flops' needs cost= (a dce_kernels.cost.FlopsCost of "
+                                 "the model); this selector takes none")
+            if list(cost.num_channels) != num_channels:
+                raise ValueError(f"cost is for groups of {list(cost.num_channels)} channels, "
+                                 f"the selector's are {num_channels}")
+        elif cost is not None:
+            raise ValueError(f"cost= is used by budget='flops' only, got budget={budget!r}")
+        if not (math.isfinite(flops_weight) and flops_weight >= 0):
+            raise ValueError(f"flops_weight must be a finite number >= 0, got {flops_weight}")
+        self.cost = cost
+        self.flops_weight = float(flops_weight)
         if not 0.0 < float(discount) <= 1.0:
             raise ValueError(f"discount must lie in (0, 1], got {discount}")
         self.reward = reward
@@ -89,10 +110,16 @@ class _Selector:
         total = sum(self.num_channels)
         return max(len(self.num_channels), round(self.fractions[0] * total))
 
+    def flops_budget(self) -> float:
+        """Under ``budget="flops"``: FLOPs per image of the uniformly narrow network."""
+        return self.cost(self.active_counts())
+
     def _top(self, scores: list[torch.Tensor], layer_counts: Optional[list[int]] = None,
-             total: Optional[int] = None) -> list[torch.Tensor]:
+             total: Optional[int] = None, flops: Optional[float] = None) -> list[torch.Tensor]:
         """Highest-scoring channels within the budget (or within ``layer_counts`` /
-        ``total`` channels); random among equal scores."""
+        ``total`` channels, or ``flops``); random among equal scores."""
+        if self.budget == "flops":
+            return self._top_flops(scores, self.flops_budget() if flops is None else flops)
         if self.budget == "layer":
             counts = self.active_counts() if layer_counts is None else layer_counts
             return [_top_k(s, k, self.generator) for s, k in zip(scores, counts)]
@@ -119,6 +146,41 @@ class _Selector:
         chosen_layer = layer_of[chosen]
         return [torch.sort(chosen[chosen_layer == layer] - offsets[layer]).values
                 for layer in range(len(sizes))]
+
+    def _uninformed_scores(self) -> list[torch.Tensor]:
+        """Scores that say nothing (random choice): zeros, as the tie-breaking of the
+        channel budgets is random already; under ``budget="flops"`` fresh uniform
+        draws, since equal scores would make the greedy empty one layer after another
+        (with them it drops at random, weighted by what a channel costs)."""
+        if self.budget == "flops":
+            return [torch.rand(c, generator=self.generator, dtype=torch.float64)
+                    for c in self.num_channels]
+        return [torch.zeros(c, dtype=torch.float64) for c in self.num_channels]
+
+    def _top_flops(self, scores: list[torch.Tensor], target: float) -> list[torch.Tensor]:
+        """Drops channels one at a time until the compact network costs at most
+        ``target`` FLOPs: each time, of the worst channel of every layer, the one of
+        lowest ``score / saving ** flops_weight``. Channels scored -inf go first,
+        unconditionally; every layer keeps at least one channel."""
+        worst_first = [_rank(s, self.generator).flip(0) for s in scores]
+        dropped = [min(int(torch.isneginf(s).sum()), s.numel() - 1) for s in scores]
+        counts = [c - d for c, d in zip(self.num_channels, dropped)]
+        flops = self.cost(counts)
+        while flops > target:
+            saving = self.cost.saving(counts).tolist()
+            choice, lowest = None, math.inf
+            for g, order in enumerate(worst_first):
+                if counts[g] <= 1 or saving[g] <= 0:
+                    continue  # a layer keeps one channel; a free channel is never dropped
+                value = float(scores[g][order[dropped[g]]]) / saving[g] ** self.flops_weight
+                if choice is None or value < lowest:
+                    choice, lowest = g, value
+            if choice is None:
+                break  # nothing left to drop: the budget is below one channel a layer
+            flops -= saving[choice]
+            dropped[choice] += 1
+            counts[choice] -= 1
+        return [torch.sort(order[d:]).values for order, d in zip(worst_first, dropped)]
 
     # -- the step protocol -----------------------------------------------------
 
@@ -177,8 +239,12 @@ class _Selector:
     # -- state -----------------------------------------------------------------
 
     def _config(self) -> dict:
-        return {"kind": type(self).__name__, "num_channels": list(self.num_channels),
-                "fractions": list(self.fractions), "budget": self.budget}
+        config = {"kind": type(self).__name__, "num_channels": list(self.num_channels),
+                  "fractions": list(self.fractions), "budget": self.budget}
+        if self.cost is not None:
+            config["cost"] = list(self.cost.fingerprint())
+            config["flops_weight"] = self.flops_weight
+        return config
 
     def state_dict(self) -> dict:
         return {
@@ -207,7 +273,8 @@ class _Selector:
         """A budget-only view at another fraction, sharing this generator."""
         if fraction is None:
             return self
-        view = _Selector(self.num_channels, fraction, self.budget, self.seed)
+        view = _Selector(self.num_channels, fraction, self.budget, self.seed, cost=self.cost,
+                         flops_weight=self.flops_weight)
         view.generator = self.generator
         return view
 
@@ -296,8 +363,9 @@ class CUCBSelector(_Selector):
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
                  tau: int = DEFAULT_TAU, budget: str = "layer", seed: int = 0,
                  reward: str = "max", discount: float = 1.0,
-                 horizon: Optional[int] = None) -> None:
-        super().__init__(num_channels, fraction, budget, seed, reward, discount)
+                 horizon: Optional[int] = None, cost=None, flops_weight: float = 0.0) -> None:
+        super().__init__(num_channels, fraction, budget, seed, reward, discount, cost,
+                         flops_weight)
         if int(tau) != tau or tau < 0:
             raise ValueError(f"tau must be a non-negative integer, got {tau}")
         if horizon is not None and (int(horizon) != horizon or horizon < 1):
@@ -321,7 +389,7 @@ class CUCBSelector(_Selector):
 
     def _choose(self) -> list[torch.Tensor]:
         if self.steps < self.tau:
-            return self._top([torch.zeros(c, dtype=torch.float64) for c in self.num_channels])
+            return self._top(self._uninformed_scores())
         # The poster sets t <- tau after warm-up and increments before each step.
         t = self.steps + 1
         return self._top(self.ucb(t))
@@ -350,11 +418,11 @@ class RandomSelector(_Selector):
     """
 
     def _choose(self) -> list[torch.Tensor]:
-        return self._top([torch.zeros(c, dtype=torch.float64) for c in self.num_channels])
+        return self._top(self._uninformed_scores())
 
     def best(self, fraction: Optional[_Fraction] = None) -> list[torch.Tensor]:
-        return self._with_fraction(fraction)._top(
-            [torch.zeros(c, dtype=torch.float64) for c in self.num_channels])
+        view = self._with_fraction(fraction)
+        return view._top(view._uninformed_scores())
 
 
 class TaylorPruneSelector(_Selector):
@@ -368,8 +436,10 @@ class TaylorPruneSelector(_Selector):
     """
 
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
-                 budget: str = "layer", seed: int = 0, accumulate_from: int = 0) -> None:
-        super().__init__(num_channels, fraction, budget, seed)
+                 budget: str = "layer", seed: int = 0, accumulate_from: int = 0,
+                 cost=None, flops_weight: float = 0.0) -> None:
+        super().__init__(num_channels, fraction, budget, seed, cost=cost,
+                         flops_weight=flops_weight)
         if int(accumulate_from) != accumulate_from or accumulate_from < 0:
             raise ValueError(f"accumulate_from must be a non-negative number of steps, "
                              f"got {accumulate_from}")
@@ -429,8 +499,10 @@ class ShrinkSelector(_Selector):
 
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
                  horizon: int = 1, budget: str = "layer", seed: int = 0,
-                 reward: str = "l2", discount: float = 1.0, order: str = "saliency") -> None:
-        super().__init__(num_channels, fraction, budget, seed, reward, discount)
+                 reward: str = "l2", discount: float = 1.0, order: str = "saliency",
+                 cost=None, flops_weight: float = 0.0) -> None:
+        super().__init__(num_channels, fraction, budget, seed, reward, discount, cost,
+                         flops_weight)
         if order not in ("saliency", "random"):
             raise ValueError(f"order must be 'saliency' or 'random', got {order!r}")
         self.order = order
@@ -451,14 +523,22 @@ class ShrinkSelector(_Selector):
         total = max(self.total_budget(), round(self.active_fraction(t) * sum(self.num_channels)))
         return layer, total
 
+    def flops_at(self, t: int) -> float:
+        """Under ``budget="flops"``: the FLOPs target at step ``t``, the same cubic
+        from the full network's FLOPs down to the budget's."""
+        full, budget = self.cost.full, self.flops_budget()
+        return budget + (full - budget) * (1.0 - min(1.0, t / self.horizon)) ** 3
+
     def _alive_scores(self) -> list[torch.Tensor]:
-        scores = self.means if self.order == "saliency" else [torch.zeros_like(m)
-                                                               for m in self.means]
+        scores = self.means if self.order == "saliency" else self._uninformed_scores()
         return [torch.where(a, m, -math.inf) for a, m in zip(self.alive, scores)]
 
     def _choose(self) -> list[torch.Tensor]:
-        layer, total = self.counts_at(self.steps)
-        selection = self._top(self._alive_scores(), layer, total)
+        if self.budget == "flops":
+            selection = self._top(self._alive_scores(), flops=self.flops_at(self.steps))
+        else:
+            layer, total = self.counts_at(self.steps)
+            selection = self._top(self._alive_scores(), layer, total)
         for a, chosen in zip(self.alive, selection):
             a.zero_()
             a[chosen] = True

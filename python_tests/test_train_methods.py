@@ -186,10 +186,11 @@ def test_recalibrated_batchnorm_holds_the_average_batch_statistics():
     assert model[1].momentum == 0.1  # restored
 
 
-@pytest.mark.parametrize("method,stop", [("shrink", 1), ("prune", 2), ("narrow", 1),
-                                         ("cucb", 2)])
-def test_every_method_resumes_exactly(tmp_path, method, stop):
-    kw = dict(method=method, lr_schedule="continuous", anneal=method == "cucb")
+@pytest.mark.parametrize("method,stop,budget", [("shrink", 1, "layer"), ("prune", 2, "layer"),
+                                                ("narrow", 1, "layer"), ("cucb", 2, "layer"),
+                                                ("shrink", 1, "flops")])
+def test_every_method_resumes_exactly(tmp_path, method, stop, budget):
+    kw = dict(method=method, lr_schedule="continuous", anneal=method == "cucb", budget=budget)
     full = train(_config(tmp_path / "full", **kw), datasets=DATA)
     cfg = _config(tmp_path / "split", **kw)
     assert train(cfg, datasets=DATA, stop_after_epochs=stop) is None
@@ -213,6 +214,21 @@ def test_a_checkpoint_made_before_an_option_existed_resumes(tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match="tau"):
         train(cfg, datasets=DATA, resume=True)
+
+
+def test_a_flops_budget_costs_what_the_uniform_network_costs_per_image(tmp_path):
+    dce = train(_config(tmp_path / "dce", method="shrink", budget="flops", fraction=0.3),
+                datasets=DATA)
+    uniform = train(_config(tmp_path / "uniform", method="narrow-uniform", fraction=0.3),
+                    datasets=DATA)
+    assert dce.compact.flops <= uniform.compact.flops
+    # Not by keeping the uniform widths: the FLOPs go where the saliency per FLOP is.
+    assert dce.selection.channels_kept != uniform.selection.channels_kept
+    with pytest.raises(ValueError, match="under a flops budget needs the channel counts"):
+        _config(tmp_path / "n", method="narrow", budget="flops").validate()
+    narrow = train(_config(tmp_path / "narrow", method="narrow", budget="flops", fraction=0.3,
+                           widths_from=str(tmp_path / "dce")), datasets=DATA)
+    assert narrow.compact.flops == dce.compact.flops
 
 
 def test_narrow_uniform_ignores_a_global_budget(tmp_path):

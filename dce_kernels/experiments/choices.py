@@ -43,19 +43,21 @@ def phases_of(method: str) -> tuple[str, ...]:
     return METHODS[method]
 
 
-def _cucb(num_channels, c, steps_per_epoch):
+def _cucb(num_channels, c, steps_per_epoch, cost=None):
     return CUCBSelector(num_channels, c.fraction, tau=c.tau, budget=c.budget, seed=c.seed,
-                        reward=c.reward, discount=c.discount,
+                        reward=c.reward, discount=c.discount, cost=cost,
+                        flops_weight=c.flops_weight,
                         horizon=c.explore_epochs * steps_per_epoch if c.anneal else None)
 
 
-# method -> factory(num_channels, config, steps_per_epoch) of the selector that runs the
-# explore phase (narrow has none).
+# method -> factory(num_channels, config, steps_per_epoch, cost) of the selector that runs
+# the explore phase (narrow has none); cost: the model's FlopsCost under budget="flops".
 def _shrink(order):
-    def factory(num_channels, c, steps_per_epoch):
+    def factory(num_channels, c, steps_per_epoch, cost=None):
         return ShrinkSelector(num_channels, c.fraction, horizon=c.explore_epochs * steps_per_epoch,
                               budget=c.budget, seed=c.seed, reward=c.reward,
-                              discount=c.discount, order=order)
+                              discount=c.discount, order=order, cost=cost,
+                              flops_weight=c.flops_weight)
     return factory
 
 
@@ -63,11 +65,13 @@ SELECTORS: Mapping[str, Callable] = {
     "shrink": _shrink("saliency"),
     "shrink-random": _shrink("random"),
     "cucb": _cucb,
-    "random": lambda num_channels, c, steps_per_epoch: RandomSelector(
-        num_channels, c.fraction, budget=c.budget, seed=c.seed),
+    "random": lambda num_channels, c, steps_per_epoch, cost=None: RandomSelector(
+        num_channels, c.fraction, budget=c.budget, seed=c.seed, cost=cost,
+        flops_weight=c.flops_weight),
     # Saliency of the last training epoch only (Molchanov et al. 2017 rank a trained net).
-    "prune": lambda num_channels, c, steps_per_epoch: TaylorPruneSelector(
-        num_channels, c.fraction, budget=c.budget, seed=c.seed,
+    "prune": lambda num_channels, c, steps_per_epoch, cost=None: TaylorPruneSelector(
+        num_channels, c.fraction, budget=c.budget, seed=c.seed, cost=cost,
+        flops_weight=c.flops_weight,
         accumulate_from=(c.explore_epochs - 1) * steps_per_epoch),
 }
 

@@ -54,12 +54,17 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
                        default=d.method, help=_METHOD_HELP)
     g.add_argument("--budget", choices=list(BUDGETS), default=d.budget,
                    help="layer: each layer keeps the fraction of its channels; global: "
-                        "the fraction of all channels, shared among layers by rank (>= 1 each)")
+                        "the fraction of all channels, shared among layers by rank (>= 1 each); "
+                        "flops: the inference FLOPs of the uniformly narrow network at the "
+                        "fraction, spent where the saliency per FLOP is highest")
     g.add_argument("--tau", type=int, default=d.tau,
                    help="cucb: warm-up steps with random channels before the bandit takes over")
     g.add_argument("--reward", choices=list(REWARD_RULES), default=d.reward,
                    help="per-step normalization of saliency into a reward (shrink, cucb): max "
                         "(the poster), l2 (Molchanov's per-layer L2), rank")
+    g.add_argument("--flops-weight", type=float, default=d.flops_weight,
+                   help="budget flops: drop channels by score / FLOPs saved ** this; 0 ranks "
+                        "by score alone, 1 by score per FLOP")
     g.add_argument("--discount", type=float, default=d.discount,
                    help="shrink, cucb: rewards enter a channel's mean with weight "
                         "max(1/T, 1 - discount); 1 is the plain mean")
@@ -74,7 +79,7 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
     if not sweep:
         g.add_argument("--widths-from", default=d.widths_from,
                        help="narrow: take the per-layer channel counts from this finished "
-                            "run's directory (needed under a global budget)")
+                            "run's directory (needed under a global or flops budget)")
     g = p.add_argument_group("schedule")
     if not sweep:
         g.add_argument("--dense-epochs", type=int, default=d.dense_epochs,

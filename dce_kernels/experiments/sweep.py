@@ -13,7 +13,7 @@ does without any channel selection. Fraction 1.0 in the list of fractions means 
 run. The train() phase ``dense`` is therefore switched off in sweep runs
 (``dense_epochs=0``).
 
-A narrow network under a global budget takes its channel counts from the ``cucb``
+A narrow network under a global or flops budget takes its channel counts from the ``cucb``
 (else ``shrink``) run of the same fraction and seed, so it runs after that run has
 finished; a sweep process waits for it while another process holds it.
 
@@ -116,11 +116,11 @@ def sweep_dir(out: str, base: TrainConfig) -> str:
 def run_config(base: TrainConfig, spec: RunSpec, root: str,
                width_method: str = DCE_METHODS[0]) -> TrainConfig:
     """The TrainConfig of one run: the shared options plus the cell's own. A narrow
-    network under a global budget takes the channel counts of the ``width_method`` run
+    network under a global or flops budget takes the channel counts of the ``width_method`` run
     of the same fraction and seed."""
     method = "narrow" if spec.method == BASELINE else spec.method
     widths_from = None
-    if method == "narrow" and base.budget == "global" and spec.method != BASELINE:
+    if method == "narrow" and base.budget != "layer" and spec.method != BASELINE:
         widths_from = os.path.join(root, RunSpec(width_method, spec.fraction, spec.seed).name)
     return dataclasses.replace(base, fraction=spec.fraction, method=method, seed=spec.seed,
                                dense_epochs=0, run_dir=os.path.join(root, spec.name),
@@ -128,7 +128,7 @@ def run_config(base: TrainConfig, spec: RunSpec, root: str,
 
 
 def width_method(runs: Sequence[RunSpec]) -> str:
-    """The DCE method whose channel counts the narrow runs of a global budget take: the
+    """The DCE method whose channel counts the narrow runs of a global or flops budget take: the
     first of DCE_METHODS in the grid."""
     planned = {r.method for r in runs}
     for method in DCE_METHODS:

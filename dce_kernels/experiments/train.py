@@ -11,7 +11,7 @@ Methods (``TrainConfig.method``, the table in :mod:`.choices`):
   the dense network while the saliency of its last epoch is summed; the channels of
   highest L2-normalized sum are kept and fine-tuned. It costs dense training.
 - ``narrow``: the compact architecture (the budget's per-layer channel counts, or for a
-  global budget those another run chose, ``widths_from``) built physically small and
+  global or flops budget those another run chose, ``widths_from``) built physically small and
   trained from scratch for the same total epochs (phase ``train``): Liu et al. 2019's
   baseline.
 
@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..channels import ChannelPlan, plan_for
 from ..compact import compact_model, export_compact
+from ..cost import FlopsCost
 from ..optim import MaskedOptimizer
 from ..selectors import DEFAULT_TAU, REWARD_RULES, _Selector
 from .choices import (BUDGETS, DCE_METHODS, LR_SCHEDULES, METHODS, OPTIMIZERS, SELECTORS,
@@ -82,6 +83,7 @@ class TrainConfig:
     tau: int = DEFAULT_TAU
     reward: str = "l2"
     discount: float = 1.0
+    flops_weight: float = 0.0
     anneal: bool = False
     scale_init: bool = False
     rewind: bool = False
@@ -119,12 +121,15 @@ class TrainConfig:
             raise ValueError("batch_size, lr and finetune_lr must be positive")
         if not 0.0 < self.discount <= 1.0:
             raise ValueError(f"discount must lie in (0, 1], got {self.discount}")
+        if not (math.isfinite(self.flops_weight) and self.flops_weight >= 0):
+            raise ValueError(f"flops_weight must be a finite number >= 0, got "
+                             f"{self.flops_weight}")
         if self.widths_from is not None and self.method != "narrow":
             raise ValueError("widths_from names the run whose channel counts a narrow "
                              f"network takes; it means nothing to method {self.method!r}")
-        if (self.method == "narrow" and self.budget == "global" and self.fraction < 1.0
+        if (self.method == "narrow" and self.budget != "layer" and self.fraction < 1.0
                 and self.widths_from is None):
-            raise ValueError("a narrow network under a global budget needs the channel "
+            raise ValueError(f"a narrow network under a {self.budget} budget needs the channel "
                              "counts a selector chose: pass widths_from (a finished run)")
         for name in ("train_limit", "test_limit"):
             value = getattr(self, name)
@@ -265,8 +270,13 @@ class _Run:
         return model
 
     def _new_selector(self, plan: ChannelPlan):
+        cost = None
+        if self.config.budget == "flops":
+            # One image fixes every layer's spatial size, hence what a channel costs.
+            example = self.train_ds[0][0].unsqueeze(0).to(self.device)
+            cost = FlopsCost.fit(self.model, plan, example)
         return SELECTORS[self.config.method](plan.num_channels, self.config,
-                                             self.steps_per_epoch)
+                                             self.steps_per_epoch, cost)
 
     def _new_optimizer(self, lr: float):
         opt = OPTIMIZERS[self.config.optimizer](self.model.parameters(), lr, self.config)
