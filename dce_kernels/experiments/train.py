@@ -2,10 +2,10 @@
 
 Methods (``TrainConfig.method``, the table in :mod:`.choices`):
 
-- ``cucb``, ``random``: Dynamic Channel Execution. Phase ``explore``: each step the
-  selector picks the active channels, the step trains only them
-  (:class:`~dce_kernels.optim.MaskedOptimizer`), and the selector learns from the
-  saliency the layers report. Then the selector keeps its best channels (CUCB: highest
+- ``cucb``, ``random``: Dynamic Channel Execution (:class:`~dce_kernels.DynamicChannels`).
+  Phase ``explore``: each step the selector picks the active channels, the step trains
+  only them (:class:`~dce_kernels.optim.MaskedOptimizer`), and the selector learns from
+  the saliency the layers report. Then the selector keeps its best channels (CUCB: highest
   mean reward; random: random ones), and phase ``finetune`` trains only those.
 - ``prune``: post-training pruning (Molchanov et al. 2017). Phase ``explore`` trains
   the dense network while the saliency of its last epoch is summed; the channels of
@@ -33,6 +33,7 @@ backward, counted by ``torch.utils.flop_counter`` on the first step of every epo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..channels import ChannelPlan, plan_for
 from ..compact import compact_model, export_compact
-from ..optim import MaskedOptimizer
+from ..dynamic import DynamicChannels
 from ..selectors import DEFAULT_TAU, REWARD_RULES, _Selector
 from .choices import (BUDGETS, DCE_METHODS, LR_SCHEDULES, METHODS, OPTIMIZERS, SELECTORS,
                       check_choice, phases_of)
@@ -251,9 +252,17 @@ class _Run:
                                 data={**info, "train_samples": len(train_ds),
                                       "test_samples": len(test_ds)})
         self.selection: Optional[list[torch.Tensor]] = None
-        self.plan: Optional[ChannelPlan] = None
-        self.selector = None
+        # The channel selection of the sparse phases (None: dense or narrow).
+        self.dce: Optional[DynamicChannels] = None
         self._enter_phase(fresh=True)
+
+    @property
+    def plan(self) -> Optional[ChannelPlan]:
+        return None if self.dce is None else self.dce.plan
+
+    @property
+    def selector(self):
+        return None if self.dce is None else self.dce.selector
 
     # -- construction ----------------------------------------------------------
 
@@ -264,13 +273,13 @@ class _Run:
             scale_for_active_width(model, self.config.fraction)
         return model
 
-    def _new_selector(self, plan: ChannelPlan):
-        return SELECTORS[self.config.method](plan.num_channels, self.config,
-                                             self.steps_per_epoch)
+    def _new_dce(self) -> DynamicChannels:
+        return DynamicChannels(self.model, selector=lambda num_channels: SELECTORS[
+            self.config.method](num_channels, self.config, self.steps_per_epoch))
 
     def _new_optimizer(self, lr: float):
         opt = OPTIMIZERS[self.config.optimizer](self.model.parameters(), lr, self.config)
-        return opt if self.plan is None else MaskedOptimizer(opt, self.plan.active_blocks)
+        return opt if self.dce is None else self.dce.optimizer(opt)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -300,25 +309,23 @@ class _Run:
         phase = self.phase
         if phase == "train":  # a narrow method
             self.model, counts, totals = narrow_model(self.config, self.info, self.device)
-            self.plan, self.selector = None, None
+            self.dce = None
             self.report.selection = Selection.of([range(k) for k in counts], totals)
         elif phase != "finetune" or not fresh:
             # Fine-tuning continues the explored model, unless a checkpoint restores it.
             self.model = self._new_model(sparse=phase != "dense")
-            self.plan = plan_for(self.model)
-            self.selector = None if phase == "dense" else self._new_selector(self.plan)
-        if phase == "dense" or (phase == "explore" and self.config.method == "prune"):
-            self.plan.apply(None)
+            # The dense phase trains every channel: no selection to make.
+            self.dce = None if phase == "dense" else self._new_dce()
         if phase == "finetune":
             if fresh:
                 # Keep the best channels (one selector call).
-                self.selection = self.selector.best()
+                self.selection = self.dce.selector.best()
                 self.report.selection = Selection.of(self.selection, self.plan.num_channels)
                 if self.config.rewind:
                     # The kept channels restart from their initial weights (as in the
                     # lottery-ticket experiments); only the choice of channels is kept.
                     self.model.load_state_dict(self._new_model(sparse=True).state_dict())
-            self.plan.apply(self.selection)
+            self.dce.keep(self.selection)
         self.optimizer = self._new_optimizer(self._lr(0))
 
     # -- checkpoints -----------------------------------------------------------
@@ -372,21 +379,17 @@ class _Run:
         """One training step; returns the loss and the logits."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        exploring = self.phase == "explore"
-        if exploring:
-            selection = self.selector.select()
-            if self.config.method != "prune":  # prune trains dense: nothing to apply
-                self.plan.apply(selection)
-        out = self.model(x)
-        loss = F.cross_entropy(out, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
-                                     f"{self.epoch + 1}: lower the learning rate")
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        if exploring:
-            self.selector.update(self.plan.saliency())
+        # Exploring, the step selects channels and the selector learns from it (prune's
+        # selector selects every channel); fine-tuning, the kept ones stay.
+        with contextlib.nullcontext() if self.dce is None else self.dce.step(len(y)):
+            out = self.model(x)
+            loss = F.cross_entropy(out, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
+                                         f"{self.epoch + 1}: lower the learning rate")
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
         return loss, out
 
     def run_epoch(self) -> EpochRecord:
