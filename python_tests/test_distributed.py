@@ -23,8 +23,8 @@ TIMEOUT_S = 120
 
 
 def _spawn(fn, *args):
-    """Runs ``fn(rank, init_file, *args)`` in WORLD processes; returns what each put in its
-    result file, or the text of the exception it raised."""
+    """Runs ``fn(rank, *args)`` in WORLD processes of one gloo group; returns what each
+    returned, or the text of the exception it raised."""
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "init")
         ctx = mp.start_processes(_entry, args=(fn, init, tmp, *args), nprocs=WORLD,
@@ -44,11 +44,38 @@ def _entry(rank, fn, init, tmp, *args):
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
     try:
         result = fn(rank, *args)
-    except Exception as e:  # reported to the test, which decides
-        result = {"error": f"{type(e).__name__}: {e}"}
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
+
+
+def _reported(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # reported to the test, which decides
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _all_scenarios(rank, seed, root):
+    # One group for every test: starting processes costs more than the scenarios.
+    return {"ddp": _reported(_ddp_rank, rank, seed),
+            "other_seed": _reported(_other_seed_rank, rank, seed),
+            "train": _reported(_train_rank, rank, root)}
+
+
+@pytest.fixture(scope="module")
+def scenario_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp")
+
+
+@pytest.fixture(scope="module")
+def seed():
+    return int(torch.randint(0, 10_000, ()))
+
+
+@pytest.fixture(scope="module")
+def ranks(seed, scenario_root):
+    return _spawn(_all_scenarios, seed, str(scenario_root))
 
 
 def _net(seed):
@@ -94,9 +121,8 @@ def _ddp_rank(rank, seed):
     return _loop(net, ddp, dce, mine)
 
 
-def test_two_ranks_select_and_train_as_one_process_on_the_global_batch():
-    seed = int(torch.randint(0, 10_000, ()))
-    ranks = _spawn(_ddp_rank, seed)
+def test_two_ranks_select_and_train_as_one_process_on_the_global_batch(ranks, seed):
+    ranks = [r["ddp"] for r in ranks]
     for r in ranks:
         assert "error" not in r, r.get("error")
     net = _net(seed)  # the reference: one process, plain sparse BatchNorm, batch 64
@@ -130,9 +156,8 @@ def _other_seed_rank(rank, seed):
     return {"error": None}
 
 
-def test_a_rank_with_another_seed_is_detected_on_every_rank():
-    ranks = _spawn(_other_seed_rank, int(torch.randint(0, 10_000, ())))
-    for r in ranks:
+def test_a_rank_with_another_seed_is_detected_on_every_rank(ranks):
+    for r in (r["other_seed"] for r in ranks):
         assert r["error"] is not None, "the divergence went unnoticed"
         assert "differs across ranks" in r["error"] and "rank(s) [1]" in r["error"], r["error"]
 
@@ -151,8 +176,9 @@ def _train_rank(rank, root):
     return {"full": full.to_dict(), "resumed": resumed.to_dict()}
 
 
-def test_an_interrupted_two_rank_train_resumes_exactly(tmp_path):
-    ranks = _spawn(_train_rank, str(tmp_path))
+def test_an_interrupted_two_rank_train_resumes_exactly(ranks, scenario_root):
+    tmp_path = scenario_root
+    ranks = [r["train"] for r in ranks]
     for r in ranks:
         assert "error" not in r, r.get("error")
     full, resumed = ranks[0]["full"], ranks[0]["resumed"]
