@@ -199,3 +199,18 @@ def test_an_interrupted_two_rank_train_resumes_exactly(ranks, scenario_root):
     cfg = TrainConfig(**{**a["config"], "run_dir": str(tmp_path / "split")})
     with pytest.raises(ValueError, match="made by 2 process"):
         train(cfg, datasets=(synthetic_dataset(48, 11), synthetic_dataset(16, 12)), resume=True)
+
+
+def test_nproc_runs_the_same_command_under_torchrun():
+    import sys
+
+    from dce_kernels.experiments.cli import _without_nproc
+    from dce_kernels.experiments.launch import torchrun_command
+
+    argv = ["train", "--nproc", "3", "--sync-bn", "--nproc=3", "--run-dir", "r"]
+    command = torchrun_command(3, _without_nproc(argv))
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=3" in command
+    assert command[-5:] == ["dce_kernels.experiments.cli", "train", "--sync-bn", "--run-dir", "r"]
+    with pytest.raises(ValueError, match="--nproc must be a positive"):
+        torchrun_command(0, argv)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -305,9 +306,12 @@ class _Run:
             return
         # Inactive channels get zero gradients, not none: every parameter is used. With
         # sync BatchNorms the running statistics agree already: no buffer broadcast.
+        # torch 2.14 renamed broadcast_buffers (same meaning for the forward broadcast).
+        name = ("forward_sync_buffers" if "forward_sync_buffers"
+                in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
         self.net = DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=not self.config.sync_bn)
+            **{name: not self.config.sync_bn})
 
     def _new_dce(self) -> DynamicChannels:
         return DynamicChannels(self.model, selector=lambda num_channels: SELECTORS[
