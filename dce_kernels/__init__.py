@@ -1,8 +1,9 @@
 """dce-kernels: Dynamic Channel Execution for training compact CNNs.
 
 The library: the channel-sparse op and layers, channel groups and plans,
-``convert()`` for existing models, the selectors, the masked optimizer and the
-export of the compact model. It needs torch and the compiled extension only.
+``convert()`` for existing models, the selectors, the masked optimizer, the
+export of the compact model, and ``DynamicChannels``, which joins them for a
+training loop of your own (under torch.distributed too). It needs torch and the compiled extension only.
 
 The paper's experiment pipeline (datasets, model zoo, trainer, sweeps, plots, the
 ``dce`` command) lives in :mod:`dce_kernels.experiments` and needs the
@@ -15,16 +16,21 @@ from . import flops
 from .channels import ChannelGroup, ChannelPlan, convert, plan_for, sequential_groups
 from .compact import compact_model, export_compact
 from .cost import FlopsCost
+from .dynamic import DynamicChannels
 from .flops import count_flops, count_params
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .ops import channel_sparse_conv2d
 from .optim import MaskedOptimizer
 from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
+from .sync_batchnorm import ChannelSparseSyncBatchNorm2d, convert_sync_batchnorm
 
 __all__ = [
+    "DynamicChannels",
     "channel_sparse_conv2d",
     "ChannelSparseConv2d",
     "ChannelSparseBatchNorm2d",
+    "ChannelSparseSyncBatchNorm2d",
+    "convert_sync_batchnorm",
     "ChannelGroup",
     "ChannelPlan",
     "plan_for",

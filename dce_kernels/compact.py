@@ -30,7 +30,7 @@ from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 
-__all__ = ["compact_model", "export_compact", "load_exported"]
+__all__ = ["compact_model", "export_compact", "export_paths", "load_exported"]
 
 
 def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
@@ -107,6 +107,12 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     return compact
 
 
+def export_paths(directory: str, stem: str = "compact") -> dict[str, str]:
+    """The files :func:`export_compact` writes: ``state_dict`` and ``program``."""
+    return {"state_dict": os.path.join(directory, f"{stem}_state_dict.pt"),
+            "program": os.path.join(directory, f"{stem}.pt2")}
+
+
 def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: str,
                    stem: str = "compact") -> dict[str, str]:
     """Writes ``<stem>_state_dict.pt`` and ``<stem>.pt2`` (torch.export, batch
@@ -114,8 +120,7 @@ def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: s
     os.makedirs(directory, exist_ok=True)
     was_training = compact.training
     compact.eval()
-    paths = {"state_dict": os.path.join(directory, f"{stem}_state_dict.pt"),
-             "program": os.path.join(directory, f"{stem}.pt2")}
+    paths = export_paths(directory, stem)
     torch.save(compact.state_dict(), paths["state_dict"])
     batch = torch.export.Dim("batch", min=1)
     example = example_input[:2] if example_input.shape[0] >= 2 else example_input.repeat(2, 1, 1, 1)

@@ -209,9 +209,15 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
         return self.active_idx.numel()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        idx = self.active_idx
-        if idx.numel() == self.num_features:
+        if self.active_idx.numel() == self.num_features:
             return super().forward(input)
+        return self._forward_active(input)
+
+    def _forward_active(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalizes the active channels (all of them, if all are active) with
+        :meth:`_normalize` and keeps the running statistics of the others."""
+        idx = self.active_idx
+        full = idx.numel() == self.num_features
         self._check_input_dim(input)
         if input.dim() != 4:
             raise ValueError("ChannelSparseBatchNorm2d with inactive channels needs (N, C, H, W)")
@@ -224,22 +230,28 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.momentum is None:
             momentum = 1.0 / float(self.num_batches_tracked)
-        # Gathered copies of the active statistics: F.batch_norm updates them in
-        # place, and only they are written back.
+        # Gathered copies of the active statistics: the normalization updates them
+        # in place, and only they are written back.
         mean = var = None
         if self.running_mean is not None:
             mean, var = self.running_mean[idx], self.running_var[idx]
         weight = self.weight[idx] if self.weight is not None else None
         bias = self.bias[idx] if self.bias is not None else None
-        active = F.batch_norm(input if self.packed else input.index_select(1, idx), mean, var,
-                              weight, bias, training, momentum, self.eps)
+        active = self._normalize(input if self.packed or full else input.index_select(1, idx),
+                                 mean, var, weight, bias, training, momentum)
         if self.training and mean is not None:
             with torch.no_grad():
                 self.running_mean.index_copy_(0, idx, mean)
                 self.running_var.index_copy_(0, idx, var)
-        if self.packed:
+        if self.packed or full:
             return active
         return input.new_zeros(input.shape).index_copy(1, idx, active)
+
+    def _normalize(self, x: torch.Tensor, mean: Optional[torch.Tensor],
+                   var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], training: bool, momentum: float) -> torch.Tensor:
+        """Batch norm of the active channels ``x``; updates ``mean``/``var`` in place."""
+        return F.batch_norm(x, mean, var, weight, bias, training, momentum, self.eps)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", active={self.active_channels}"

@@ -23,6 +23,7 @@ drives its bias correction, counts the steps of the whole tensor.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -57,13 +58,29 @@ class ActiveBlock:
         scatter_block_(self._viewed(full), self.rows, self.cols, block)
 
 
-class MaskedOptimizer:
+class MaskedOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer`` so that each step updates only the active blocks
     that ``active()`` lists (e.g. :meth:`dce_kernels.channels.ChannelPlan.active_blocks`),
-    with their optimizer state; parameters not listed are stepped whole."""
+    with their optimizer state; parameters not listed are stepped whole.
+
+    It is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and
+    ``defaults`` are the wrapped optimizer's own objects, so a
+    ``torch.optim.lr_scheduler`` built on it sets the learning rate that the
+    wrapped optimizer uses, and either ``state_dict()`` restores both."""
 
     def __init__(self, optimizer: torch.optim.Optimizer,
                  active: Callable[[], list[ActiveBlock]]) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"MaskedOptimizer wraps a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        # Optimizer.__init__ is not called: it would build param groups and state of
+        # its own, and the wrapper must share the wrapped optimizer's. Only the hook
+        # tables that Optimizer's methods read are set up.
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
         self.optimizer = optimizer
         self.active = active
 
@@ -75,6 +92,13 @@ class MaskedOptimizer:
     def state(self):
         return self.optimizer.state
 
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -83,6 +107,15 @@ class MaskedOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"MaskedOptimizer({self.optimizer!r})"
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):

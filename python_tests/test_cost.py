@@ -168,3 +168,25 @@ def test_bad_flops_budget_input_is_refused_by_name(kw, message):
         ShrinkSelector([3, 2], 0.5, budget="flops", cost=_linear_cost(), flops_weight=-1.0)
     with pytest.raises(ValueError, match="takes one fraction"):
         ShrinkSelector([3, 2], [0.5, 0.5], budget="flops", cost=_linear_cost())
+
+
+def test_dynamic_channels_under_a_flops_budget_exports_within_it():
+    from dce_kernels import DynamicChannels
+
+    torch.manual_seed(3)
+    model = build_model("vgg11", 1, 5, width=0.125, image_size=16)
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 5, (8,))
+    with pytest.raises(ValueError, match="budget='flops' needs example_input="):
+        DynamicChannels(model, 0.3, "shrink", steps=3, budget="flops")
+    dce = DynamicChannels(model, 0.3, "shrink", steps=3, budget="flops", example_input=x[:1])
+    opt = dce.optimizer(torch.optim.SGD(model.parameters(), lr=0.05))
+    for _ in range(4):
+        with dce.step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    dce.keep()
+    exported = count_flops(dce.compact(), x[:1])
+    assert exported <= dce.selector.flops_budget()
+    assert exported == dce.cost([k.numel() for k in dce.plan.selection])

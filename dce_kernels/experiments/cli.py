@@ -88,7 +88,9 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
                    help="epochs of phase 1 (channel exploration)")
     g.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
                    help="epochs of phase 3 (fine-tuning the kept channels)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="training batch size (the global batch: under torchrun, split evenly "
+                        "among the processes)")
     g.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
                    help="optimizer; inactive channels' weights and state never change")
     g.add_argument("--lr", type=float, default=d.lr,
@@ -105,7 +107,12 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
     if not sweep:
         g.add_argument("--seed", type=int, default=d.seed,
                        help="seed of initialization, batch order and channel selection")
-    g.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
+    g.add_argument("--device", default=d.device,
+                   help="torch device, e.g. cpu or cuda (under torchrun, cuda means each "
+                        "process's cuda:LOCAL_RANK)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
+                   help="under torchrun: normalize by the BatchNorm statistics of the global "
+                        "batch (channel-sparse SyncBatchNorm), so N processes train as one")
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice)")
     if not sweep:
@@ -121,6 +128,10 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
         g.add_argument("--stop-after-epochs", type=int, default=None,
                        help="stop after this many epochs in this invocation (continue later "
                             "with --resume)")
+        g.add_argument("--nproc", type=int, default=None,
+                       help="run in this many processes on this machine, through torchrun "
+                            "(the same as torchrun --standalone --nproc_per_node N -m "
+                            "dce_kernels.experiments.cli train ...)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -324,22 +335,34 @@ def comparison_table(reports: dict) -> str:
     return "\n".join(_text_table(rows))
 
 
-def _train(args) -> int:
+def _train(args, argv: Sequence[str]) -> int:
     from .choices import METHODS, check_choice
+    from .launch import init_from_environment, torchrun_command, under_torchrun
     from .train import train
 
+    if args.nproc is not None and not under_torchrun():
+        import subprocess
+
+        try:
+            command = torchrun_command(args.nproc, _without_nproc(argv))
+        except ValueError as e:
+            print(f"dce train: error: {e}", file=sys.stderr)
+            return 2
+        return subprocess.call(command)
     _set_threads(args.threads)
-    config = config_from_args(args)
+    config = config_from_args(args, device=init_from_environment(args.device))
+    # Rank 0 speaks for a torchrun job (errors come from every rank).
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
     try:
         for method in args.compare:
             check_choice("--compare method", method, METHODS)
         report = train(config, resume=args.resume, stop_after_epochs=args.stop_after_epochs)
         if report is None:
-            print(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume "
+            say(f"stopped after {args.stop_after_epochs} epoch(s); continue with --resume "
                   f"--run-dir {args.run_dir}")
             return 0
-        print(summary_table(report))
-        print(f"report: {os.path.join(args.run_dir, REPORT)}")
+        say(summary_table(report))
+        say(f"report: {os.path.join(args.run_dir, REPORT)}")
         reports = {config.method: report}
         for method in args.compare:
             # The same options and epochs; a narrow network takes this run's widths.
@@ -348,13 +371,13 @@ def _train(args) -> int:
                 run_dir=os.path.join(config.run_dir, method),
                 widths_from=config.run_dir if method == "narrow" else None)
             resume = args.resume and os.path.exists(os.path.join(other.run_dir, CHECKPOINT))
-            print(f"\ntraining {method} for comparison ({other.run_dir})", flush=True)
+            say(f"\ntraining {method} for comparison ({other.run_dir})", flush=True)
             reports[method] = train(other, resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"dce train: error: {e}", file=sys.stderr)
         return 2
     if len(reports) > 1:
-        print("\n" + comparison_table(reports))
+        say("\n" + comparison_table(reports))
     return 0
 
 
@@ -432,10 +455,25 @@ def _ablation_table(args) -> int:
     return 0
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return {"train": _train, "sweep": _sweep, "plot": _plot,
-            "ablation-table": _ablation_table}[args.command](args)
+    if args.command == "train":
+        return _train(args, argv)
+    return {"sweep": _sweep, "plot": _plot, "ablation-table": _ablation_table}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ class RunReport:
     reduction: Optional[Reduction] = None
     export: Optional[ExportInfo] = None
     wall_clock_seconds: dict[str, float] = field(default_factory=dict)
+    # The processes that trained it (torchrun): how many, and each one's batch.
+    world_size: int = 1
+    per_rank_batch: Optional[int] = None
 
     @property
     def train_seconds(self) -> float:
@@ -153,7 +156,8 @@ class RunReport:
             compact=opt(CompactSummary, d.get("compact")),
             reduction=opt(Reduction, d.get("reduction")),
             export=opt(ExportInfo, d.get("export")),
-            wall_clock_seconds=dict(d.get("wall_clock_seconds", {})))
+            wall_clock_seconds=dict(d.get("wall_clock_seconds", {})),
+            world_size=int(d.get("world_size", 1)), per_rank_batch=d.get("per_rank_batch"))
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp"

@@ -2,10 +2,10 @@
 
 Methods (``TrainConfig.method``, the table in :mod:`.choices`):
 
-- ``cucb``, ``random``: Dynamic Channel Execution. Phase ``explore``: each step the
-  selector picks the active channels, the step trains only them
-  (:class:`~dce_kernels.optim.MaskedOptimizer`), and the selector learns from the
-  saliency the layers report. Then the selector keeps its best channels (CUCB: highest
+- ``cucb``, ``random``: Dynamic Channel Execution (:class:`~dce_kernels.DynamicChannels`).
+  Phase ``explore``: each step the selector picks the active channels, the step trains
+  only them (:class:`~dce_kernels.optim.MaskedOptimizer`), and the selector learns from
+  the saliency the layers report. Then the selector keeps its best channels (CUCB: highest
   mean reward; random: random ones), and phase ``finetune`` trains only those.
 - ``prune``: post-training pruning (Molchanov et al. 2017). Phase ``explore`` trains
   the dense network while the saliency of its last epoch is summed; the channels of
@@ -26,6 +26,13 @@ to checkpoint). ``lr_schedule="restart"`` (the poster) decays within each phase,
 from ``lr`` over exploration and fine-tuning together, as the narrow network's single
 phase does.
 
+Under torchrun each process runs this as one rank of a DistributedDataParallel job:
+``batch_size`` is the global batch, split evenly among the ranks by a
+``DistributedSampler``; the channel selection is kept identical on every rank
+(:class:`~dce_kernels.DynamicChannels`); ``sync_bn`` normalizes by the statistics of the
+global batch. Rank 0 writes the checkpoints, the report and the export; ``resume`` needs
+the same number of processes.
+
 Then the compact network is exported (:mod:`dce_kernels.compact`) and evaluated on its
 own. ``report.json`` holds accuracies, parameter and FLOP counts of dense vs compact,
 and the run's training cost: wall-clock seconds and training FLOPs (forward and
@@ -33,7 +40,9 @@ backward, counted by ``torch.utils.flop_counter`` on the first step of every epo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -42,15 +51,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..channels import ChannelPlan, plan_for
+from .. import distributed
 from ..compact import compact_model, export_compact
-from ..cost import FlopsCost
-from ..optim import MaskedOptimizer
+from ..dynamic import DynamicChannels
+from ..sync_batchnorm import convert_sync_batchnorm
 from ..selectors import DEFAULT_TAU, REWARD_RULES, _Selector
 from .choices import (BUDGETS, DCE_METHODS, LR_SCHEDULES, METHODS, OPTIMIZERS, SELECTORS,
                       check_choice, phases_of)
@@ -91,7 +103,8 @@ class TrainConfig:
     explore_epochs: int = 1
     finetune_epochs: int = 3
     dense_epochs: int = 0
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: under torchrun, split among the ranks
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch
     optimizer: str = "sgd"
     lr: float = 0.1
     finetune_lr: float = 0.02
@@ -249,16 +262,28 @@ class _Run:
         self.config = config
         self.train_ds, self.test_ds, self.info = train_ds, test_ds, info
         self.device = torch.device(config.device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.net: Optional[nn.Module] = None  # what trains: the model, or DDP around it
         self.phases = config.phases
         self.phase_index = 0
         self.epoch = 0  # next epoch to run within the phase
         self.report = RunReport(config=dataclasses.asdict(config),
                                 data={**info, "train_samples": len(train_ds),
-                                      "test_samples": len(test_ds)})
+                                      "test_samples": len(test_ds)},
+                                world_size=self.world,
+                                per_rank_batch=config.batch_size // self.world)
         self.selection: Optional[list[torch.Tensor]] = None
-        self.plan: Optional[ChannelPlan] = None
-        self.selector = None
+        # The channel selection of the sparse phases (None: dense or narrow).
+        self.dce: Optional[DynamicChannels] = None
         self._enter_phase(fresh=True)
+
+    @property
+    def plan(self) -> Optional[ChannelPlan]:
+        return None if self.dce is None else self.dce.plan
+
+    @property
+    def selector(self):
+        return None if self.dce is None else self.dce.selector
 
     # -- construction ----------------------------------------------------------
 
@@ -267,20 +292,43 @@ class _Run:
         model = full_model(self.config, self.info, self.device)
         if sparse and self.config.scale_init and self.config.method in DCE_METHODS:
             scale_for_active_width(model, self.config.fraction)
+        return self._for_ranks(model)
+
+    def _for_ranks(self, model: nn.Module) -> nn.Module:
+        """The model as every rank trains it: with sync BatchNorms if asked (before a
+        channel plan or DDP holds the layers)."""
+        if self.world > 1 and self.config.sync_bn:
+            convert_sync_batchnorm(model)
         return model
 
-    def _new_selector(self, plan: ChannelPlan):
-        cost = None
-        if self.config.budget == "flops":
-            # One image fixes every layer's spatial size, hence what a channel costs.
-            example = self.train_ds[0][0].unsqueeze(0).to(self.device)
-            cost = FlopsCost.fit(self.model, plan, example)
-        return SELECTORS[self.config.method](plan.num_channels, self.config,
-                                             self.steps_per_epoch, cost)
+    def _wrap(self) -> None:
+        """DDP around a newly built model (one process: the model itself)."""
+        if self.net is not None and getattr(self.net, "module", self.net) is self.model:
+            return
+        if self.world == 1:
+            self.net = self.model
+            return
+        # Inactive channels get zero gradients, not none: every parameter is used. With
+        # sync BatchNorms the running statistics agree already: no buffer broadcast.
+        # torch 2.14 renamed broadcast_buffers (same meaning for the forward broadcast).
+        name = ("forward_sync_buffers" if "forward_sync_buffers"
+                in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        self.net = DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            **{name: not self.config.sync_bn})
+
+    def _new_dce(self) -> DynamicChannels:
+        c = self.config
+        # Under a FLOPs budget one image fixes every layer's spatial size, hence what a
+        # channel costs.
+        example = self.train_ds[0][0].unsqueeze(0).to(self.device) if c.budget == "flops" else None
+        return DynamicChannels(self.model, budget=c.budget, example_input=example,
+                               selector=lambda num_channels, cost=None: SELECTORS[c.method](
+                                   num_channels, c, self.steps_per_epoch, cost))
 
     def _new_optimizer(self, lr: float):
         opt = OPTIMIZERS[self.config.optimizer](self.model.parameters(), lr, self.config)
-        return opt if self.plan is None else MaskedOptimizer(opt, self.plan.active_blocks)
+        return opt if self.dce is None else self.dce.optimizer(opt)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -310,25 +358,25 @@ class _Run:
         phase = self.phase
         if phase == "train":  # a narrow method
             self.model, counts, totals = narrow_model(self.config, self.info, self.device)
-            self.plan, self.selector = None, None
+            self.model = self._for_ranks(self.model)
+            self.dce = None
             self.report.selection = Selection.of([range(k) for k in counts], totals)
         elif phase != "finetune" or not fresh:
             # Fine-tuning continues the explored model, unless a checkpoint restores it.
             self.model = self._new_model(sparse=phase != "dense")
-            self.plan = plan_for(self.model)
-            self.selector = None if phase == "dense" else self._new_selector(self.plan)
-        if phase == "dense" or (phase == "explore" and self.config.method == "prune"):
-            self.plan.apply(None)
+            # The dense phase trains every channel: no selection to make.
+            self.dce = None if phase == "dense" else self._new_dce()
         if phase == "finetune":
             if fresh:
                 # Keep the best channels (one selector call).
-                self.selection = self.selector.best()
+                self.selection = self.dce.selector.best()
                 self.report.selection = Selection.of(self.selection, self.plan.num_channels)
                 if self.config.rewind:
                     # The kept channels restart from their initial weights (as in the
                     # lottery-ticket experiments); only the choice of channels is kept.
                     self.model.load_state_dict(self._new_model(sparse=True).state_dict())
-            self.plan.apply(self.selection)
+            self.dce.keep(self.selection)
+        self._wrap()
         self.optimizer = self._new_optimizer(self._lr(0))
 
     # -- checkpoints -----------------------------------------------------------
@@ -336,6 +384,7 @@ class _Run:
     def state_dict(self) -> dict:
         return {
             "config": dataclasses.asdict(self.config),
+            "world_size": self.world,
             "phase_index": self.phase_index, "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -351,6 +400,11 @@ class _Run:
         if diff:
             raise ValueError(f"cannot resume: the checkpoint was made with other options "
                              f"(saved, now): {diff}")
+        if state.get("world_size", 1) != self.world:
+            # Another split of every batch: the run would not continue as it would have.
+            raise ValueError(f"cannot resume: the checkpoint was made by "
+                             f"{state.get('world_size', 1)} process(es), this run has "
+                             f"{self.world}; resume with the same --nproc_per_node x --nnodes")
         self.phase_index, self.epoch = state["phase_index"], state["epoch"]
         self.report = RunReport.from_dict(state["report"])
         self.selection = state["selection"]
@@ -362,9 +416,12 @@ class _Run:
         torch.set_rng_state(state["torch_rng"])
 
     def save(self) -> None:
-        path = os.path.join(self.config.run_dir, CHECKPOINT)
-        torch.save(self.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # a crash mid-write keeps the previous checkpoint
+        if self.rank == 0:  # every rank holds the same state
+            path = os.path.join(self.config.run_dir, CHECKPOINT)
+            torch.save(self.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)  # a crash mid-write keeps the previous checkpoint
+        if self.world > 1:
+            dist.barrier()  # no rank reads the checkpoint (on resume) before it is written
 
     # -- epochs ----------------------------------------------------------------
 
@@ -372,31 +429,36 @@ class _Run:
         if not train:
             return DataLoader(self.test_ds, batch_size=max(256, self.config.batch_size))
         # Batch order from (seed, phase, epoch) alone: a resumed run sees the same batches.
-        g = torch.Generator().manual_seed(
-            self.config.seed * 1_000_003 + self.phase_index * 10_007 + self.epoch)
-        return DataLoader(self.train_ds, batch_size=self.config.batch_size, shuffle=True,
-                          generator=g, drop_last=len(self.train_ds) > self.config.batch_size)
+        seed = self.config.seed * 1_000_003 + self.phase_index * 10_007 + self.epoch
+        g = torch.Generator().manual_seed(seed)
+        drop_last = len(self.train_ds) > self.config.batch_size
+        if self.world == 1:
+            return DataLoader(self.train_ds, batch_size=self.config.batch_size, shuffle=True,
+                              generator=g, drop_last=drop_last)
+        # Rank r takes every W-th index of one permutation: batch k of all ranks together
+        # is positions [kB, (k+1)B) of it, and dropping each rank's remainder keeps the
+        # number of global batches floor(n / B), as in one process.
+        sampler = DistributedSampler(self.train_ds, num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=seed, drop_last=True)
+        return DataLoader(self.train_ds, batch_size=self.config.batch_size // self.world,
+                          sampler=sampler, generator=g, drop_last=drop_last)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor,
               lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step; returns the loss and the logits."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        exploring = self.phase == "explore"
-        if exploring:
-            selection = self.selector.select()
-            if self.config.method != "prune":  # prune trains dense: nothing to apply
-                self.plan.apply(selection)
-        out = self.model(x)
-        loss = F.cross_entropy(out, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
-                                     f"{self.epoch + 1}: lower the learning rate")
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        if exploring:
-            self.selector.update(self.plan.saliency())
+        # Exploring, the step selects channels and the selector learns from it (prune's
+        # selector selects every channel); fine-tuning, the kept ones stay.
+        with contextlib.nullcontext() if self.dce is None else self.dce.step(len(y)):
+            out = self.net(x)
+            loss = F.cross_entropy(out, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
+                                         f"{self.epoch + 1}: lower the learning rate")
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
         return loss, out
 
     def run_epoch(self) -> EpochRecord:
@@ -409,7 +471,7 @@ class _Run:
         loss_sum, correct, seen, flop_samples = 0.0, 0, 0, []
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"{self.phase} {self.epoch + 1}/{c.epochs(self.phase)}",
-                   disable=not c.progress, leave=False, dynamic_ncols=True)
+                   disable=not c.progress or self.rank != 0, leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(self.device), y.to(self.device)
             lr = self._lr(step0 + i)
@@ -427,6 +489,12 @@ class _Run:
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         train_time = time.perf_counter() - start
+        flops_per_step = sum(flop_samples) / len(flop_samples) * self.world
+        if self.world > 1:  # the epoch's loss and accuracy over the global batches
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
+                                  device=self.device)
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = totals[0].item(), int(totals[1]), int(totals[2])
         if self.phase == "explore":
             # Evaluate what fine-tuning would keep now; the next step re-selects anyway.
             self.plan.apply(self.selector.best())
@@ -437,7 +505,7 @@ class _Run:
         return EpochRecord(phase=self.phase, epoch=self.epoch + 1, train_loss=loss_sum / seen,
                            train_acc=correct / seen, test_acc=test_acc, train_seconds=train_time,
                            lr_end=lr,
-                           train_flops=round(sum(flop_samples) / len(flop_samples) * len(loader)))
+                           train_flops=round(flops_per_step * len(loader)))
 
     def advance(self) -> bool:
         """Runs one epoch (or a phase change); False once all phases are done."""
@@ -554,6 +622,9 @@ def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] =
     loading ``config.dataset``.
     """
     config.validate()
+    if config.batch_size % distributed.world_size():
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) does not split "
+                         f"evenly among {distributed.world_size()} processes")
     ckpt = os.path.join(config.run_dir, CHECKPOINT)
     # Checked before the (slow) data loading.
     if resume and not os.path.exists(ckpt):
@@ -572,8 +643,9 @@ def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] =
     run = _Run(config, train_ds, test_ds, info)
     if resume:
         run.load_state_dict(torch.load(ckpt, weights_only=False))
-    with open(os.path.join(config.run_dir, CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+    if run.rank == 0:
+        with open(os.path.join(config.run_dir, CONFIG), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
     epochs_run = 0
     while not run.done:
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
@@ -581,4 +653,9 @@ def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] =
         before = len(run.report.history)
         run.advance()
         epochs_run += len(run.report.history) - before
-    return _finish(run)
+    if run.world == 1:
+        return _finish(run)
+    # Rank 0 exports and evaluates (eval mode: no collectives); every rank returns its report.
+    shared = [_finish(run).to_dict() if run.rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    return RunReport.from_dict(shared[0])
