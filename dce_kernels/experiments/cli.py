@@ -345,7 +345,7 @@ def _train(args) -> int:
             resume = args.resume and os.path.exists(os.path.join(other.run_dir, CHECKPOINT))
             print(f"\ntraining {method} for comparison ({other.run_dir})", flush=True)
             reports[method] = train(other, resume=resume)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"dce train: error: {e}", file=sys.stderr)
         return 2
     if len(reports) > 1:

@@ -59,10 +59,14 @@ from .models.init import reinitialize
 from .report import (CompactSummary, DenseSummary, EpochRecord, ExportInfo, PhaseTotals,
                      Reduction, RunReport, Selection)
 
-__all__ = ["TrainConfig", "train", "narrow_model", "evaluate", "recalibrate_batchnorm"]
+__all__ = ["TrainConfig", "NonFiniteError", "train", "narrow_model", "evaluate", "recalibrate_batchnorm"]
 
 FLOP_SAMPLE_EVERY = 25  # training steps between two FLOP counts
 RECALIBRATION_BATCHES = 20
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or saliency that is not finite stopped a run; the message says where."""
 
 
 @dataclass
@@ -367,9 +371,9 @@ class _Run:
         return DataLoader(self.train_ds, batch_size=self.config.batch_size, shuffle=True,
                           generator=g, drop_last=len(self.train_ds) > self.config.batch_size)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor,
-              lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step; returns the loss and the logits."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float,
+              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training step ``step`` of the epoch; returns the loss and the logits."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         exploring = self.phase == "explore"
@@ -380,14 +384,37 @@ class _Run:
         out = self.model(x)
         loss = F.cross_entropy(out, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
-                                     f"{self.epoch + 1}: lower the learning rate")
+            self._stop(f"the loss is {loss.item()}", step, lr)
         self.optimizer.zero_grad()
         loss.backward()
+        if exploring:
+            saliency = self.plan.saliency()
+            for layer, s in enumerate(saliency):
+                if not torch.isfinite(s).all():
+                    self._stop(f"the saliency of channel group {layer} is not finite "
+                               f"({int((~torch.isfinite(s)).sum())} of {s.numel()} "
+                               "channels)", step, lr)
         self.optimizer.step()
         if exploring:
-            self.selector.update(self.plan.saliency())
+            self.selector.update(saliency)
         return loss, out
+
+    def _stop(self, what: str, step: int, lr: float) -> None:
+        """Stops the run on a non-finite number, saying where and what to try. The
+        checkpoint on disk is the last finished epoch's: nothing is saved mid-epoch."""
+        c = self.config
+        ckpt = os.path.join(c.run_dir, CHECKPOINT)
+        option = "--finetune-lr" if self.phase == "finetune" and \
+            c.lr_schedule == "restart" else "--lr"
+        value = c.finetune_lr if option == "--finetune-lr" else c.lr
+        kept = (f"the checkpoint of the last finished epoch ({ckpt}) is intact: --resume "
+                "continues from it once the data is fixed" if os.path.exists(ckpt) else
+                "no epoch had finished, so there is no checkpoint")
+        raise NonFiniteError(
+            f"{what} in phase {self.phase}, epoch {self.epoch + 1}/{c.epochs(self.phase)}, "
+            f"step {step + 1}/{self.steps_per_epoch} (learning rate {lr:.3g}); the run "
+            f"stopped. Training diverged or the data holds NaN or inf: try a lower "
+            f"{option} (now {value:g}) in a new run, or check the input data; {kept}.")
 
     def run_epoch(self) -> EpochRecord:
         from tqdm import tqdm
@@ -408,10 +435,10 @@ class _Run:
                 # channel counts change smoothly (or not at all), so a regular sample
                 # of steps stands for the others.
                 with FlopCounterMode(display=False) as counter:
-                    loss, out = self._step(x, y, lr)
+                    loss, out = self._step(x, y, lr, i)
                 flop_samples.append(counter.get_total_flops())
             else:
-                loss, out = self._step(x, y, lr)
+                loss, out = self._step(x, y, lr, i)
             loss_sum += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
