@@ -170,3 +170,33 @@ def test_a_non_finite_saliency_stops_the_run_before_the_selector_sees_it(tmp_pat
     with pytest.raises(NonFiniteError, match=rf"saliency of channel group {group} is not "
                        r"finite \(1 of \d+ channels\) in phase explore, epoch 1/2, step 1/3"):
         train(tiny_config(run_dir=str(tmp_path)), datasets=tiny_datasets())
+
+
+# -- progress output ------------------------------------------------------------------
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["file", "terminal"])
+def test_progress_is_one_line_per_epoch_unless_a_terminal_watches(tmp_path, capsys, one_thread,
+                                                                  monkeypatch, terminal):
+    from dce_kernels.experiments import train as train_module
+    from toolkit import tiny_config, tiny_datasets
+
+    monkeypatch.setattr(train_module, "_interactive", lambda: terminal)
+    config = tiny_config(run_dir=str(tmp_path), progress=True)
+    report = train(config, datasets=tiny_datasets())
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    epochs = [(h.phase, h.epoch) for h in report.history]
+    assert len(lines) == len(epochs)
+    for line, (phase, epoch), record in zip(lines, epochs, report.history):
+        assert line.startswith(f"{phase} {epoch}/{config.epochs(phase)}: loss ")
+        assert f"test acc {record.test_acc:.4f}" in line
+    # The bar's in-place redraws only on a terminal.
+    assert ("\r" in err) == terminal
+    assert "\r" not in out
+
+
+def test_no_progress_prints_nothing(tmp_path, capsys, one_thread):
+    from toolkit import tiny_config, tiny_datasets
+
+    train(tiny_config(run_dir=str(tmp_path), progress=False), datasets=tiny_datasets())
+    assert capsys.readouterr() == ("", "")

@@ -116,7 +116,8 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
         g.add_argument("--stop-after-epochs", type=int, default=None,
                        help="stop after this many epochs in this invocation (continue later "
                             "with --resume)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true", help="no progress output: neither the bars (on a terminal) nor "
+                   "the one line per epoch (when output goes to a file)")
 
 
 _METHOD_HELP = ("shrink: DCE, all channels active at first, shrinking to the fraction by "

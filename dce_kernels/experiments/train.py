@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -425,8 +426,11 @@ class _Run:
         step0 = self.epoch * len(loader)
         loss_sum, correct, seen, flop_samples = 0.0, 0, 0, []
         start = time.perf_counter()
-        bar = tqdm(loader, desc=f"{self.phase} {self.epoch + 1}/{c.epochs(self.phase)}",
-                   disable=not c.progress, leave=False, dynamic_ncols=True)
+        where = f"{self.phase} {self.epoch + 1}/{c.epochs(self.phase)}"
+        # A bar redrawn in place only where someone watches it: in a file (CI, nohup, a
+        # sweep worker's log) each redraw would be one more line.
+        bar = tqdm(loader, desc=where, disable=not (c.progress and _interactive()),
+                   leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(self.device), y.to(self.device)
             lr = self._lr(step0 + i)
@@ -451,6 +455,10 @@ class _Run:
         test_acc = evaluate(self.model, self._loader(train=False), self.device)
         if self.phase == "explore" and c.method == "prune":
             self.plan.apply(None)
+        if c.progress:
+            tqdm.write(f"{where}: loss {loss_sum / seen:.4f}, train acc {correct / seen:.4f}, "
+                       f"test acc {test_acc:.4f}, {train_time:.1f} s", file=sys.stdout)
+            sys.stdout.flush()
         return EpochRecord(phase=self.phase, epoch=self.epoch + 1, train_loss=loss_sum / seen,
                            train_acc=correct / seen, test_acc=test_acc, train_seconds=train_time,
                            lr_end=lr,
@@ -474,6 +482,11 @@ class _Run:
     @property
     def done(self) -> bool:
         return self.phase_index >= len(self.phases)
+
+
+def _interactive() -> bool:
+    """Whether the progress bars' stream (stderr) is a terminal."""
+    return sys.stderr.isatty()
 
 
 @torch.no_grad()
