@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..atomic import write_atomic
 from .files import CHECKPOINT, ERROR, REPORT, RESULTS_CSV, RESULTS_JSON
 
 __all__ = ["main", "build_parser", "config_from_args", "summary_table"]
@@ -398,8 +399,7 @@ def _plot(args) -> int:
         print(f"dce plot: error: {e}", file=sys.stderr)
         return 2
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+        write_atomic(args.markdown, lambda f: f.write(table + "\n"))
     print(table)
     print("wrote " + ", ".join(paths))
     return 0
@@ -417,13 +417,14 @@ def _ablation_table(args) -> int:
         print(f"dce ablation-table: error: {e}", file=sys.stderr)
         return 2
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+        write_atomic(args.markdown, lambda f: f.write(table + "\n"))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        def write_csv(f):
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+
+        write_atomic(args.csv, write_csv)
     print(table)
     return 0
 

@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..atomic import write_atomic
 from ..channels import ChannelPlan, plan_for
 from ..compact import compact_model, export_compact
 from ..optim import MaskedOptimizer
@@ -357,9 +358,10 @@ class _Run:
         torch.set_rng_state(state["torch_rng"])
 
     def save(self) -> None:
-        path = os.path.join(self.config.run_dir, CHECKPOINT)
-        torch.save(self.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # a crash mid-write keeps the previous checkpoint
+        # A crash mid-write keeps the previous checkpoint.
+        state = self.state_dict()
+        write_atomic(os.path.join(self.config.run_dir, CHECKPOINT),
+                     lambda f: torch.save(state, f), binary=True)
 
     # -- epochs ----------------------------------------------------------------
 
@@ -602,8 +604,8 @@ def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] =
     run = _Run(config, train_ds, test_ds, info)
     if resume:
         run.load_state_dict(torch.load(ckpt, weights_only=False))
-    with open(os.path.join(config.run_dir, CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+    write_atomic(os.path.join(config.run_dir, CONFIG),
+                 lambda f: json.dump(dataclasses.asdict(config), f, indent=2))
     epochs_run = 0
     while not run.done:
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
