@@ -78,6 +78,9 @@ def _plain_norm(bn: ChannelSparseBatchNorm2d) -> nn.BatchNorm2d:
 
 def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """A copy of ``model`` with only the active channels, of plain torch layers."""
+    if not isinstance(plan, ChannelPlan):
+        raise TypeError(f"compact_model needs the model's ChannelPlan (plan_for(model)), "
+                        f"got {type(plan).__name__}")
     if plan.model is not model:
         raise ValueError("the plan belongs to another model")
     for g in plan.groups:

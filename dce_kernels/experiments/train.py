@@ -603,7 +603,14 @@ def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] =
     os.makedirs(config.run_dir, exist_ok=True)
     run = _Run(config, train_ds, test_ds, info)
     if resume:
-        run.load_state_dict(torch.load(ckpt, weights_only=False))
+        try:
+            state = torch.load(ckpt, weights_only=False)
+        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+            raise ValueError(f"cannot resume: {ckpt} is not a readable checkpoint "
+                             f"({type(e).__name__}: {e}); start a new run instead") from e
+        if not isinstance(state, dict) or "config" not in state:
+            raise ValueError(f"cannot resume: {ckpt} is not a checkpoint of dce train")
+        run.load_state_dict(state)
     write_atomic(os.path.join(config.run_dir, CONFIG),
                  lambda f: json.dump(dataclasses.asdict(config), f, indent=2))
     epochs_run = 0
