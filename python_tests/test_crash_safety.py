@@ -115,13 +115,21 @@ def _killed_at(run_dir, kill_at):
     return body
 
 
-def _events(run_dir, monkeypatch):
+def _events(run_dir):
     """The events of an uninterrupted run, in this process: what it leaves warm (the
     imports and caches of torch.export) every forked child inherits."""
-    recorded = []
-    with monkeypatch.context() as patch:
-        _instrument(patch.setattr, lambda event, spoil: recorded.append(event))
+    recorded, undo = [], []
+
+    def patch(obj, name, value):
+        undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    _instrument(patch, lambda event, spoil: recorded.append(event))
+    try:
         _train(run_dir)
+    finally:
+        for obj, name, value in reversed(undo):
+            setattr(obj, name, value)
     return recorded
 
 
@@ -170,9 +178,23 @@ def _assert_same(got, want, what):
             assert torch.equal(a[key], b[key]), f"{what}: {name} {key} differs"
 
 
-def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_result(tmp_path, one_thread,
-                                                                       monkeypatch):
-    events = _events(tmp_path / "reference", monkeypatch)
+def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_result(tmp_path):
+    # In a fresh interpreter: a process whose autograd engine has started threads (any
+    # earlier test may have) cannot run autograd in a forked child.
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.abspath(__file__)), *sys.path])}
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    print(done.stdout.strip().splitlines()[-1])
+
+
+def _protocol(tmp_path):
+    torch.set_num_threads(1)
+    events = _events(tmp_path / "reference")
     want = _result(tmp_path / "reference")
     steps = [e for e in events if e[0] == "step"]
     writes = {e[1] for e in events if e[0] == "write"}
@@ -218,3 +240,11 @@ def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_result(tmp_path,
         _assert_same(_result(run_dir), want, f"killed at random (run {k})")
     print(f"{killed} kills ({len(events)} instrumented points, {RANDOM_KILLS} at random), "
           f"{resumed} resumes, {resumed} results identical to the uninterrupted run")
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    _protocol(Path(sys.argv[1]))
