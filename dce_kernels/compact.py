@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .atomic import write_atomic
 from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
@@ -77,6 +78,9 @@ def _plain_norm(bn: ChannelSparseBatchNorm2d) -> nn.BatchNorm2d:
 
 def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """A copy of ``model`` with only the active channels, of plain torch layers."""
+    if not isinstance(plan, ChannelPlan):
+        raise TypeError(f"compact_model needs the model's ChannelPlan (plan_for(model)), "
+                        f"got {type(plan).__name__}")
     if plan.model is not model:
         raise ValueError("the plan belongs to another model")
     for g in plan.groups:
@@ -121,11 +125,12 @@ def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: s
     was_training = compact.training
     compact.eval()
     paths = export_paths(directory, stem)
-    torch.save(compact.state_dict(), paths["state_dict"])
+    state = compact.state_dict()
+    write_atomic(paths["state_dict"], lambda f: torch.save(state, f), binary=True)
     batch = torch.export.Dim("batch", min=1)
     example = example_input[:2] if example_input.shape[0] >= 2 else example_input.repeat(2, 1, 1, 1)
     program = torch.export.export(compact, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, paths["program"])
+    write_atomic(paths["program"], lambda f: torch.export.save(program, f), binary=True)
     compact.train(was_training)
     return paths
 

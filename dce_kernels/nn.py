@@ -19,7 +19,11 @@ def _as_index(idx: _Index, num_channels: int, device: torch.device, name: str) -
     argument; the op checks again on every call (it cannot trust its caller)."""
     if idx is None:
         return torch.arange(num_channels, device=device)
-    t = torch.as_tensor(idx)
+    try:
+        t = torch.as_tensor(idx)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a list or tensor of integer channel indices, got "
+                        f"{idx!r}") from e
     if t.numel() == 0:
         raise ValueError(f"{name} is empty: at least one channel must stay active")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():

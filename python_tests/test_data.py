@@ -283,6 +283,51 @@ def test_cifar_corrupt_batch_is_named(tmp_path, rng, how):
         load_dataset("cifar10", tmp_path, train=False)
 
 
+def test_cifar_bad_label_in_a_later_batch_names_that_batch(tmp_path, rng):
+    d = tmp_path / "cifar-10-batches-py"
+    bad = int(rng.integers(2, 6))  # not the first: that one a wrong name would say too
+    for k in range(1, 6):
+        labels = rng.integers(0, 10, size=3).tolist()
+        if k == bad:
+            labels[int(rng.integers(0, 3))] = int(rng.choice([-1, 10, 255]))
+        write_cifar_batch(d / f"data_batch_{k}", rng.integers(0, 256, (3, 3072), np.uint8),
+                          labels, b"labels")
+    with pytest.raises(DatasetFormatError, match=rf"data_batch_{bad}: labels must be in"):
+        load_dataset("cifar10", tmp_path, train=True)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("empty-file", "not a CIFAR python batch"),
+    ("a-list", "expected a pickled dict, got list"),
+    ("float-pixels", "must be uint8"),
+    ("float-labels", "must be a list of integers"),
+    ("string-labels", "must be a list of integers"),
+    ("no-images", "holds no images"),
+    ("cifar100-file", "missing key b'labels'"),
+])
+def test_cifar_wrong_format_batch_is_named(tmp_path, rng, how, message):
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    data = rng.integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    labels, key = [1, 2, 3], b"labels"
+    if how == "float-pixels":
+        data = data.astype(np.float32)
+    elif how == "float-labels":
+        labels = [1.0, 2.5, 3.0]
+    elif how == "string-labels":
+        labels = ["cat", "dog", "ship"]
+    elif how == "no-images":
+        data, labels = data[:0], []
+    elif how == "cifar100-file":
+        key = b"fine_labels"
+    write_cifar_batch(path, data, labels, key)
+    if how == "empty-file":
+        path.write_bytes(b"")
+    elif how == "a-list":
+        path.write_bytes(pickle.dumps([data, labels], protocol=2))
+    with pytest.raises(DatasetFormatError, match=rf"test_batch.*{message}"):
+        load_dataset("cifar10", tmp_path, train=False)
+
+
 class _Evil:
     def __init__(self, target):
         self.target = target
@@ -341,6 +386,67 @@ def test_svhn_corrupt_file_is_named(tmp_path, rng, how):
         scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 4), np.uint8)})
     with pytest.raises(DatasetFormatError, match="test_32x32.mat"):
         load_dataset("svhn", tmp_path, train=False)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("label-zero", r"labels must be 1..10 \(10 is digit 0\), got \[0, "),
+    ("label-eleven", r"labels must be 1..10"),
+    ("fractional-labels", "whole numbers"),
+    ("float-images", "X must be uint8"),
+    ("no-images", "holds no images"),
+])
+def test_svhn_wrong_contents_are_named(tmp_path, rng, how, message):
+    path = tmp_path / "svhn" / "test_32x32.mat"
+    path.parent.mkdir()
+    n = 4
+    X = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+    y = rng.integers(1, 11, size=(n, 1)).astype(np.uint8)
+    if how == "label-zero":
+        y[int(rng.integers(0, n))] = 0
+    elif how == "label-eleven":
+        y[int(rng.integers(0, n))] = 11
+    elif how == "fractional-labels":
+        y = y.astype(np.float64)
+        y[int(rng.integers(0, n))] += 0.5
+    elif how == "float-images":
+        X = X.astype(np.float64)
+    elif how == "no-images":
+        X, y = X[..., :0], y[:0]
+    scipy.io.savemat(path, {"X": X, "y": y})
+    with pytest.raises(DatasetFormatError, match=rf"test_32x32.mat.*{message}"):
+        load_dataset("svhn", tmp_path, train=False)
+
+
+def test_svhn_whole_float_labels_are_read(tmp_path, rng):
+    # MATLAB writes doubles by default: labels 1.0 .. 10.0 are fine.
+    path = tmp_path / "test_32x32.mat"
+    y = rng.integers(1, 11, size=(5, 1))
+    scipy.io.savemat(path, {"X": rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8),
+                            "y": y.astype(np.float64)})
+    got = load_dataset("svhn", tmp_path, train=False).tensors[1]
+    assert got.dtype == torch.int64 and got.tolist() == [v % 10 for v in y[:, 0].tolist()]
+
+
+def test_fashion_mnist_without_images_is_named(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", 0x08, (0, 28, 28), b"", compress=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", 0x08, (0,), b"", compress=False)
+    with pytest.raises(DatasetFormatError, match="t10k-images-idx3-ubyte holds no images"):
+        load_dataset("fashion-mnist", tmp_path, train=False)
+
+
+def test_bad_data_stops_a_run_before_it_trains(tmp_path, rng):
+    from dce_kernels.experiments.train import train
+    from toolkit import tiny_config
+
+    write_fashion(tmp_path / "data", "train", 4, rng, False)
+    write_fashion(tmp_path / "data", "t10k", 3, rng, False)
+    write_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte", 0x08, (3,), bytes([1, 12, 0]),
+              compress=False)
+    run_dir = tmp_path / "run"
+    with pytest.raises(DatasetFormatError, match="t10k-labels-idx1-ubyte"):
+        train(tiny_config(dataset="fashion-mnist", data_dir=str(tmp_path / "data"),
+                          run_dir=str(run_dir)))
+    assert not run_dir.exists()
 
 
 # -- API -------------------------------------------------------------------------------

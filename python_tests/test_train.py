@@ -102,3 +102,101 @@ def test_cli_reports_missing_checkpoint(tmp_path, capsys):
                  "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)])
     assert code == 2
     assert "error" in capsys.readouterr().err
+
+
+# -- numbers that are not finite ---------------------------------------------------------
+
+def _poisoned(dataset, value=float("nan")):
+    """A copy of ``dataset`` with ``value`` in one pixel of one random sample."""
+    x, y = (t.clone() for t in dataset.tensors)
+    x[torch.randint(len(x), ()), 0, 0, 0] = value
+    return torch.utils.data.TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_data_stops_the_run_by_phase_epoch_and_step_and_keeps_the_checkpoint(
+        tmp_path, one_thread, value):
+    from dce_kernels.experiments.train import NonFiniteError
+    from toolkit import tiny_config, tiny_datasets
+
+    train_ds, test_ds = tiny_datasets()
+    config = tiny_config(run_dir=str(tmp_path))
+    assert train(config, datasets=(train_ds, test_ds), stop_after_epochs=1) is None
+    ckpt = tmp_path / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(NonFiniteError) as err:
+        train(config, datasets=(_poisoned(train_ds, value), test_ds), resume=True)
+    message = str(err.value)
+    assert "the loss is nan" in message
+    steps = len(train_ds) // config.batch_size
+    assert f"phase explore, epoch 2/{config.explore_epochs}, step " in message
+    step = int(message.split(", step ")[1].split("/")[0])
+    assert 1 <= step <= steps and f"step {step}/{steps} " in message
+    assert "--lr" in message and str(ckpt) in message and "intact" in message
+    assert ckpt.read_bytes() == before
+    assert not (tmp_path / "report.json").exists()
+    # The checkpoint is good: the clean data continues it to the end.
+    assert train(config, datasets=(train_ds, test_ds), resume=True) is not None
+
+
+def test_a_diverging_learning_rate_stops_the_run_and_says_what_to_try(tmp_path, one_thread):
+    from dce_kernels.experiments.train import NonFiniteError
+    from toolkit import tiny_config, tiny_datasets
+
+    config = tiny_config(run_dir=str(tmp_path), lr=1e30, explore_epochs=3)
+    with pytest.raises(NonFiniteError, match=r"in phase explore, epoch \d/3, step \d+/3 "
+                       r"\(learning rate .*try a lower --lr \(now 1e\+30\)") as err:
+        train(config, datasets=tiny_datasets())
+    if "epoch 1/" in str(err.value):
+        assert "no epoch had finished" in str(err.value)
+        assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_non_finite_saliency_stops_the_run_before_the_selector_sees_it(tmp_path, one_thread,
+                                                                         monkeypatch):
+    from dce_kernels.channels import ChannelPlan
+    from dce_kernels.experiments.train import NonFiniteError
+    from toolkit import tiny_config, tiny_datasets
+
+    real = ChannelPlan.saliency
+    group = int(torch.randint(0, 3, ()))
+
+    def spoilt(plan):
+        values = [s.clone() for s in real(plan)]
+        values[group][-1] = float("nan")
+        return values
+
+    monkeypatch.setattr(ChannelPlan, "saliency", spoilt)
+    with pytest.raises(NonFiniteError, match=rf"saliency of channel group {group} is not "
+                       r"finite \(1 of \d+ channels\) in phase explore, epoch 1/2, step 1/3"):
+        train(tiny_config(run_dir=str(tmp_path)), datasets=tiny_datasets())
+
+
+# -- progress output ------------------------------------------------------------------
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["file", "terminal"])
+def test_progress_is_one_line_per_epoch_unless_a_terminal_watches(tmp_path, capsys, one_thread,
+                                                                  monkeypatch, terminal):
+    from dce_kernels.experiments import train as train_module
+    from toolkit import tiny_config, tiny_datasets
+
+    monkeypatch.setattr(train_module, "_interactive", lambda: terminal)
+    config = tiny_config(run_dir=str(tmp_path), progress=True)
+    report = train(config, datasets=tiny_datasets())
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    epochs = [(h.phase, h.epoch) for h in report.history]
+    assert len(lines) == len(epochs)
+    for line, (phase, epoch), record in zip(lines, epochs, report.history):
+        assert line.startswith(f"{phase} {epoch}/{config.epochs(phase)}: loss ")
+        assert f"test acc {record.test_acc:.4f}" in line
+    # The bar's in-place redraws only on a terminal.
+    assert ("\r" in err) == terminal
+    assert "\r" not in out
+
+
+def test_no_progress_prints_nothing(tmp_path, capsys, one_thread):
+    from toolkit import tiny_config, tiny_datasets
+
+    train(tiny_config(run_dir=str(tmp_path), progress=False), datasets=tiny_datasets())
+    assert capsys.readouterr() == ("", "")

@@ -7,7 +7,7 @@
   ``masked_dense``), and the original layers of a converted model, masked with
   the sparse layers' channel lists (``MaskedReference``).
 - ``ConvCase``: one convolution of a case table, by field name;
-  ``run_case`` checks one through a backend against the reference.
+  ``run_case`` / ``check_call`` check one through a backend against the reference.
 - Random channel selections, synthetic data, tiny training configurations, and
   the number of parameters a channel selection keeps.
 """
@@ -285,34 +285,51 @@ OP_CASES = [
 
 
 def run_case(conv, device, dtype, case: ConvCase, idx_dtype=torch.long):
-    """Runs forward + backward (with saliency) of ``case`` through ``conv`` and checks
-    every result against the float64 masked reference, including exact zeros."""
+    """Runs forward + backward (with saliency) of ``case`` through ``conv`` on random
+    active channels and checks every result against the float64 masked reference."""
+    in_idx, out_idx = case.random_indices()
+    check_call(conv, device, dtype, case, in_idx, out_idx, idx_dtype=idx_dtype)
+
+
+def check_call(conv, device, dtype, case: ConvCase, in_idx, out_idx, idx_dtype=torch.long,
+               packed_input=False, packed_output=False):
+    """Forward + backward (with saliency) of ``case`` through ``conv`` on the channels
+    ``in_idx`` / ``out_idx`` (packed layouts as asked), every result checked against the
+    float64 masked reference at full width, including the exact zeros."""
     cin, cout = case.in_channels, case.out_channels
     x64, w64, b64 = case.tensors(torch.float64, "cpu")
-    in_idx, out_idx = case.random_indices()
-
-    x = x64.to(device, dtype).requires_grad_()
+    x_full = x64.to(device, dtype)
+    x = (x_full[:, in_idx.to(device)] if packed_input else x_full).detach().requires_grad_()
     w = w64.to(device, dtype).requires_grad_()
     b = b64.to(device, dtype).requires_grad_() if case.bias else None
     probe = torch.zeros(cout, device=device, dtype=dtype, requires_grad=True)
     y = conv(x, w, b, in_idx.to(device, idx_dtype), out_idx.to(device, idx_dtype), case.stride,
-             case.padding, case.dilation, case.groups, saliency_probe=probe)
+             case.padding, case.dilation, case.groups, saliency_probe=probe,
+             packed_input=packed_input, packed_output=packed_output)
     gy64 = torch.randn(y.shape, dtype=torch.float64)
     y.backward(gy64.to(device, dtype))
 
+    def full_width(t):  # a packed output-side tensor at the layer's full width
+        if not packed_output:
+            return t
+        full = t.new_zeros(t.shape[0], cout, *t.shape[2:])
+        full[:, out_idx] = t
+        return full
+
     # The reference starts from the values the backend saw (rounded to dtype).
-    xr = x.detach().cpu().double().requires_grad_()
+    xr = x_full.detach().cpu().double().requires_grad_()
     wr = w.detach().cpu().double().requires_grad_()
     br = b.detach().cpu().double().requires_grad_() if case.bias else None
-    gyr = gy64.to(dtype).double()
+    gyr = full_width(gy64.to(dtype).double())
     yr = masked_conv2d(xr, wr, br, in_idx, out_idx, **case.conv_args())
     yr.backward(gyr)
     # Saliency of h = the backend's own output, as the op contract defines it.
-    h = y.detach().cpu().double()
+    h = full_width(y.detach().cpu().double())
     sal_ref = ((gyr * h).sum((2, 3)) / (yr.shape[2] * yr.shape[3])).abs().mean(0)
 
-    assert_close_scaled(y, yr, dtype, "output")
-    assert_close_scaled(x.grad, xr.grad, dtype, "grad_input")
+    assert_close_scaled(full_width(y.detach().cpu()), yr, dtype, "output")
+    want_gx = xr.grad[:, in_idx] if packed_input else xr.grad
+    assert_close_scaled(x.grad, want_gx, dtype, "grad_input")
     assert_close_scaled(w.grad, wr.grad, dtype, "grad_weight")
     if case.bias:
         assert_close_scaled(b.grad, br.grad, dtype, "grad_bias")
@@ -320,8 +337,10 @@ def run_case(conv, device, dtype, case: ConvCase, idx_dtype=torch.long):
 
     off_out = complement(out_idx, cout).to(device)
     off_in = complement(in_idx, cin).to(device)
-    assert (y.detach()[:, off_out] == 0).all(), "inactive outputs must be exactly zero"
-    assert (x.grad[:, off_in] == 0).all(), "grad of inactive inputs must be exactly zero"
+    if not packed_output:
+        assert (y.detach()[:, off_out] == 0).all(), "inactive outputs must be exactly zero"
+    if not packed_input:
+        assert (x.grad[:, off_in] == 0).all(), "grad of inactive inputs must be exactly zero"
     assert (w.grad[off_out] == 0).all(), "grad of inactive weight rows must be exactly zero"
     if case.groups == 1:
         assert (w.grad[:, off_in] == 0).all(), "grad of inactive weight columns must be zero"

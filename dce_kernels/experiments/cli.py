@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..atomic import write_atomic
 from .files import CHECKPOINT, ERROR, REPORT, RESULTS_CSV, RESULTS_JSON
 
 __all__ = ["main", "build_parser", "config_from_args", "summary_table"]
@@ -132,7 +133,9 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
                        help="run in this many processes on this machine, through torchrun "
                             "(the same as torchrun --standalone --nproc_per_node N -m "
                             "dce_kernels.experiments.cli train ...)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress output: neither the bars (on a terminal) nor the one "
+                        "line per epoch (when output goes to a file)")
 
 
 _METHOD_HELP = ("shrink: DCE, all channels active at first, shrinking to the fraction by "
@@ -373,7 +376,7 @@ def _train(args, argv: Sequence[str]) -> int:
             resume = args.resume and os.path.exists(os.path.join(other.run_dir, CHECKPOINT))
             say(f"\ntraining {method} for comparison ({other.run_dir})", flush=True)
             reports[method] = train(other, resume=resume)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"dce train: error: {e}", file=sys.stderr)
         return 2
     if len(reports) > 1:
@@ -425,8 +428,7 @@ def _plot(args) -> int:
         print(f"dce plot: error: {e}", file=sys.stderr)
         return 2
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+        write_atomic(args.markdown, lambda f: f.write(table + "\n"))
     print(table)
     print("wrote " + ", ".join(paths))
     return 0
@@ -444,13 +446,14 @@ def _ablation_table(args) -> int:
         print(f"dce ablation-table: error: {e}", file=sys.stderr)
         return 2
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+        write_atomic(args.markdown, lambda f: f.write(table + "\n"))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        def write_csv(f):
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+
+        write_atomic(args.csv, write_csv)
     print(table)
     return 0
 

@@ -181,6 +181,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(str, "latin1").
         ("_codecs", "encode"),
+        # ... and an empty array's buffer as bytes() (the builtin, under its Python 2 name).
+        ("__builtin__", "bytes"), ("builtins", "bytes"),
     }
 
     def find_class(self, module, name):
@@ -189,14 +191,15 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, label_key: str,
+                      num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             # encoding="bytes": the batches were pickled by Python 2 (keys are bytes).
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError) as e:
-        raise DatasetFormatError(f"{path}: not a CIFAR python batch ({e})") from e
+    except Exception as e:  # a corrupt pickle raises almost anything; only ours allowed
+        raise DatasetFormatError(f"{path}: not a CIFAR python batch "
+                                 f"({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict):
         raise DatasetFormatError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -209,9 +212,12 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
         raise DatasetFormatError(
             f"{path}: b'data' must be uint8 [N, 3072], got {data.dtype} {list(data.shape)}")
     labels = np.asarray(batch[label_key])
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    # An empty list comes back as float64: its emptiness is the error to report.
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
         raise DatasetFormatError(f"{path}: b'{label_key}' must be a list of integers")
     _check_counts(data, labels, path, path)
+    # Checked per file: the batch that holds a bad label is the one to name.
+    _check_labels(labels, num_classes, path)
     # Rows are 1024 red, 1024 green, 1024 blue values, each plane row-major.
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -233,7 +239,7 @@ def _load_cifar(name, data_dir, train, limit):
                          f"directory (it creates {subdir}/).")
     images, labels = [], []
     for f in files:
-        x, y = _read_cifar_batch(d / f, label_key)
+        x, y = _read_cifar_batch(d / f, label_key, _INFO[name]["num_classes"])
         images.append(x)
         labels.append(y)
         # The batches are in order, so a limit can stop reading early.
@@ -269,8 +275,13 @@ def _load_svhn(data_dir, train):
     if y.ndim != 2 or y.shape[1] != 1:
         raise DatasetFormatError(f"{path}: y must be [N, 1], got {list(y.shape)}")
     y = y[:, 0]
+    if not np.issubdtype(y.dtype, np.integer) and not np.array_equal(y, np.round(y)):
+        raise DatasetFormatError(f"{path}: SVHN labels must be whole numbers, got {y.dtype} "
+                                 "values with a fractional part")
     if not np.all((y >= 1) & (y <= 10)):
-        raise DatasetFormatError(f"{path}: SVHN labels must be 1..10 (10 is digit 0)")
+        raise DatasetFormatError(f"{path}: SVHN labels must be 1..10 (10 is digit 0), got "
+                                 f"[{y.min()}, {y.max()}]")
+    y = y.astype(np.int64)
     images = x.transpose(3, 2, 0, 1)  # [H, W, C, N] -> [N, C, H, W]
     _check_counts(images, y, path, path)
     return images, np.where(y == 10, 0, y), path
@@ -282,6 +293,16 @@ def _check_counts(images, labels, img_path, lbl_path):
     if len(images) != len(labels):
         raise DatasetFormatError(
             f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
+    if len(images) == 0:
+        # Caught here, not as a division by zero in the first epoch.
+        raise DatasetFormatError(f"{img_path} holds no images")
+
+
+def _check_labels(labels, num_classes, path):
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetFormatError(
+            f"{path}: labels must be in [0, {num_classes}), "
+            f"got [{labels.min()}, {labels.max()}]")
 
 
 def load_dataset(name: str, data_dir: Optional[PathLike] = None, train: bool = True,
@@ -299,10 +320,7 @@ def load_dataset(name: str, data_dir: Optional[PathLike] = None, train: bool = T
     else:
         images, labels, label_file = _load_svhn(data_dir, train)
     info = _INFO[name]
-    if labels.size and (labels.min() < 0 or labels.max() >= info["num_classes"]):
-        raise DatasetFormatError(
-            f"{label_file}: labels must be in [0, {info['num_classes']}), "
-            f"got [{labels.min()}, {labels.max()}]")
+    _check_labels(labels, info["num_classes"], label_file)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     # A fresh float32 array: the IDX arrays are read-only views of the file's bytes.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from ..atomic import write_atomic
 from .results import METHOD_ORDER, aggregate
 
 __all__ = ["accuracy_figure", "reduction_figure", "plot_results", "ACCURACY_PNG",
@@ -35,6 +36,12 @@ _STYLE = {"shrink": dict(color="tab:blue", marker="o", label="DCE, shrinking (ou
           "narrow-uniform": dict(color="tab:olive", marker="d",
                                  label="uniformly narrow, from scratch")}
 assert set(_STYLE) <= set(METHOD_ORDER)
+
+
+def save_figure(fig, path: str) -> None:
+    """``fig`` as the image file ``path`` (its extension names the format), written whole."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt), binary=True)
 
 
 def _pyplot():
@@ -87,7 +94,7 @@ def accuracy_figure(rows: Sequence[dict], path: str, title: Optional[str] = None
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -121,7 +128,7 @@ def reduction_figure(rows: Sequence[dict], path: str, title: Optional[str] = Non
     fig.suptitle(title or "Accuracy vs size of the compact network (labels: % active channels)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

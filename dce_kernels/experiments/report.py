@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..atomic import write_atomic
+
 __all__ = ["EpochRecord", "PhaseTotals", "Selection", "DenseSummary", "CompactSummary",
            "Reduction", "ExportInfo", "RunReport"]
 
@@ -160,10 +162,8 @@ class RunReport:
             world_size=int(d.get("world_size", 1)), per_rank_batch=d.get("per_rank_batch"))
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)  # a reader never sees half a report
+        data = self.to_dict()
+        write_atomic(path, lambda f: json.dump(data, f, indent=2))
 
     @classmethod
     def load(cls, path: str) -> "RunReport":

@@ -15,6 +15,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+from ..atomic import write_atomic
 from .files import REPORT, RESULTS_CSV, RESULTS_JSON, SWEEP_OPTIONS
 from .report import RunReport
 
@@ -64,13 +65,6 @@ def collect(root: str, runs: Sequence) -> tuple[list[dict], list[str]]:
     return rows, missing
 
 
-def _replace(path: str, write) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)  # readers never see a half-written table
-
-
 def write_results(root: str, runs: Sequence) -> tuple[list[dict], list[str]]:
     rows, missing = collect(root, runs)
     options = None
@@ -86,8 +80,9 @@ def write_results(root: str, runs: Sequence) -> tuple[list[dict], list[str]]:
         writer.writeheader()
         writer.writerows(rows)
 
-    _replace(os.path.join(root, RESULTS_JSON), write_json)
-    _replace(os.path.join(root, RESULTS_CSV), write_csv)
+    # Under the sweep's mutex (write_table): one writer at a time.
+    write_atomic(os.path.join(root, RESULTS_JSON), write_json)
+    write_atomic(os.path.join(root, RESULTS_CSV), write_csv)
     return rows, missing
 
 

@@ -43,6 +43,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
+from ..atomic import create_atomic, write_atomic
 from .choices import DCE_METHODS, METHODS, NARROW_METHODS, check_choice
 from .files import CHECKPOINT, ERROR, LOCK, MUTEX, REPORT, SWEEP_OPTIONS
 from .train import TrainConfig, options_diff, train
@@ -163,8 +164,8 @@ def _owner() -> str:
 
 
 def _is_stale(owner: str) -> bool:
-    """A lock is stale if its writer died: empty/garbled (it died between create
-    and write, which happen under the mutex), or its pid is gone on this host."""
+    """A lock is stale if its writer died: its pid is gone on this host, or the lock is
+    empty or garbled (left by a version that created the file before writing it)."""
     pid, _, host = owner.strip().partition("@")
     if not pid.isdigit():
         return True
@@ -184,21 +185,16 @@ def try_claim(run_dir: str) -> bool:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK)
     for _ in range(2):
+        if create_atomic(path, _owner()):
+            return True
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    owner = f.read()
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            if not _is_stale(owner):
-                return False
-            os.unlink(path)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(_owner())
-        return True
+            with open(path) as f:
+                owner = f.read()
+        except FileNotFoundError:
+            continue  # released meanwhile: try again
+        if not _is_stale(owner):
+            return False
+        os.unlink(path)
     return False
 
 
@@ -225,9 +221,7 @@ def _check_or_record_options(root: str, base: TrainConfig) -> None:
             raise ValueError(f"{root} holds a sweep made with other options (saved, now): "
                              f"{diff}; choose another output directory")
         return
-    with open(path + ".tmp", "w") as f:
-        json.dump(options, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: json.dump(options, f, indent=2))
 
 
 # -- the sweep -------------------------------------------------------------------
@@ -305,8 +299,8 @@ def run_sweep(base: TrainConfig, out: str, runs: Sequence[RunSpec],
                 f"({time.perf_counter() - t0:.0f}s)")
         except Exception as e:  # one broken run must not stop the others
             outcome.failed[spec.name] = f"{type(e).__name__}: {e}"
-            with open(os.path.join(config.run_dir, ERROR), "w") as f:
-                f.write(traceback.format_exc())
+            trace = traceback.format_exc()
+            write_atomic(os.path.join(config.run_dir, ERROR), lambda f: f.write(trace))
             log(f"[{i + 1}/{len(runs)}] {spec.name} FAILED: {type(e).__name__}: {e}")
         finally:
             release(config.run_dir)

@@ -46,6 +46,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -58,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..atomic import write_atomic
 from ..channels import ChannelPlan, plan_for
 from .. import distributed
 from ..compact import compact_model, export_compact
@@ -72,10 +74,14 @@ from .models.init import reinitialize
 from .report import (CompactSummary, DenseSummary, EpochRecord, ExportInfo, PhaseTotals,
                      Reduction, RunReport, Selection)
 
-__all__ = ["TrainConfig", "train", "narrow_model", "evaluate", "recalibrate_batchnorm"]
+__all__ = ["TrainConfig", "NonFiniteError", "train", "narrow_model", "evaluate", "recalibrate_batchnorm"]
 
 FLOP_SAMPLE_EVERY = 25  # training steps between two FLOP counts
 RECALIBRATION_BATCHES = 20
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or saliency that is not finite stopped a run; the message says where."""
 
 
 @dataclass
@@ -417,9 +423,10 @@ class _Run:
 
     def save(self) -> None:
         if self.rank == 0:  # every rank holds the same state
-            path = os.path.join(self.config.run_dir, CHECKPOINT)
-            torch.save(self.state_dict(), path + ".tmp")
-            os.replace(path + ".tmp", path)  # a crash mid-write keeps the previous checkpoint
+            # A crash mid-write keeps the previous checkpoint.
+            state = self.state_dict()
+            write_atomic(os.path.join(self.config.run_dir, CHECKPOINT),
+                         lambda f: torch.save(state, f), binary=True)
         if self.world > 1:
             dist.barrier()  # no rank reads the checkpoint (on resume) before it is written
 
@@ -443,9 +450,9 @@ class _Run:
         return DataLoader(self.train_ds, batch_size=self.config.batch_size // self.world,
                           sampler=sampler, generator=g, drop_last=drop_last)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor,
-              lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step; returns the loss and the logits."""
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float,
+              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training step ``step`` of the epoch; returns the loss and the logits."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # Exploring, the step selects channels and the selector learns from it (prune's
@@ -454,12 +461,35 @@ class _Run:
             out = self.net(x)
             loss = F.cross_entropy(out, y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} in {self.phase} epoch "
-                                         f"{self.epoch + 1}: lower the learning rate")
+                self._stop(f"the loss is {loss.item()}", step, lr)
             self.optimizer.zero_grad()
             loss.backward()
+            if self.dce is not None and self.dce.exploring:
+                # Before the optimizer or the selector sees it (the step's exit).
+                for layer, s in enumerate(self.dce.plan.saliency()):
+                    if not torch.isfinite(s).all():
+                        self._stop(f"the saliency of channel group {layer} is not finite "
+                                   f"({int((~torch.isfinite(s)).sum())} of {s.numel()} "
+                                   "channels)", step, lr)
             self.optimizer.step()
         return loss, out
+
+    def _stop(self, what: str, step: int, lr: float) -> None:
+        """Stops the run on a non-finite number, saying where and what to try. The
+        checkpoint on disk is the last finished epoch's: nothing is saved mid-epoch."""
+        c = self.config
+        ckpt = os.path.join(c.run_dir, CHECKPOINT)
+        option = "--finetune-lr" if self.phase == "finetune" and \
+            c.lr_schedule == "restart" else "--lr"
+        value = c.finetune_lr if option == "--finetune-lr" else c.lr
+        kept = (f"the checkpoint of the last finished epoch ({ckpt}) is intact: --resume "
+                "continues from it once the data is fixed" if os.path.exists(ckpt) else
+                "no epoch had finished, so there is no checkpoint")
+        raise NonFiniteError(
+            f"{what} in phase {self.phase}, epoch {self.epoch + 1}/{c.epochs(self.phase)}, "
+            f"step {step + 1}/{self.steps_per_epoch} (learning rate {lr:.3g}); the run "
+            f"stopped. Training diverged or the data holds NaN or inf: try a lower "
+            f"{option} (now {value:g}) in a new run, or check the input data; {kept}.")
 
     def run_epoch(self) -> EpochRecord:
         from tqdm import tqdm
@@ -470,8 +500,12 @@ class _Run:
         step0 = self.epoch * len(loader)
         loss_sum, correct, seen, flop_samples = 0.0, 0, 0, []
         start = time.perf_counter()
-        bar = tqdm(loader, desc=f"{self.phase} {self.epoch + 1}/{c.epochs(self.phase)}",
-                   disable=not c.progress or self.rank != 0, leave=False, dynamic_ncols=True)
+        where = f"{self.phase} {self.epoch + 1}/{c.epochs(self.phase)}"
+        # A bar redrawn in place only where someone watches it: in a file (CI, nohup, a
+        # sweep worker's log) each redraw would be one more line. Rank 0 speaks for all.
+        bar = tqdm(loader, desc=where,
+                   disable=not (c.progress and _interactive()) or self.rank != 0,
+                   leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(self.device), y.to(self.device)
             lr = self._lr(step0 + i)
@@ -480,10 +514,10 @@ class _Run:
                 # channel counts change smoothly (or not at all), so a regular sample
                 # of steps stands for the others.
                 with FlopCounterMode(display=False) as counter:
-                    loss, out = self._step(x, y, lr)
+                    loss, out = self._step(x, y, lr, i)
                 flop_samples.append(counter.get_total_flops())
             else:
-                loss, out = self._step(x, y, lr)
+                loss, out = self._step(x, y, lr, i)
             loss_sum += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
@@ -502,6 +536,10 @@ class _Run:
         test_acc = evaluate(self.model, self._loader(train=False), self.device)
         if self.phase == "explore" and c.method == "prune":
             self.plan.apply(None)
+        if c.progress and self.rank == 0:
+            tqdm.write(f"{where}: loss {loss_sum / seen:.4f}, train acc {correct / seen:.4f}, "
+                       f"test acc {test_acc:.4f}, {train_time:.1f} s", file=sys.stdout)
+            sys.stdout.flush()
         return EpochRecord(phase=self.phase, epoch=self.epoch + 1, train_loss=loss_sum / seen,
                            train_acc=correct / seen, test_acc=test_acc, train_seconds=train_time,
                            lr_end=lr,
@@ -525,6 +563,11 @@ class _Run:
     @property
     def done(self) -> bool:
         return self.phase_index >= len(self.phases)
+
+
+def _interactive() -> bool:
+    """Whether the progress bars' stream (stderr) is a terminal."""
+    return sys.stderr.isatty()
 
 
 @torch.no_grad()
@@ -642,10 +685,17 @@ def train(config: TrainConfig, resume: bool = False, datasets: Optional[tuple] =
     os.makedirs(config.run_dir, exist_ok=True)
     run = _Run(config, train_ds, test_ds, info)
     if resume:
-        run.load_state_dict(torch.load(ckpt, weights_only=False))
+        try:
+            state = torch.load(ckpt, weights_only=False)
+        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+            raise ValueError(f"cannot resume: {ckpt} is not a readable checkpoint "
+                             f"({type(e).__name__}: {e}); start a new run instead") from e
+        if not isinstance(state, dict) or "config" not in state:
+            raise ValueError(f"cannot resume: {ckpt} is not a checkpoint of dce train")
+        run.load_state_dict(state)
     if run.rank == 0:
-        with open(os.path.join(config.run_dir, CONFIG), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        write_atomic(os.path.join(config.run_dir, CONFIG),
+                     lambda f: json.dump(dataclasses.asdict(config), f, indent=2))
     epochs_run = 0
     while not run.done:
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
