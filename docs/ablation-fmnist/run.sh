@@ -39,6 +39,12 @@ done
 EXTRA=(
   "shrink-random-global|--no-baseline --methods shrink-random --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.02 --reward l2 --lr-schedule continuous"
   "shrink-global-discount|--no-baseline --methods shrink --budget global --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.02 --reward l2 --lr-schedule continuous --discount 0.99"
+  # Equal inference cost: the uniform network's FLOPs per image, spent by score (weight 0)
+  # or by score per FLOP saved (weight 1; seeds 0 and 1 ran before --flops-weight existed,
+  # with the code that is now weight 1).
+  "shrink-flops-by-score|--no-baseline --methods shrink --budget flops --flops-weight 0 --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.01 --reward l2 --lr-schedule continuous"
+  "shrink-random-flops|--no-baseline --methods shrink-random --budget flops --flops-weight 0 --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.01 --reward l2 --lr-schedule continuous"
+  "shrink-flops-per-flop|--no-baseline --methods shrink --budget flops --flops-weight 1 --fractions 0.25 --explore-epochs 1 --finetune-epochs 3 --finetune-lr 0.01 --reward l2 --lr-schedule continuous"
 )
 TRAIN_COMMON=(--dataset fashion-mnist --model vgg11 --width 0.25 --batch-size 128 --lr 0.1
               --train-limit 20000 --threads 1 --no-progress --lr-schedule continuous --reward l2)
@@ -48,14 +54,21 @@ if [ "${PART:-all}" != "1" ]; then
     # shellcheck disable=SC2086
     $PY -m dce_kernels.experiments.cli sweep --out "$OUT/$label" "${COMMON[@]}" $options || true
   done
+  # The widths of the two budgets, trained from scratch.
   for seed in 0 1 2; do
-    source_run="$OUT/shrink-global/fashion-mnist-vgg11/shrink-p0.25-s$seed"
-    target="$OUT/narrow-at-shrink-widths/fashion-mnist-vgg11/narrow-p0.25-s$seed"
-    if [ -f "$source_run/report.json" ] && [ ! -f "$target/report.json" ]; then
-      resume=(); [ -f "$target/checkpoint.pt" ] && resume=(--resume)
-      $PY -m dce_kernels.experiments.cli train "${TRAIN_COMMON[@]}" --seed "$seed" \
-        --method narrow --budget global --fraction 0.25 --explore-epochs 1 --finetune-epochs 3 \
-        --widths-from "$source_run" --run-dir "$target" "${resume[@]}" || true
-    fi
+    for budget in global flops; do
+      case $budget in
+        global) source_run="$OUT/shrink-global/fashion-mnist-vgg11/shrink-p0.25-s$seed"
+                target="$OUT/narrow-at-shrink-widths/fashion-mnist-vgg11/narrow-p0.25-s$seed" ;;
+        flops) source_run="$OUT/shrink-flops-by-score/fashion-mnist-vgg11/shrink-p0.25-s$seed"
+               target="$OUT/narrow-at-shrink-flops-widths/fashion-mnist-vgg11/narrow-p0.25-s$seed" ;;
+      esac
+      if [ -f "$source_run/report.json" ] && [ ! -f "$target/report.json" ]; then
+        resume=(); [ -f "$target/checkpoint.pt" ] && resume=(--resume)
+        $PY -m dce_kernels.experiments.cli train "${TRAIN_COMMON[@]}" --seed "$seed" \
+          --method narrow --budget $budget --fraction 0.25 --explore-epochs 1 --finetune-epochs 3 \
+          --widths-from "$source_run" --run-dir "$target" "${resume[@]}" || true
+      fi
+    done
   done
 fi
