@@ -15,7 +15,7 @@ from . import flops
 from .channels import ChannelGroup, ChannelPlan, convert, plan_for, sequential_groups
 from .compact import compact_model, export_compact
 from .flops import count_flops, count_params
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
 from .ops import channel_sparse_conv2d
 from .optim import MaskedOptimizer
 from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
@@ -24,6 +24,7 @@ __all__ = [
     "channel_sparse_conv2d",
     "ChannelSparseConv2d",
     "ChannelSparseBatchNorm2d",
+    "ChannelSparseNormAct",
     "ChannelGroup",
     "ChannelPlan",
     "plan_for",

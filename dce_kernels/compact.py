@@ -28,7 +28,7 @@ from torch import nn
 
 from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
 
 __all__ = ["compact_model", "export_compact", "load_exported"]
 
@@ -58,7 +58,30 @@ def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
     return plain
 
 
+def _restored_norm(bn: ChannelSparseNormAct) -> nn.BatchNorm2d:
+    """The original class again (timm's BatchNormAct2d, with its activation), holding
+    a copy of ``bn``'s state narrowed to the active channels."""
+    idx = bn.active_idx
+    state = copy.deepcopy(bn).__dict__
+    state["_buffers"].pop("active_idx")
+    for attr in ("dense_type", "after", "packed"):
+        state.pop(attr)
+    plain = bn.dense_type.__new__(bn.dense_type)
+    plain.__dict__.update(state)
+    plain.num_features = idx.numel()
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(bn, name) is not None:
+                setattr(plain, name, nn.Parameter(getattr(bn, name).index_select(0, idx).clone()))
+        for name in ("running_mean", "running_var"):
+            if getattr(bn, name) is not None:
+                setattr(plain, name, getattr(bn, name).index_select(0, idx).clone())
+    return plain
+
+
 def _plain_norm(bn: ChannelSparseBatchNorm2d) -> nn.BatchNorm2d:
+    if isinstance(bn, ChannelSparseNormAct):
+        return _restored_norm(bn)
     idx = bn.active_idx
     plain = nn.BatchNorm2d(idx.numel(), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                            track_running_stats=bn.track_running_stats,
