@@ -15,7 +15,9 @@ compacted inputs; a depthwise conv keeps its active channels as a narrower
 depthwise conv.
 
 ``export_compact`` writes it as a ``state_dict`` and as a ``torch.export``
-program (``.pt2``), which ``torch.export.load`` runs without dce_kernels.
+program (``.pt2``), which ``torch.export.load`` runs without dce_kernels, or
+(``format="onnx"``) as an ONNX file made from that program by
+``torch.onnx.export`` (needs ``onnxscript``), which onnxruntime runs.
 """
 from __future__ import annotations
 
@@ -130,21 +132,44 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     return compact
 
 
+EXPORT_FORMATS = ("torch.export", "onnx")
+
+
 def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: str,
-                   stem: str = "compact") -> dict[str, str]:
-    """Writes ``<stem>_state_dict.pt`` and ``<stem>.pt2`` (torch.export, batch
-    size dynamic) into ``directory``; returns their paths."""
+                   stem: str = "compact", format: str = "torch.export") -> dict[str, str]:
+    """Writes ``<stem>_state_dict.pt`` and the eval-mode program into
+    ``directory`` and returns their paths: ``"state_dict"`` and, for ``format``
+    ``"torch.export"``, ``"program"`` (``<stem>.pt2``), for ``"onnx"``, ``"onnx"``
+    (``<stem>.onnx``: input ``"input"``, output ``"logits"``). The batch size
+    is dynamic in both."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, "
+                         f"got {format!r}")
+    if any(isinstance(m, (ChannelSparseConv2d, ChannelSparseBatchNorm2d))
+           for m in compact.modules()):
+        raise ValueError("export_compact expects compact_model's result; this model still "
+                         "has channel-sparse layers")
     os.makedirs(directory, exist_ok=True)
     was_training = compact.training
     compact.eval()
-    paths = {"state_dict": os.path.join(directory, f"{stem}_state_dict.pt"),
-             "program": os.path.join(directory, f"{stem}.pt2")}
-    torch.save(compact.state_dict(), paths["state_dict"])
-    batch = torch.export.Dim("batch", min=1)
-    example = example_input[:2] if example_input.shape[0] >= 2 else example_input.repeat(2, 1, 1, 1)
-    program = torch.export.export(compact, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, paths["program"])
-    compact.train(was_training)
+    try:
+        paths = {"state_dict": os.path.join(directory, f"{stem}_state_dict.pt")}
+        torch.save(compact.state_dict(), paths["state_dict"])
+        batch = torch.export.Dim("batch", min=1)
+        example = (example_input[:2] if example_input.shape[0] >= 2
+                   else example_input.repeat(2, 1, 1, 1))
+        program = torch.export.export(compact, (example,), dynamic_shapes=({0: batch},))
+        if format == "torch.export":
+            paths["program"] = os.path.join(directory, f"{stem}.pt2")
+            torch.export.save(program, paths["program"])
+        else:
+            paths["onnx"] = os.path.join(directory, f"{stem}.onnx")
+            # From the program already made: one graph capture, and the ONNX file
+            # computes exactly what the .pt2 would.
+            torch.onnx.export(program, f=paths["onnx"], dynamo=True, input_names=["input"],
+                              output_names=["logits"], verbose=False)
+    finally:
+        compact.train(was_training)
     return paths
 
 
