@@ -40,6 +40,7 @@ together, so layers that run in one mode only (auxiliary heads) are linked too.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
@@ -172,8 +173,21 @@ def _augmented_assignment(node: torch.fx.Node) -> bool:
     if node.op != "call_function" or node.target not in ADD_FUNCTIONS | MUL_FUNCTIONS \
             | DIV_FUNCTIONS:
         return False
-    lines = [ln for ln in (node.stack_trace or "").splitlines() if ln.strip()]
-    return bool(lines) and bool(_AUGMENTED.match(lines[-1]))
+    return bool(_AUGMENTED.match(_source_line(node)))
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FRAME = re.compile(r'^\s*File "(.*)", line \d+')
+
+
+def _source_line(node: torch.fx.Node) -> str:
+    """The line of the traced code that made ``node`` (its last frame outside torch)."""
+    line, lines = "", (node.stack_trace or "").splitlines()
+    for i, text in enumerate(lines[:-1]):
+        frame = _FRAME.match(text)
+        if frame and not frame.group(1).startswith(_TORCH_DIR):
+            line = lines[i + 1]
+    return line
 
 
 def _is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
