@@ -3,6 +3,15 @@ dce_kernels.convert, at active fraction p (default 0.5).
 
     .venv/bin/python bench/convert_models.py [--models resnet18,vgg11_bn] [--p 0.5]
         [--batch 32] [--size 32] [--rounds 7] [--threads 2]
+    .venv/bin/python bench/convert_models.py --shrink [--models ...] [--size 64]
+
+``--shrink`` prints instead, per model (torchvision names, or timm:NAME; default:
+four torchvision models and eight timm families), how far ``compact_model``
+shrinks it at p: sparse convs / all convs, parameter and FLOP reduction of the
+compact model (CUCB's first selection: p of every group), why convs stay full,
+and next to it Torch-Pruning's DepGraph result on the same untrained model
+(magnitude importance, pruning ratio p per group, classifier kept), measured in
+the same run (needs the bench extra: torch-pruning).
 
 Per model (untrained, float32, batch x 3 x size x size, 10 classes):
 
@@ -27,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import dce_kernels
-from dce_kernels import CUCBSelector, count_flops
+from dce_kernels import CUCBSelector, count_flops, count_params
 from dce_kernels.channels import plan_for
 from dce_kernels.optim import MaskedOptimizer
 
@@ -105,6 +114,87 @@ def measure(name: str, p: float, batch: int, size: int, rounds: int) -> dict:
                       for k in ("select", "fwd_bwd", "opt", "update")}}
 
 
+SHRINK_MODELS = ("resnet18,vgg11_bn,mobilenet_v2,densenet121,timm:regnetx_002,"
+                 "timm:efficientnet_b0,timm:convnext_atto,timm:ghostnet_050,timm:repvgg_a0,"
+                 "timm:mobilenetv3_small_050,timm:resnet50,timm:densenet121")
+
+
+def _build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:], pretrained=False, num_classes=10).eval()
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+
+
+def _classifier(model: torch.nn.Module) -> torch.nn.Module:
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def _torch_pruning(name: str, p: float, x: torch.Tensor) -> tuple[float, float]:
+    """(parameter, FLOP) reduction of Torch-Pruning's DepGraph at ratio p."""
+    import torch_pruning as tp
+
+    model = _build(name)
+    dense_params, dense_flops = count_params(model), count_flops(model, x)
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=p, ignored_layers=[_classifier(model)])
+    pruner.step()
+    return dense_params / count_params(model), dense_flops / count_flops(model, x)
+
+
+def shrink(name: str, p: float, size: int) -> dict:
+    """How far compact_model shrinks ``name`` at p, and why convs stay full."""
+    import collections
+    import warnings
+
+    from dce_kernels.channels import conversion_notes
+
+    original = _build(name)
+    x = torch.randn(1, 3, size, size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = dce_kernels.convert(original, copy=True)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    sparse = sum(isinstance(m, dce_kernels.ChannelSparseConv2d) for m in model.modules())
+    reasons = collections.Counter(why.split(": ", 1)[-1] for why in conversion_notes(model).values())
+    row = {"model": name, "sparse": sparse, "convs": convs, "params": 1.0, "flops": 1.0,
+           "full": "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))}
+    if caught:
+        row["full"] = (row["full"] + "; " if row["full"] else "") + str(caught[0].message)[:90]
+    try:
+        plan = plan_for(model)
+        plan.apply(CUCBSelector(plan.num_channels, fraction=p, tau=1, seed=0).select())
+        compact = dce_kernels.compact_model(model, plan).eval()
+        row["params"] = count_params(original) / count_params(compact)
+        row["flops"] = count_flops(original, x) / count_flops(compact, x)
+    except ValueError as e:
+        row["full"] = f"{row['full']}; {e}"[:200]
+    try:
+        row["tp_params"], row["tp_flops"] = _torch_pruning(name, p, x)
+    except Exception as e:  # report, do not stop the table
+        row["tp_params"] = row["tp_flops"] = float("nan")
+        row["full"] += f" (Torch-Pruning failed: {type(e).__name__})"
+    return row
+
+
+def main_shrink(args) -> None:
+    print(f"p={args.p}, untrained, 1x3x{args.size}x{args.size}, float32\n")
+    print("| model | sparse / all convs | params / compact (ours) | Torch-Pruning "
+          "| FLOPs / compact (ours) | Torch-Pruning | why convs stay full |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        r = shrink(name, args.p, args.size)
+        print(f"| {r['model']} | {r['sparse']} / {r['convs']} | {r['params']:.2f}x "
+              f"| {r['tp_params']:.2f}x | {r['flops']:.2f}x | {r['tp_flops']:.2f}x "
+              f"| {r['full'] or '-'} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="resnet18,vgg11_bn,mobilenet_v2,densenet121")
@@ -113,8 +203,17 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shrink", action="store_true",
+                    help="the compact model's reduction next to Torch-Pruning's instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.shrink:
+        if args.models == ap.get_default("models"):
+            args.models = SHRINK_MODELS
+        if args.size == ap.get_default("size"):
+            args.size = 64
+        main_shrink(args)
+        return
     print(f"p={args.p}, batch {args.batch}, {args.size}x{args.size}, float32, "
           f"{args.threads} threads, median of {args.rounds} interleaved rounds\n")
     print("| model | groups | fwd FLOPs dense | skipped fwd | skipped fwd+bwd | dense step ms "

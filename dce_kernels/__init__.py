@@ -18,7 +18,7 @@ from .compact import compact_model, export_compact
 from .cost import FlopsCost
 from .dynamic import DynamicChannels
 from .flops import count_flops, count_params
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
 from .ops import channel_sparse_conv2d
 from .optim import MaskedOptimizer
 from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
@@ -31,6 +31,7 @@ __all__ = [
     "ChannelSparseBatchNorm2d",
     "ChannelSparseSyncBatchNorm2d",
     "convert_sync_batchnorm",
+    "ChannelSparseNormAct",
     "ChannelGroup",
     "ChannelPlan",
     "plan_for",

@@ -15,7 +15,9 @@ compacted inputs; a depthwise conv keeps its active channels as a narrower
 depthwise conv.
 
 ``export_compact`` writes it as a ``state_dict`` and as a ``torch.export``
-program (``.pt2``), which ``torch.export.load`` runs without dce_kernels.
+program (``.pt2``), which ``torch.export.load`` runs without dce_kernels, or
+(``format="onnx"``) as an ONNX file made from that program by
+``torch.onnx.export`` (needs ``onnxscript``), which onnxruntime runs.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import nn
 from .atomic import write_atomic
 from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
 
 __all__ = ["compact_model", "export_compact", "export_paths", "load_exported"]
 
@@ -59,7 +61,30 @@ def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
     return plain
 
 
+def _restored_norm(bn: ChannelSparseNormAct) -> nn.BatchNorm2d:
+    """The original class again (timm's BatchNormAct2d, with its activation), holding
+    a copy of ``bn``'s state narrowed to the active channels."""
+    idx = bn.active_idx
+    state = copy.deepcopy(bn).__dict__
+    state["_buffers"].pop("active_idx")
+    for attr in ("dense_type", "after", "packed"):
+        state.pop(attr)
+    plain = bn.dense_type.__new__(bn.dense_type)
+    plain.__dict__.update(state)
+    plain.num_features = idx.numel()
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(bn, name) is not None:
+                setattr(plain, name, nn.Parameter(getattr(bn, name).index_select(0, idx).clone()))
+        for name in ("running_mean", "running_var"):
+            if getattr(bn, name) is not None:
+                setattr(plain, name, getattr(bn, name).index_select(0, idx).clone())
+    return plain
+
+
 def _plain_norm(bn: ChannelSparseBatchNorm2d) -> nn.BatchNorm2d:
+    if isinstance(bn, ChannelSparseNormAct):
+        return _restored_norm(bn)
     idx = bn.active_idx
     plain = nn.BatchNorm2d(idx.numel(), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                            track_running_stats=bn.track_running_stats,
@@ -111,27 +136,57 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     return compact
 
 
-def export_paths(directory: str, stem: str = "compact") -> dict[str, str]:
-    """The files :func:`export_compact` writes: ``state_dict`` and ``program``."""
+EXPORT_FORMATS = ("torch.export", "onnx")
+_PROGRAM_FILE = {"torch.export": ("program", ".pt2"), "onnx": ("onnx", ".onnx")}
+
+
+def export_paths(directory: str, stem: str = "compact",
+                 format: str = "torch.export") -> dict[str, str]:
+    """The files :func:`export_compact` writes: ``state_dict`` and, by ``format``,
+    ``program`` (``.pt2``) or ``onnx`` (``.onnx``)."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, "
+                         f"got {format!r}")
+    key, suffix = _PROGRAM_FILE[format]
     return {"state_dict": os.path.join(directory, f"{stem}_state_dict.pt"),
-            "program": os.path.join(directory, f"{stem}.pt2")}
+            key: os.path.join(directory, f"{stem}{suffix}")}
 
 
 def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: str,
-                   stem: str = "compact") -> dict[str, str]:
-    """Writes ``<stem>_state_dict.pt`` and ``<stem>.pt2`` (torch.export, batch
-    size dynamic) into ``directory``; returns their paths."""
+                   stem: str = "compact", format: str = "torch.export") -> dict[str, str]:
+    """Writes ``<stem>_state_dict.pt`` and the eval-mode program into
+    ``directory`` and returns their paths: ``"state_dict"`` and, for ``format``
+    ``"torch.export"``, ``"program"`` (``<stem>.pt2``), for ``"onnx"``, ``"onnx"``
+    (``<stem>.onnx``: input ``"input"``, output ``"logits"``). The batch size
+    is dynamic in both."""
+    export_paths(directory, stem, format)  # refuses an unknown format before any work
+    if any(isinstance(m, (ChannelSparseConv2d, ChannelSparseBatchNorm2d))
+           for m in compact.modules()):
+        raise ValueError("export_compact expects compact_model's result; this model still "
+                         "has channel-sparse layers")
     os.makedirs(directory, exist_ok=True)
     was_training = compact.training
     compact.eval()
-    paths = export_paths(directory, stem)
-    state = compact.state_dict()
-    write_atomic(paths["state_dict"], lambda f: torch.save(state, f), binary=True)
-    batch = torch.export.Dim("batch", min=1)
-    example = example_input[:2] if example_input.shape[0] >= 2 else example_input.repeat(2, 1, 1, 1)
-    program = torch.export.export(compact, (example,), dynamic_shapes=({0: batch},))
-    write_atomic(paths["program"], lambda f: torch.export.save(program, f), binary=True)
-    compact.train(was_training)
+    try:
+        paths = export_paths(directory, stem, format)
+        state = compact.state_dict()
+        write_atomic(paths["state_dict"], lambda f: torch.save(state, f), binary=True)
+        batch = torch.export.Dim("batch", min=1)
+        example = (example_input[:2] if example_input.shape[0] >= 2
+                   else example_input.repeat(2, 1, 1, 1))
+        program = torch.export.export(compact, (example,), dynamic_shapes=({0: batch},))
+        if format == "torch.export":
+            write_atomic(paths["program"], lambda f: torch.export.save(program, f),
+                         binary=True)
+        else:
+            # From the program already made: one graph capture, and the ONNX file
+            # computes exactly what the .pt2 would.
+            onnx_program = torch.onnx.export(program, dynamo=True, input_names=["input"],
+                                             output_names=["logits"], verbose=False)
+            data = onnx_program.model_proto.SerializeToString()
+            write_atomic(paths["onnx"], lambda f: f.write(data), binary=True)
+    finally:
+        compact.train(was_training)
     return paths
 
 

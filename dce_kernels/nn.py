@@ -9,7 +9,7 @@ from torch import nn
 
 from .ops import channel_sparse_conv2d
 
-__all__ = ["ChannelSparseConv2d", "ChannelSparseBatchNorm2d"]
+__all__ = ["ChannelSparseConv2d", "ChannelSparseBatchNorm2d", "ChannelSparseNormAct"]
 
 _Index = Optional[Union[torch.Tensor, Sequence[int]]]
 
@@ -260,3 +260,54 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", active={self.active_channels}"
                 + (", packed" if self.packed else ""))
+
+
+class ChannelSparseNormAct(ChannelSparseBatchNorm2d):
+    """A channel-sparse stand-in for a BatchNorm2d *subclass* of another library
+    whose forward calls ``F.batch_norm`` on its own parameters and then runs some
+    of its channel-wise children (timm's ``BatchNormAct2d``: ``drop``, ``act``).
+
+    Made by :meth:`from_module` from the module itself: the same attributes,
+    parameters, buffers and children (shared, not copied), so ``state_dict`` keys
+    stay the original's. With every channel active it runs the original class's
+    own forward; otherwise the channel-sparse normalization, then the children
+    named in ``after``, in order (what :func:`dce_kernels.convert` read off the
+    trace of that forward). ``dense_type`` is the original class, which
+    :func:`dce_kernels.compact_model` exports again.
+    """
+
+    dense_type: type
+    after: tuple[str, ...]
+
+    @classmethod
+    def from_module(cls, bn: nn.BatchNorm2d, after: Sequence[str]) -> "ChannelSparseNormAct":
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"expected a BatchNorm2d subclass, got {type(bn).__name__}")
+        missing = [n for n in after if n not in bn._modules]
+        if missing:
+            raise ValueError(f"{type(bn).__name__} has no child module {missing[0]!r}")
+        layer = cls.__new__(cls)
+        state = dict(bn.__dict__)
+        # Own registries (so that registering active_idx leaves ``bn`` alone), same entries.
+        for key, value in state.items():
+            if key.startswith("_") and isinstance(value, dict):
+                state[key] = type(value)(value)
+        layer.__dict__.update(state)
+        layer.dense_type = type(bn)
+        layer.after = tuple(after)
+        layer.packed = False
+        device = bn.running_mean.device if bn.running_mean is not None else None
+        layer.register_buffer("active_idx", torch.arange(bn.num_features, device=device),
+                              persistent=False)
+        return layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.active_idx.numel() == self.num_features:
+            return self.dense_type.forward(self, input)
+        out = super().forward(input)
+        for name in self.after:
+            out = self._modules[name](out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.dense_type.__name__}, " + super().extra_repr()

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from dce_kernels import CUCBSelector, convert
 from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model, export_compact, load_exported
-from dce_kernels.optim import ActiveBlock, MaskedOptimizer
+from dce_kernels.optim import MaskedOptimizer
 from toolkit import (active_parameter_count, capture_original, check_against_reference,
-                     random_selection, randomize_norms, synthetic_dataset)
+                     inactive_mask, random_selection, randomize_norms, synthetic_dataset)
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -83,23 +83,6 @@ def test_random_channels_equal_the_masked_original(converted):
     assert check_against_reference(model, reference, plan, x, atol=TOLERANCE[x.dtype]) == []
 
 
-def _inactive_mask(block):
-    """True outside the block's active rows and columns (over the whole tensor)."""
-    if block.view is not None:
-        viewed = ActiveBlock(block.param.detach().view(block.view), block.rows, block.cols)
-        return _inactive_mask(viewed).reshape(block.param.shape)
-    p = block.param
-    rows = block.rows if block.rows is not None else torch.arange(p.shape[0])
-    if p.dim() == 1:
-        active = torch.zeros(p.shape[0], dtype=torch.bool)
-        active[rows] = True
-        return ~active
-    cols = block.cols if block.cols is not None else torch.arange(p.shape[1])
-    active = torch.zeros(p.shape[:2], dtype=torch.bool)
-    active[rows.unsqueeze(1), cols] = True
-    return (~active).reshape(*p.shape[:2], *([1] * (p.dim() - 2))).expand(p.shape)
-
-
 def test_training_steps_with_cucb_then_export(converted, tmp_path):
     name, model, _, _ = converted
     plan = plan_for(model)
@@ -110,7 +93,7 @@ def test_training_steps_with_cucb_then_export(converted, tmp_path):
     gen = torch.Generator().manual_seed(2)
     for step in range(3):
         plan.apply(selector.select())
-        frozen = [(b.param, _inactive_mask(b)) for b in plan.active_blocks()]
+        frozen = [(b.param, inactive_mask(b)) for b in plan.active_blocks()]
         before = [p.detach()[mask].clone() for p, mask in frozen]
         x = _input(model, 4, 3, 32, 32, generator=gen)
         loss = F.cross_entropy(model(x), torch.randint(0, 10, (4,), generator=gen))
@@ -161,8 +144,8 @@ def test_build_model_adapts_stem_classes_and_small_images():
         build_model("torchvision:resnet7")
     with pytest.raises(ValueError, match="width scales our own models only"):
         build_model("torchvision:resnet18", width=0.5)
-    with pytest.raises(ValueError, match="torchvision:NAME"):
-        build_model("timm:resnet18")
+    with pytest.raises(ValueError, match="'torchvision:NAME' or 'timm:NAME'"):
+        build_model("keras:resnet18")
 
 
 def test_dce_train_runs_a_torchvision_model_end_to_end(tmp_path):

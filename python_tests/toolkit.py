@@ -25,6 +25,7 @@ from torch.utils.data import TensorDataset
 
 import dce_kernels
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from dce_kernels.optim import ActiveBlock
 
 Size = Union[int, tuple]
 
@@ -351,11 +352,34 @@ def check_call(conv, device, dtype, case: ConvCase, in_idx, out_idx, idx_dtype=t
 
 # -- the masked reference of a converted model ---------------------------------------------
 
+# Masks applied to functional batch_norm outputs of a reference (norm name -> sparse twin),
+# set while a MaskedReference is active.
+_FUNCTIONAL_NORM_MASKS: dict = {}
+
+
+def _functional_norm_mask(y, name):
+    twin = _FUNCTIONAL_NORM_MASKS.get(name)
+    return y if twin is None else y * channel_mask(twin.active_idx, y)
+
+
 def capture_original(model: nn.Module) -> torch.fx.GraphModule:
     """The model's graph over its current (original) layers, shared, not copied:
     conversion shares the parameter tensors, so this reference shares them too but
-    none of dce_kernels' code."""
-    return torch.fx.symbolic_trace(model)
+    none of dce_kernels' code. A ``F.batch_norm`` on a module's own weight (timm's
+    BatchNormAct2d) gets a hook node after it, named by that module, where
+    MaskedReference masks its outputs as it masks nn.BatchNorm2d's. The graph is
+    traced in the model's current mode (functional norms keep it)."""
+    gm = torch.fx.symbolic_trace(model)
+    for node in list(gm.graph.nodes):
+        weight = node.kwargs.get("weight") if node.op == "call_function" else None
+        if (getattr(node.target, "__name__", "") == "batch_norm"
+                and isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            with gm.graph.inserting_after(node):
+                hook = gm.graph.call_function(_functional_norm_mask,
+                                              (node, weight.target.rpartition(".")[0]))
+            node.replace_all_uses_with(hook, delete_user_cb=lambda u: u is not hook)
+    gm.recompile()
+    return gm
 
 
 class MaskedReference:
@@ -378,6 +402,10 @@ class MaskedReference:
                 self.handles.append(layer.register_forward_hook(self._conv_out(twin)))
             elif isinstance(layer, nn.BatchNorm2d) and hasattr(twin, "active_idx"):
                 self.handles.append(layer.register_forward_hook(self._norm_out(twin)))
+        for name, twin in sparse.items():
+            if hasattr(twin, "active_idx") and not isinstance(
+                    dict(reference.named_modules()).get(name), nn.BatchNorm2d):
+                _FUNCTIONAL_NORM_MASKS[name] = twin
         names = {id(m): n for n, m in converted.named_modules()}
         for lin, cols in linear_columns:
             layer = reference.get_submodule(names[id(lin)])
@@ -413,6 +441,24 @@ class MaskedReference:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        _FUNCTIONAL_NORM_MASKS.clear()
+
+
+def inactive_mask(block):
+    """True outside an ActiveBlock's active rows and columns (over the whole tensor)."""
+    if block.view is not None:
+        viewed = ActiveBlock(block.param.detach().view(block.view), block.rows, block.cols)
+        return inactive_mask(viewed).reshape(block.param.shape)
+    p = block.param
+    rows = block.rows if block.rows is not None else torch.arange(p.shape[0])
+    if p.dim() == 1:
+        active = torch.zeros(p.shape[0], dtype=torch.bool)
+        active[rows] = True
+        return ~active
+    cols = block.cols if block.cols is not None else torch.arange(p.shape[1])
+    active = torch.zeros(p.shape[:2], dtype=torch.bool)
+    active[rows.unsqueeze(1), cols] = True
+    return (~active).reshape(*p.shape[:2], *([1] * (p.dim() - 2))).expand(p.shape)
 
 
 def randomize_norms(model):

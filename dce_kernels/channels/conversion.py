@@ -42,9 +42,10 @@ from typing import Any, Iterable, Optional
 import torch.fx
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
 from .group import SPEC_ATTR, recorded_spec
-from .trace import is_convertible_conv, link_graphs, link_without_graph, trace_modes
+from .trace import (_augmented_assignment, is_convertible_conv, link_graphs, link_without_graph,
+                    trace_modes)
 
 __all__ = ["convert", "conversion_notes"]
 
@@ -125,8 +126,10 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             "tensor values) for the full conversion.", stacklevel=2)
         spec = link_without_graph(model, exclude)
         traced = False
+        norm_after: dict[str, tuple[str, ...]] = {}
     else:
-        spec, inplace_after = link_graphs(model, graphs, exclude)
+        linked = link_graphs(model, graphs, exclude)
+        spec, inplace_after, norm_after = linked.spec, linked.inplace_after, linked.norm_after
         traced = True
 
     modules = dict(model.named_modules())
@@ -142,12 +145,20 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             replacements[id(m)] = ChannelSparseConv2d.from_dense(m)
     for name in sorted(to_norm):
         m = modules[name]
-        if type(m) is nn.BatchNorm2d and id(m) not in replacements:
+        if id(m) in replacements or isinstance(m, ChannelSparseBatchNorm2d):
+            continue
+        if type(m) is nn.BatchNorm2d:
             replacements[id(m)] = _sparse_norm(m)
+        else:  # a subclass calling F.batch_norm, then the children the trace showed
+            replacements[id(m)] = ChannelSparseNormAct.from_module(m, norm_after[name])
     _swap(model, replacements)
 
     if traced:
-        _make_saliency_safe(model, inplace_after, to_conv)
+        if _make_saliency_safe(model, inplace_after, to_conv, warn=False):
+            # Flags switched inside modules of other libraries: check on a new trace
+            # that the ops are out of place now; what still is loses its saliency.
+            again = link_graphs(model, trace_modes(model, concrete_args), exclude)
+            _make_saliency_safe(model, again.inplace_after, to_conv, switch=False)
     else:
         # No graph to see what follows a conv: every in-place module becomes
         # out-of-place (the same result), so none can overwrite a conv's output.
@@ -158,14 +169,37 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     return model
 
 
+def _inplace_switch(model: nn.Module, user: torch.fx.Node) -> Optional[nn.Module]:
+    """The module whose ``inplace = True`` makes ``user`` in place, if that is how
+    it is: a torch module called on the output, or the innermost module whose own
+    forward ran the in-place function (timm's activations take ``inplace``)."""
+    if user.op == "call_module":
+        return model.get_submodule(user.target)
+    scope = list(user.meta.get("nn_module_stack", {}).values())
+    if not scope or _augmented_assignment(user):
+        return None
+    owner = model.get_submodule(scope[-1][0])
+    return owner if getattr(owner, "inplace", None) is True else None
+
+
 def _make_saliency_safe(model: nn.Module, inplace_after: list[tuple[str, torch.fx.Node]],
-                        converted: set[str]) -> None:
-    warned = set()
+                        converted: set[str], switch: bool = True, warn: bool = True) -> bool:
+    """In-place ops on a sparse conv's output (which its saliency needs in backward)
+    made out of place where a module's ``inplace`` flag says so (``switch``); with
+    ``warn``, every other such conv stops tracking saliency, with a warning. Returns
+    whether a flag inside another module's forward was switched (``warn=False``
+    then leaves the rest to a check on a new trace)."""
+    warned, switched_inside = set(), False
     for conv_name, user in inplace_after:
         if conv_name not in converted or conv_name in warned:
             continue
-        if user.op == "call_module":
-            model.get_submodule(user.target).inplace = False
+        module = _inplace_switch(model, user) if switch else None
+        if module is not None:
+            module.inplace = False
+            switched_inside |= user.op != "call_module"
+            continue
+        if not warn:
+            switched_inside = True  # the second pass warns
             continue
         conv = model.get_submodule(conv_name)
         conv.track_saliency = False
@@ -175,3 +209,4 @@ def _make_saliency_safe(model: nn.Module, inplace_after: list[tuple[str, torch.f
             "place, which the saliency of a channel-sparse conv needs unmodified; that conv "
             "reports no saliency (track_saliency=False). Use the out-of-place op to get it.",
             stacklevel=3)
+    return switched_inside

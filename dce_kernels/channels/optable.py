@@ -18,9 +18,24 @@ ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU
                        nn.SiLU, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Tanh, nn.Softsign,
                        nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 ELEMENTWISE_NAMES = {"relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_",
-                     "selu", "celu", "gelu", "silu", "mish", "hardtanh", "hardtanh_",
-                     "hardswish", "tanh", "softsign", "dropout", "dropout1d", "dropout2d",
-                     "feature_dropout", "contiguous", "clone", "neg"}
+                     "selu", "selu_", "celu", "celu_", "gelu", "silu", "silu_", "mish",
+                     "mish_", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "tanh",
+                     "tanh_", "softsign", "dropout", "dropout_", "dropout1d", "dropout2d",
+                     "feature_dropout", "contiguous", "clone", "neg", "neg_"}
+
+# Act value by value but map zero elsewhere (sigmoid(0) = 1/2): the result is aligned
+# with its input's channels, and may scale a tensor of those channels (a gate,
+# x * sigmoid(conv(pool(x)))), which keeps that tensor's zeros zero. Adding a number
+# makes a gate too (timm's hard_sigmoid: relu6(x + 3) / 6).
+GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+GATE_NAMES = {"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_"}
+
+# Normalize each channel by its own statistics, as functions: F.batch_norm on the
+# parameters of a BatchNorm2d (subclasses such as timm's BatchNormAct2d call it
+# in their own forward).
+NORM_FUNCTIONS = {"batch_norm"}
+# F.linear on an nn.Linear's own weight (timm's Linear calls it in its forward): that Linear.
+LINEAR_FUNCTIONS = {"linear"}
 # Tensor methods that change only the dtype or device.
 CAST_METHODS = {"float", "double", "half", "to"}
 

@@ -40,7 +40,9 @@ together, so layers that run in one mode only (auxiliary heads) are linked too.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -50,12 +52,12 @@ from torch import nn
 from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
 from .group import ChannelSpec, GroupSpec
 from .optable import (ADD_FUNCTIONS, ADD_METHODS, CAST_METHODS, CAT_NAMES, DIV_FUNCTIONS,
-                      DIV_METHODS, ELEMENTWISE_MODULES, ELEMENTWISE_NAMES, METADATA_NAMES,
-                      MUL_FUNCTIONS, MUL_METHODS, RESHAPE_METHODS, SPATIAL_MODULES,
-                      SPATIAL_NAMES, SPATIAL_REDUCTIONS)
+                      DIV_METHODS, ELEMENTWISE_MODULES, ELEMENTWISE_NAMES, GATE_MODULES,
+                      GATE_NAMES, LINEAR_FUNCTIONS, METADATA_NAMES, MUL_FUNCTIONS, MUL_METHODS, NORM_FUNCTIONS,
+                      RESHAPE_METHODS, SPATIAL_MODULES, SPATIAL_NAMES, SPATIAL_REDUCTIONS)
 from .spaces import Analysis, Member, spec_from_analysis
 
-__all__ = ["trace_modes", "link_graphs", "link_without_graph", "is_convertible_conv"]
+__all__ = ["trace_modes", "link_graphs", "Linked", "link_without_graph", "is_convertible_conv"]
 
 
 def is_convertible_conv(m: nn.Module) -> bool:
@@ -64,7 +66,7 @@ def is_convertible_conv(m: nn.Module) -> bool:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return type(m) in (nn.BatchNorm2d, ChannelSparseBatchNorm2d)
+    return type(m) is nn.BatchNorm2d or isinstance(m, ChannelSparseBatchNorm2d)
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -87,14 +89,29 @@ def trace_modes(model: nn.Module, concrete_args: Optional[dict[str, Any]] = None
         model.train(was_training)
 
 
+@dataclass
+class Linked:
+    """What :func:`link_graphs` found besides the groups (``spec``).
+
+    ``inplace_after``: ``(conv name, node)`` for every in-place op on a conv's
+    output or on a tensor that shares its memory (a view, an Identity, the result
+    of another in-place op), including ``x += y`` (fx records it as ``x + y``; the
+    source line tells). ``norm_after``: for each BatchNorm2d subclass that calls
+    ``F.batch_norm`` in its own forward, the children it runs on the result, in
+    order (timm's BatchNormAct2d: ``drop``, ``act``)."""
+
+    spec: ChannelSpec
+    inplace_after: list[tuple[str, torch.fx.Node]] = field(default_factory=list)
+    norm_after: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
 def link_graphs(model: nn.Module, graphs: Iterable[torch.fx.Graph], exclude: tuple[str, ...]
-                ) -> tuple[ChannelSpec, list[tuple[str, torch.fx.Node]]]:
-    """The channel groups of ``model`` from its graphs, and the in-place ops
-    applied directly to a conv's output (``(conv name, node)``)."""
+                ) -> Linked:
+    """The channel groups of ``model`` from its graphs (see :class:`Linked`)."""
     analyzer = _Analyzer(dict(model.named_modules()), exclude)
     for graph in graphs:
         analyzer.run(graph)
-    return spec_from_analysis(analyzer.a), analyzer.inplace_after
+    return Linked(spec_from_analysis(analyzer.a), analyzer.inplace_after, analyzer.norm_after)
 
 
 def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
@@ -118,7 +135,12 @@ def link_without_graph(model: nn.Module, exclude: tuple[str, ...]) -> ChannelSpe
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's default leaves (torch.nn modules), plus our own layers."""
+    """torch.fx's default leaves (torch.nn modules), plus our own layers. Stack
+    traces are recorded: they show ``x += y``, which fx records as ``x + y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (ChannelSparseConv2d, ChannelSparseBatchNorm2d)):
@@ -142,7 +164,35 @@ def _argument(node: torch.fx.Node, index: int, name: str, default: Any = None) -
     return args[index] if len(args) > index else default
 
 
+_AUGMENTED = re.compile(r"^\s*[\w.\[\]]+\s*(\+|-|\*|/)=")
+
+
+def _augmented_assignment(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is Python's ``x += y`` (``-=``, ``*=``, ``/=``): in place on a
+    tensor at run time, though fx records ``x + y``."""
+    if node.op != "call_function" or node.target not in ADD_FUNCTIONS | MUL_FUNCTIONS \
+            | DIV_FUNCTIONS:
+        return False
+    return bool(_AUGMENTED.match(_source_line(node)))
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FRAME = re.compile(r'^\s*File "(.*)", line \d+')
+
+
+def _source_line(node: torch.fx.Node) -> str:
+    """The line of the traced code that made ``node`` (its last frame outside torch)."""
+    line, lines = "", (node.stack_trace or "").splitlines()
+    for i, text in enumerate(lines[:-1]):
+        frame = _FRAME.match(text)
+        if frame and not frame.group(1).startswith(_TORCH_DIR):
+            line = lines[i + 1]
+    return line
+
+
 def _is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if _augmented_assignment(node):
+        return True
     if node.op == "call_module":
         return bool(getattr(modules[node.target], "inplace", False))
     if node.op == "call_method":
@@ -173,6 +223,38 @@ class _Flat:
     layout: Layout
 
 
+@dataclass(frozen=True)
+class _Gate:
+    """A (N, C, H, W) tensor aligned with the channels of ``layout`` whose inactive
+    channels are *not* zero (``sigmoid(conv(...))``): it may only scale a tensor
+    of those channels (``x * gate``), which keeps that tensor's zeros zero."""
+
+    layout: Layout
+
+
+def _layout(v) -> Layout:
+    return v.layout if isinstance(v, (_Flat, _Gate)) else (v or ())
+
+
+# Ops through which a tensor keeps sharing its input's memory: an in-place op on
+# their result modifies the input too.
+_ALIAS_METHODS = {"view", "reshape", "flatten", "contiguous", "to", "float", "double",
+                  "half", "view_as", "expand", "expand_as", "squeeze", "unsqueeze"}
+
+
+def _aliases(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) in (nn.Identity, nn.Flatten) or (
+            type(modules[node.target]) in (nn.Dropout, nn.Dropout2d) and not
+            modules[node.target].training)
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS
+    if node.op == "call_function":
+        return _target_name(node.target) in {"flatten", "reshape", "contiguous", "squeeze",
+                                             "unsqueeze"}
+    return False
+
+
 class _Analyzer:
     """Walks fx graphs, computing every node's channel layout. Several graphs of
     one model (its training and eval forwards) share one analysis: one space per
@@ -184,7 +266,9 @@ class _Analyzer:
         self.a = Analysis()
         # (conv name, node) of every in-place op applied directly to a conv's output
         self.inplace_after: list[tuple[str, torch.fx.Node]] = []
-        self.value: dict[torch.fx.Node, Union[Layout, _Flat, None]] = {}
+        self.value: dict[torch.fx.Node, Union[Layout, _Flat, _Gate, None]] = {}
+        self.norm_after: dict[str, tuple[str, ...]] = {}
+        self._chains: dict[torch.fx.Node, Union[tuple[str, tuple[str, ...]], str]] = {}
 
     # -- helpers -------------------------------------------------------------------
 
@@ -197,10 +281,10 @@ class _Analyzer:
         torch.fx.node.map_arg(args, lambda n: found.append(self.value.get(n)) or n)
         return [v for v in found if v is not None]
 
-    def _keep_full(self, values: Iterable[Union[Layout, _Flat, None]], reason: str) -> None:
+    def _keep_full(self, values: Iterable[Union[Layout, _Flat, _Gate, None]], reason: str
+                   ) -> None:
         for v in values:
-            layout = v.layout if isinstance(v, _Flat) else v
-            for s in layout or ():
+            for s in _layout(v):
                 self.a.spaces.keep_full(s, reason)
 
     def _opaque(self, node: torch.fx.Node, reason: str) -> None:
@@ -210,8 +294,7 @@ class _Analyzer:
 
     def _tie(self, x, y, node: torch.fx.Node):
         sp = self.a.spaces
-        lx = x.layout if isinstance(x, _Flat) else x
-        ly = y.layout if isinstance(y, _Flat) else y
+        lx, ly = _layout(x), _layout(y)
         if (isinstance(x, _Flat) != isinstance(y, _Flat) or len(lx) != len(ly)
                 or any(sp.size[a] != sp.size[b] for a, b in zip(lx, ly))):
             self._keep_full([x, y], f"{node.name}: adds tensors whose channels do not line up")
@@ -242,14 +325,30 @@ class _Analyzer:
 
     def run(self, graph: torch.fx.Graph) -> Analysis:
         self.value = {}
+        self._chains = {}
+        for node in graph.nodes:
+            if node.op == "call_function" and _target_name(node.target) in NORM_FUNCTIONS:
+                self._chains[node] = _norm_chain(node, self.modules)
         for node in graph.nodes:
             handler = getattr(self, f"_on_{node.op}")
             handler(node)
             if node.op == "call_module" and is_convertible_conv(self.modules[node.target]):
-                for user in node.users:
-                    if _is_inplace(user, self.modules):
-                        self.inplace_after.append((node.target, user))
+                self._find_inplace(node)
         return self.a
+
+    def _find_inplace(self, conv: torch.fx.Node) -> None:
+        """Every in-place op on the conv's output or on a tensor sharing its memory."""
+        seen, todo = {conv}, [conv]
+        while todo:
+            for user in todo.pop().users:
+                if user in seen:
+                    continue
+                inplace = _is_inplace(user, self.modules)
+                if inplace:
+                    self.inplace_after.append((conv.target, user))
+                if (inplace and not _augmented_assignment(user)) or _aliases(user, self.modules):
+                    seen.add(user)
+                    todo.append(user)
 
     def _on_placeholder(self, node):
         self.value[node] = None  # the image: its channels are not ours to select
@@ -264,6 +363,12 @@ class _Analyzer:
         m = self.modules[node.target]
         x = self._val(node.args[0]) if node.args else None
         others = self._layouts_in((node.args[1:], node.kwargs))
+        if isinstance(x, _Gate) and not isinstance(m, ELEMENTWISE_MODULES + GATE_MODULES
+                                                   + SPATIAL_MODULES):
+            # Only a product keeps a gate's inactive channels out: here they are read.
+            self._keep_full([x], f"{node.target}: {type(m).__name__} reads a gate (channels "
+                                 "that are not zero when inactive)")
+            x = None
         if others:
             self._opaque(node, f"{node.target}: module called with several channel inputs")
             return
@@ -291,6 +396,8 @@ class _Analyzer:
                 self._opaque(node, f"{node.target}: Flatten(start_dim={m.start_dim})")
         elif type(m) in ELEMENTWISE_MODULES:
             self.value[node] = x
+        elif type(m) in GATE_MODULES and x is not None and not isinstance(x, _Flat):
+            self.value[node] = _Gate(_layout(x))
         elif type(m) in SPATIAL_MODULES and not isinstance(x, _Flat):
             self.value[node] = x
         else:
@@ -331,6 +438,13 @@ class _Analyzer:
             self._opaque(node, f"{node.name}: unknown function {name}")
             return
         x = self._val(node.args[0]) if node.args else None
+        if any(isinstance(v, _Gate) for v in values) and not (
+                target in ADD_FUNCTIONS or target in MUL_FUNCTIONS or target in DIV_FUNCTIONS
+                or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in SPATIAL_NAMES
+                or name in METADATA_NAMES):
+            self._opaque(node, f"{node.name}: {name} reads a gate (channels that are not "
+                               "zero when inactive)")
+            return
         if target in ADD_FUNCTIONS:
             self._binary_add(node)
         elif target in MUL_FUNCTIONS or target in DIV_FUNCTIONS:
@@ -344,6 +458,13 @@ class _Analyzer:
             self._reduce_spatial(node, x)
         elif name == "reshape" and x is not None:
             self._view(node, x, _argument(node, 1, "shape"))
+        elif name in NORM_FUNCTIONS:
+            self._functional_norm(node, x)
+        elif name in LINEAR_FUNCTIONS:
+            self._functional_linear(node, x)
+        elif name in GATE_NAMES and x is not None and len(values) == 1 \
+                and not isinstance(x, _Flat):
+            self.value[node] = _Gate(_layout(x))
         elif x is not None and len(values) == 1 and (
                 name in ELEMENTWISE_NAMES or (name in SPATIAL_NAMES and not isinstance(x, _Flat))):
             self.value[node] = x
@@ -359,6 +480,13 @@ class _Analyzer:
             self.value[node] = None
             return
         x = self._val(node.args[0])
+        if any(isinstance(v, _Gate) for v in values) and not (
+                name in ADD_METHODS or name in MUL_METHODS or name in DIV_METHODS
+                or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in CAST_METHODS
+                or name in SPATIAL_NAMES or name in METADATA_NAMES):
+            self._opaque(node, f"{node.name}: .{name}() reads a gate (channels that are not "
+                               "zero when inactive)")
+            return
         if name in METADATA_NAMES:
             self.value[node] = None
         elif name in ADD_METHODS:
@@ -373,6 +501,9 @@ class _Analyzer:
             self._view(node, x, shape)
         elif name in SPATIAL_REDUCTIONS and x is not None:
             self._reduce_spatial(node, x)
+        elif name in GATE_NAMES and x is not None and len(values) == 1 \
+                and not isinstance(x, _Flat):
+            self.value[node] = _Gate(_layout(x))
         elif x is not None and len(values) == 1 and (
                 name in ELEMENTWISE_NAMES or name in CAST_METHODS
                 or (name in SPATIAL_NAMES and not isinstance(x, _Flat))):
@@ -387,9 +518,15 @@ class _Analyzer:
         b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         va, vb = self._val(a), self._val(b)
         if va is not None and vb is not None:
-            self.value[node] = self._tie(va, vb, node)
+            tied = self._tie(va, vb, node)
+            gate = isinstance(va, _Gate) or isinstance(vb, _Gate)
+            self.value[node] = _Gate(_layout(tied)) if gate and tied is not None else tied
+        elif isinstance(b if va is not None else a, (int, float)) \
+                and not isinstance(va if va is not None else vb, _Flat):
+            # x + 3: aligned with x's channels, but its zeros are not zero any more.
+            self.value[node] = _Gate(_layout(va if va is not None else vb))
         else:
-            # Adding a number or an unrelated tensor turns zero channels non-zero.
+            # Adding an unrelated tensor turns zero channels non-zero.
             self._opaque(node, f"{node.name}: adds something that is not a conv's channels")
 
     def _binary_mul(self, node, divide: bool):
@@ -397,12 +534,21 @@ class _Analyzer:
         b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
         va, vb = self._val(a), self._val(b)
         if va is not None and isinstance(b, (int, float)):
-            self.value[node] = va  # scaling keeps zeros zero
+            self.value[node] = va  # scaling keeps zeros zero (and a gate a gate)
         elif not divide and vb is not None and isinstance(a, (int, float)):
             self.value[node] = vb
         elif not divide and va is not None and vb is not None:
-            # x * y is zero where either is; tying keeps export consistent.
-            self.value[node] = self._tie(va, vb, node)
+            # x * y is zero where either is; tying keeps export consistent. A gate
+            # scales the other factor, whose zeros stay zero.
+            tied = self._tie(va, vb, node)
+            if isinstance(va, _Gate) and isinstance(vb, _Gate):
+                self.value[node] = _Gate(_layout(tied))
+            elif isinstance(va, _Gate):
+                self.value[node] = vb
+            elif isinstance(vb, _Gate):
+                self.value[node] = va
+            else:
+                self.value[node] = tied
         else:
             self._opaque(node, f"{node.name}: multiplies by a tensor of unknown channels")
 
@@ -438,3 +584,79 @@ class _Analyzer:
             self._opaque(node, f"{node.name}: reduction over dims {sorted(dims, key=str)}")
         else:
             self.value[node] = x if keepdim else _Flat(x)  # (N, C): one feature per channel
+
+    def _functional_linear(self, node, x):
+        weight = _argument(node, 1, "weight")
+        owner = (weight.target.rpartition(".")[0] if isinstance(weight, torch.fx.Node)
+                 and weight.op == "get_attr" and weight.target.endswith(".weight") else None)
+        if owner is None or not isinstance(self.modules.get(owner), nn.Linear) \
+                or owner not in _scope(node) or self._layouts_in((node.args[1:], node.kwargs)):
+            self._opaque(node, f"{node.name}: linear on a weight that is not an nn.Linear's own")
+        elif isinstance(x, _Flat):
+            self._record(owner, "linears", x.layout, self._channels(x.layout))
+            self.value[node] = None
+        else:
+            self._opaque(node, f"{node.name}: linear on a tensor that is not flattened")
+
+    def _functional_norm(self, node, x):
+        """``F.batch_norm`` in the forward of a BatchNorm2d subclass (see _norm_chain)."""
+        chain = self._chains.get(node)
+        if isinstance(x, _Flat) or x is None or not isinstance(chain, tuple):
+            why = chain if isinstance(chain, str) else "on a tensor of unknown channels"
+            self._opaque(node, f"{node.name}: batch_norm {why}")
+            return
+        owner, after = chain
+        if self.norm_after.setdefault(owner, after) != after:
+            self._opaque(node, f"{node.name}: {owner} runs different layers after batch_norm "
+                               "in training and in eval")
+            return
+        self._record(owner, "norms", x)
+        self.value[node] = x
+
+
+# F.batch_norm's tensor arguments after the input, and the BatchNorm2d attribute
+# each must be for the call to be that module's own normalization.
+_NORM_ARGS = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+
+
+def _scope(node: torch.fx.Node) -> tuple[str, ...]:
+    """The names of the modules whose forward ``node`` runs in, outermost first."""
+    return tuple(v[0] if isinstance(v, tuple) else k
+                 for k, v in node.meta.get("nn_module_stack", {}).items())
+
+
+def _norm_chain(node: torch.fx.Node, modules: dict[str, nn.Module]
+                ) -> Union[tuple[str, tuple[str, ...]], str]:
+    """For ``F.batch_norm`` called by a BatchNorm2d subclass on its own parameters
+    and buffers, as the first thing its forward does to the input: the module's
+    name and the children its forward then runs on the result, one after the
+    other (each channel-wise), which is all it does. Else why not (a string):
+    only then can a channel-sparse BatchNorm followed by those children replace it."""
+    owners = set()
+    for index, attr in _NORM_ARGS:
+        arg = _argument(node, index, attr)
+        if isinstance(arg, torch.fx.Node):
+            if arg.op != "get_attr" or not arg.target.endswith("." + attr):
+                return "on tensors that are not a BatchNorm2d's own"
+            owners.add(arg.target.rpartition(".")[0])
+    if len(owners) != 1:
+        return "on tensors that are not one BatchNorm2d's own"
+    owner = owners.pop()
+    module = modules.get(owner)
+    if not isinstance(module, nn.BatchNorm2d) or owner not in _scope(node):
+        return f"outside the forward of the BatchNorm2d {owner}"
+    children = dict(module.named_children())
+    after, current = [], node
+    while True:
+        inside = [u for u in current.users if owner in _scope(u)]
+        if not inside:
+            break
+        user = inside[0]
+        child = user.target[len(owner) + 1:] if user.op == "call_module" else None
+        if (len(inside) > 1 or child not in children or user.args != (current,)
+                or user.kwargs or type(children[child]) not in ELEMENTWISE_MODULES):
+            return (f"in {owner}, whose forward does more than batch_norm and channel-wise "
+                    "children after it")
+        after.append(child)
+        current = user
+    return owner, tuple(after)

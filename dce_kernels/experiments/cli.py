@@ -31,10 +31,11 @@ def _add_run_options(p: argparse.ArgumentParser, d, sweep: bool) -> None:
     g.add_argument("--model", default=d.model,
                    help="vgg11, vgg13, vgg16, vgg19 (with BatchNorm, CIFAR variant), "
                         "resnet20 or resnet56 (CIFAR ResNet; only inner block channels are "
-                        "selected), or torchvision:NAME (e.g. torchvision:resnet18, "
-                        "torchvision:mobilenet_v2; untrained, converted by "
-                        "dce_kernels.convert, stem adapted to the images' channels, images "
-                        "under 32x32 zero-padded; needs torchvision)")
+                        "selected), torchvision:NAME (e.g. torchvision:resnet18, "
+                        "torchvision:mobilenet_v2) or timm:NAME (e.g. timm:efficientnet_b0, "
+                        "timm:regnetx_002; untrained, converted by dce_kernels.convert, stem "
+                        "adapted to the images' channels, images under 32x32 zero-padded; "
+                        "needs torchvision or timm)")
     g.add_argument("--width", type=float, default=d.width,
                    help="multiplier of every layer's channel count (e.g. 0.25 for a quick run)")
     g.add_argument("--dataset", default=d.dataset,

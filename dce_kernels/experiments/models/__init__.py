@@ -2,7 +2,7 @@
 
 Our own models by name (``vgg11``, ``resnet20``, ...), and models of other
 libraries converted by :func:`dce_kernels.convert` (``torchvision:resnet18``,
-see :mod:`dce_kernels.experiments.models.external`).
+``timm:efficientnet_b0``, see :mod:`dce_kernels.experiments.models.external`).
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10,
     ``image_size`` (the side of the square input images) matters only for
     external models, which pad images smaller than they can take."""
     if ":" in name:
-        from .external import build_external  # imports torchvision: only when asked
+        from .external import build_external  # imports torchvision/timm: only when asked
 
         return build_external(name, in_channels, num_classes, width, image_size)
     key = name.lower().replace("-", "")
     if key not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, "
-                         "or torchvision:NAME")
+                         "or torchvision:NAME, timm:NAME")
     return MODELS[key](in_channels=in_channels, num_classes=num_classes, width=width)

@@ -1,9 +1,11 @@
-"""Models from other libraries, converted: ``build_model("torchvision:resnet18", ...)``.
+"""Models from other libraries, converted: ``build_model("torchvision:resnet18", ...)``,
+``build_model("timm:efficientnet_b0", ...)``.
 
-The model is built untrained (``weights=None``) with the requested number of
-classes; its first conv (the stem, which reads the image) is replaced by one
-that reads ``in_channels`` channels when the image has another number of
-channels than 3; then :func:`dce_kernels.convert` makes it channel-sparse.
+The model is built untrained (torchvision's ``weights=None``, timm's
+``pretrained=False``: nothing is downloaded) with the requested number of
+classes; its stem reads ``in_channels`` channels (torchvision: the first conv
+is replaced by one that does when the image has another number of channels
+than 3; timm: its own ``in_chans``); then :func:`dce_kernels.convert` makes it channel-sparse.
 ImageNet models downsample 32x: images smaller than 32x32 (Fashion-MNIST's
 28x28) are zero-padded to 32x32 by a ``ZeroPad2d`` in front of the model, so
 that every model (VGG's five poolings, DenseNet's transitions) still runs.
@@ -55,19 +57,16 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
     raise ValueError(f"{type(model).__name__} has no nn.Conv2d")
 
 
-def build_external(spec: str, in_channels: int, num_classes: int, width: float = 1.0,
-                   image_size: Optional[int] = None) -> nn.Module:
-    """``spec`` is ``"torchvision:NAME"`` (any classification model of
-    ``torchvision.models.list_models()``)."""
-    library, _, name = spec.partition(":")
-    if library != "torchvision" or not name:
-        raise ValueError(f"unknown model {spec!r}: external models are named "
-                         "'torchvision:NAME', e.g. torchvision:resnet18")
-    if width != 1.0:
-        raise ValueError(f"{spec}: width scales our own models only; torchvision models "
-                         f"have their published widths (got width={width})")
-    if in_channels < 1 or num_classes < 1:
-        raise ValueError("in_channels and num_classes must be >= 1")
+def _timm():
+    try:
+        import timm
+    except ImportError as e:
+        raise ValueError("timm models need timm: pip install timm==1.0.31 (the version "
+                         "tested, in dce-kernels[test])") from e
+    return timm
+
+
+def _build_torchvision(spec: str, name: str, in_channels: int, num_classes: int) -> nn.Module:
     tv = _torchvision()
     classifiers = tv.models.list_models(module=tv.models)
     if name not in classifiers:
@@ -75,6 +74,38 @@ def build_external(spec: str, in_channels: int, num_classes: int, width: float =
                          f"choose from {', '.join(sorted(classifiers))}")
     model = tv.models.get_model(name, weights=None, num_classes=num_classes)
     _replace_stem(model, in_channels)
+    return model
+
+
+def _build_timm(spec: str, name: str, in_channels: int, num_classes: int) -> nn.Module:
+    timm = _timm()
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"{spec}: timm has no model {name!r}"
+                         + (f"; similar: {', '.join(close)}" if close else ""))
+    return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                             in_chans=in_channels)
+
+
+_LIBRARIES = {"torchvision": _build_torchvision, "timm": _build_timm}
+
+
+def build_external(spec: str, in_channels: int, num_classes: int, width: float = 1.0,
+                   image_size: Optional[int] = None) -> nn.Module:
+    """``spec`` is ``"torchvision:NAME"`` (any classification model of
+    ``torchvision.models.list_models()``) or ``"timm:NAME"`` (any model of
+    ``timm.list_models()``)."""
+    library, _, name = spec.partition(":")
+    if library not in _LIBRARIES or not name:
+        raise ValueError(f"unknown model {spec!r}: external models are named "
+                         "'torchvision:NAME' or 'timm:NAME', e.g. torchvision:resnet18, "
+                         "timm:efficientnet_b0")
+    if width != 1.0:
+        raise ValueError(f"{spec}: width scales our own models only; {library} models "
+                         f"have their published widths (got width={width})")
+    if in_channels < 1 or num_classes < 1:
+        raise ValueError("in_channels and num_classes must be >= 1")
+    model = _LIBRARIES[library](spec, name, in_channels, num_classes)
     if image_size is not None and image_size < MIN_IMAGE_SIZE:
         total = MIN_IMAGE_SIZE - image_size
         pad = (total // 2, total - total // 2) * 2

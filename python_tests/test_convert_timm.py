@@ -1,0 +1,150 @@
+"""dce_kernels.convert on timm families (untrained, 32x32 inputs, float64): RegNet
+(BatchNormAct2d's functional F.batch_norm; grouped convs stay full), MobileNetV3
+(squeeze-and-excitation gates with hard sigmoid, depthwise convs, timm's Linear)
+and RepVGG (three branches summed, a BatchNorm as the identity branch).
+
+Per model, on one converted instance: all channels active equals the original
+(outputs in eval and train, input gradients); random selections equal the masked
+original graph (toolkit.MaskedReference, which masks functional batch_norm outputs
+too) and skip only channels that are exactly zero there; CUCB training steps leave
+inactive weights untouched; compact_model equals the sparse model in eval and keeps
+timm's own layer classes; the compact model's ONNX file gives its logits in
+onnxruntime. bench/convert_models.py measures more families (EfficientNet,
+DenseNet, GhostNet, ConvNeXt) without the float64 reference."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dce_kernels import ChannelSparseNormAct, CUCBSelector, convert
+from dce_kernels.channels import conversion_notes, plan_for
+from dce_kernels.compact import compact_model, export_compact
+from dce_kernels.optim import MaskedOptimizer
+from toolkit import (active_parameter_count, capture_original, check_against_reference,
+                     inactive_mask, random_selection, randomize_norms)
+
+timm = pytest.importorskip("timm")
+
+# What stays full, by the first words of the reason (every other conv is selectable).
+KEPT_FULL = {"regnetx_002": "grouped conv", "mobilenetv3_small_050": None, "repvgg_a0": None}
+# Sparse and masked reductions round differently, and batch statistics over 3 images at
+# RegNet's 1x1 last stage amplify that: ~1e-10 of the outputs, ~1e-8 of the gradients.
+TOL = 1e-7
+
+
+@pytest.fixture(scope="module", params=list(KEPT_FULL))
+def converted(request):
+    name = request.param
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).double()
+    randomize_norms(model)  # BatchNormAct2d is a BatchNorm2d: random affine and statistics
+    model.train()
+    reference = capture_original(model)
+    original = copy.deepcopy(model)
+    convert(model)
+    return name, model, reference, original
+
+
+def _x(*shape, generator=None):
+    return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+
+def test_groups_found_and_what_stays_full(converted):
+    name, model, _, _ = converted
+    notes = conversion_notes(model)
+    if KEPT_FULL[name] is None:
+        assert notes == {}
+    else:
+        assert notes and all(KEPT_FULL[name] in why for why in notes.values())
+    assert any(isinstance(m, ChannelSparseNormAct) for m in model.modules())
+    sparse = sum(type(m).__name__ == "ChannelSparseConv2d" for m in model.modules())
+    assert sparse >= 0.6 * sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def test_all_channels_equal_the_original(converted):
+    _, model, reference, original = converted
+    plan = plan_for(model)
+    plan.apply(None)
+    x = _x(2, 3, 32, 32)
+    for training in (False, True):
+        original.train(training), model.train(training)
+        xo, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(0)
+        out = model(xm)
+        torch.manual_seed(0)
+        want = original(xo)
+        g = torch.randn_like(want)
+        (gm,), (go,) = torch.autograd.grad(out, [xm], g), torch.autograd.grad(want, [xo], g)
+        torch.testing.assert_close(out, want, rtol=TOL, atol=TOL)
+        torch.testing.assert_close(gm, go, rtol=1e-8, atol=1e-8 * float(go.abs().max()))
+    model.train()
+    assert check_against_reference(model, reference, plan, x, atol=TOL) == []
+
+
+def test_random_channels_equal_the_masked_original(converted):
+    _, model, reference, _ = converted
+    plan = plan_for(model)
+    model.train()
+    plan.apply(random_selection(plan.num_channels, generator=torch.Generator().manual_seed(5)))
+    assert sum(c.in_idx.numel() < c.in_channels for c in plan.convs) >= len(plan.groups) // 2
+    assert check_against_reference(model, reference, plan, _x(3, 3, 32, 32), atol=TOL) == []
+
+
+def test_training_steps_then_compact_and_onnx(converted, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    name, model, _, original = converted
+    plan = plan_for(model)
+    model.train()
+    selector = CUCBSelector(plan.num_channels, fraction=0.5, tau=1, seed=0)
+    opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
+                                          weight_decay=1e-4), plan.active_blocks)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        plan.apply(selector.select())
+        frozen = [(b.param, inactive_mask(b)) for b in plan.active_blocks()]
+        before = [p.detach()[mask].clone() for p, mask in frozen]
+        loss = F.cross_entropy(model(_x(4, 3, 32, 32, generator=gen)),
+                               torch.randint(0, 10, (4,), generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for (param, mask), kept in zip(frozen, before):
+            assert torch.equal(param.detach()[mask], kept)
+        selector.update(plan.saliency())
+
+    plan.apply(selector.best())
+    model.eval()
+    compact = compact_model(model, plan).eval()
+    # timm's own classes again (BatchNormAct2d with its activation), narrower.
+    assert {type(m) for m in compact.modules()} <= {type(m) for m in original.modules()}
+    n_compact = sum(p.numel() for p in compact.parameters())
+    assert n_compact == active_parameter_count(model, plan)
+    assert n_compact < 0.6 * sum(p.numel() for p in original.parameters())
+    x = _x(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(compact(x), expected, rtol=TOL, atol=TOL)
+    if name != "mobilenetv3_small_050":
+        return  # one ONNX round trip: the exporter is slow, and the path is model-independent
+    compact = compact.float()
+    paths = export_compact(compact, x.float(), str(tmp_path), format="onnx")
+    session = ort.InferenceSession(paths["onnx"], providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 3, 32, 32)  # another batch size than exported with
+    (logits,) = session.run(["logits"], {"input": images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), compact(images),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_dce_train_model_hook_builds_timm_models():
+    from dce_kernels.experiments.models import build_model
+
+    model = build_model("timm:regnetx_002", in_channels=1, num_classes=7, image_size=28)
+    assert len(plan_for(model).groups) > 0
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    with pytest.raises(ValueError, match="timm has no model 'regnetx_7'"):
+        build_model("timm:regnetx_7")
+    with pytest.raises(ValueError, match="width scales our own models only"):
+        build_model("timm:regnetx_002", width=0.5)
