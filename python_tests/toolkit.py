@@ -461,6 +461,36 @@ def inactive_mask(block):
     return (~active).reshape(*p.shape[:2], *([1] * (p.dim() - 2))).expand(p.shape)
 
 
+def cucb_steps_touch_only_active_blocks(model, plan, steps, batch, check_saliency=None):
+    """``steps`` CUCB training steps (p = 0.5, SGD with momentum and weight decay) on
+    ``batch(generator)``'s ``(x, y)``: every step's loss is finite and leaves every weight
+    outside the active blocks unchanged; ``check_saliency(saliency, selection)`` may
+    check more before the selector learns. Returns the selector."""
+    from dce_kernels import CUCBSelector, MaskedOptimizer
+
+    selector = CUCBSelector(plan.num_channels, fraction=0.5, tau=1, seed=0)
+    opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
+                                          weight_decay=1e-4), plan.active_blocks)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        plan.apply(selector.select())
+        frozen = [(b.param, inactive_mask(b)) for b in plan.active_blocks()]
+        before = [p.detach()[mask].clone() for p, mask in frozen]
+        x, y = batch(gen)
+        loss = F.cross_entropy(model(x), y)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for (param, mask), kept in zip(frozen, before):
+            assert torch.equal(param.detach()[mask], kept)
+        saliency = plan.saliency()
+        if check_saliency is not None:
+            check_saliency(saliency, plan.selection)
+        selector.update(saliency)
+    return selector
+
+
 def randomize_norms(model):
     # Default BatchNorms (weight 1, bias 0) map a zero channel to zero: a
     # BatchNorm left dense by mistake would go unnoticed. Random ones do not.
