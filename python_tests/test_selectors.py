@@ -231,8 +231,21 @@ def test_bad_input_raises():
     sel.select()
     with pytest.raises(ValueError, match="shape"):
         sel.update([torch.rand(4), torch.rand(4)])
-    with pytest.raises(ValueError, match="not finite"):
-        sel.update([torch.rand(4), torch.tensor([1.0, float("nan"), 0.0])])
+    # A non-finite saliency cannot raise inside update() without reading the device:
+    # the step is left out of the statistics and the next check raises, naming it.
+    before = [m.clone() for m in sel.means], [c.clone() for c in sel.counts]
+    sel.update([torch.rand(4), torch.tensor([1.0, float("nan"), -float("inf")])])
+    assert [m.tolist() for m in sel.means] == [m.tolist() for m in before[0]]
+    assert [c.tolist() for c in sel.counts] == [c.tolist() for c in before[1]]
+    sel.select()
+    sel.update([torch.rand(4), torch.rand(3)])  # a later good step is recorded ...
+    assert sum(float(c.sum()) for c in sel.counts) > sum(float(c.sum()) for c in before[1])
+    # ... but the first bad one is reported, with its step and layer.
+    for check in (sel.check_saliency, sel.best, sel.state_dict):
+        with pytest.raises(ValueError, match=r"at step 1 is not finite in layer 1 "
+                                             r"\(2 of 3 channels\)"):
+            check()
+    assert sel.nonfinite_saliency() == (1, [(1, 2)])
     with pytest.raises(ValueError, match="saved for"):
         CUCBSelector([4, 3], tau=2).load_state_dict(RandomSelector([4, 3]).state_dict())
 

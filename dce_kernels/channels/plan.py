@@ -65,7 +65,9 @@ class ChannelPlan:
         self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
         self._indices = self._collect_indices()
         self._linear_active: dict[int, tuple[nn.Linear, torch.Tensor, int]] = {}
+        # The applied selection on the layers' device, and its host copy once read.
         self._selection: Optional[list[torch.Tensor]] = None
+        self._selection_host: Optional[list[torch.Tensor]] = None
         self._set_layouts(pack)
 
     def _set_layouts(self, pack: bool) -> None:
@@ -121,12 +123,21 @@ class ChannelPlan:
 
     @property
     def selection(self) -> Optional[list[torch.Tensor]]:
-        """The applied selection (None: all channels active)."""
-        return self._selection
+        """The applied selection, on the host (None: all channels active). Copied
+        from the device when first read after an :meth:`apply`, not at every step."""
+        if self._selection is not None and self._selection_host is None:
+            self._selection_host = [s.detach().cpu().clone() for s in self._selection]
+        return self._selection_host
 
-    def apply(self, selection: Optional[Sequence[torch.Tensor]]) -> None:
+    def apply(self, selection: Optional[Sequence[torch.Tensor]], validate: bool = True) -> None:
         """Activates ``selection[i]`` channels of group i on every layer of the
-        group; None activates every channel of every layer."""
+        group; None activates every channel of every layer.
+
+        ``validate=False`` skips the checks of each group's list (sorted, unique, in
+        range), which read the lists back to the host: for lists in that form already,
+        on the layers' device, such as a selector of :mod:`dce_kernels.selectors`
+        returns. Nothing of this method then waits for the device."""
+        self._selection_host = None
         if selection is None:
             self._selection = None
             self._linear_active = {}
@@ -141,8 +152,12 @@ class ChannelPlan:
         # Checked per group: with offsets, a bad index of one group could land
         # on another group's channels of a shared layer and pass the layer's check.
         device = self.groups[0].producer.weight.device if self.groups else None
-        selection = [_as_index(idx, g.num_channels, device, f"selection of group {g.name!r}")
-                     for g, idx in zip(self.groups, selection)]
+        if validate:
+            selection = [_as_index(idx, g.num_channels, device,
+                                   f"selection of group {g.name!r}")
+                         for g, idx in zip(self.groups, selection)]
+        else:
+            selection = [idx.to(device) for idx in selection]
 
         def active(layer, index):
             u = self._indices.get((id(layer), index))
@@ -164,7 +179,7 @@ class ChannelPlan:
         self._linear_active = {
             id(lin): (lin, active(lin, "in_channels"), self._indices[(id(lin), "in_channels")].size)
             for lin in self._linears}
-        self._selection = [g.producer.out_idx.detach().cpu().clone() for g in self.groups]
+        self._selection = [g.producer.out_idx for g in self.groups]
 
     def saliency(self) -> list[torch.Tensor]:
         """The saliency each group's producer reported in the last backward.
