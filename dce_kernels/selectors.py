@@ -266,14 +266,14 @@ class _Selector:
             device = torch.device("cuda", torch.cuda.current_device())
         if device == self.device:
             return self
-        generator = torch.Generator(device=device)
-        if device.type == self.device.type:
-            generator.set_state(self.generator.get_state())
-        elif self.steps > 0:
+        if device.type != self.device.type and self.steps > 0:
             raise RuntimeError(f"the selector has drawn from its {self.device.type} generator "
                                f"for {self.steps} step(s); moving it to {device.type} would "
                                "change the draws of the rest of the run. Move it before the "
                                "first select()")
+        generator = torch.Generator(device=device)
+        if device.type == self.device.type:
+            generator.set_state(self.generator.get_state())
         else:
             generator.manual_seed(self.seed)
         self.generator = generator
