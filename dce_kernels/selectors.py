@@ -109,7 +109,10 @@ class _Segments:
             output_size=self.total)
         self.start_of = torch.tensor(self.offsets, device=device)[self.layer_of]
         self.ids = torch.arange(self.total, device=device)
-        self._heads_for: Optional[tuple[tuple[int, ...], torch.Tensor]] = None
+        # The padded layout [layers, widest]: flat position -> padded position.
+        self.widest = max(self.sizes)
+        self.padded = self.layer_of * self.widest + (self.ids - self.start_of)
+        self._counts_for: Optional[tuple[tuple[int, ...], torch.Tensor]] = None
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split(self.sizes))
@@ -136,13 +139,18 @@ class _Segments:
         out = torch.zeros(self.layers, dtype=values.dtype, device=self.device)
         return out.index_add_(0, self.layer_of, values)
 
-    def heads(self, counts: Sequence[int]) -> torch.Tensor:
-        """Positions of the first ``counts[l]`` entries of each layer's run."""
+    def counts_tensor(self, counts: Sequence[int]) -> torch.Tensor:
+        """``counts`` as a ``[L, 1]`` device tensor (kept while the counts stay)."""
         key = tuple(counts)
-        if self._heads_for is None or self._heads_for[0] != key:
-            positions = torch.cat([torch.arange(o, o + k) for o, k in zip(self.offsets, key)])
-            self._heads_for = (key, positions.to(self.device))
-        return self._heads_for[1]
+        if self._counts_for is None or self._counts_for[0] != key:
+            self._counts_for = (key, torch.tensor(key, device=self.device).unsqueeze(1))
+        return self._counts_for[1]
+
+    def pad(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """Flat ``values`` as ``[layers, widest]``, ``fill`` after each layer's end."""
+        out = torch.full((self.layers * self.widest,), fill, dtype=values.dtype,
+                         device=self.device)
+        return out.scatter_(0, self.padded, values).view(self.layers, self.widest)
 
     def mask(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.total, dtype=torch.bool, device=self.device).index_fill_(
@@ -151,6 +159,8 @@ class _Segments:
     def ids_of(self, mask: torch.Tensor, count: int) -> torch.Tensor:
         """The flat positions where ``mask`` is True, ascending; ``count`` of them (known
         on the host: unlike ``nonzero()``, this needs no read of the device)."""
+        if self.device.type == "cpu":
+            return torch.nonzero_static(mask, size=count).squeeze(1)  # one op on the CPU
         slot = torch.where(mask, torch.cumsum(mask, 0) - 1, count)
         out = torch.empty(count + 1, dtype=torch.long, device=self.device)
         # Every position outside the mask writes the spare last slot, which is dropped.
@@ -319,10 +329,28 @@ class _Selector:
         if self.budget == "flops":
             return self._top_flops(scores, self.flops_budget() if flops is None else flops)
         if self.budget == "layer":
-            counts = self.active_counts() if layer_counts is None else layer_counts
-            chosen = self._rank_by_layer(scores)[self.segments.heads(counts)]
-            return _Choice(self.segments.ids_of(self.segments.mask(chosen), sum(counts)), counts)
+            return self._top_layers(scores, self.active_counts() if layer_counts is None
+                                    else layer_counts)
         return self._top_global(scores, self.total_budget() if total is None else total)
+
+    def _top_layers(self, scores: torch.Tensor, counts: list[int]) -> _Choice:
+        """The top ``counts[l]`` of each layer by two per-row top-k's (several times
+        cheaper than sorting): every channel above the layer's ``k``-th score is in; of
+        those equal to it, as many as are missing, the highest of uniform draws."""
+        seg = self.segments
+        k = seg.counts_tensor(counts)
+        widest_k = max(counts)
+        # Order keys, and below every real key (-inf's included) the padding.
+        key = seg.pad(_order_key(scores), torch.iinfo(torch.int64).min)
+        kth = key.topk(widest_k, dim=1).values.gather(1, k - 1)
+        above, tied = key > kth, key == kth
+        missing = k - above.sum(1, keepdim=True)  # >= 1: the k-th itself is tied
+        draws = torch.rand(key.shape, generator=self.generator, dtype=torch.float64,
+                           device=self.device)
+        draws = torch.where(tied, draws, -1.0)
+        cut = draws.topk(widest_k, dim=1).values.gather(1, missing - 1)
+        chosen = (above | (tied & (draws >= cut))).view(-1)[seg.padded]
+        return _Choice(seg.ids_of(chosen, sum(counts)), counts)
 
     def _top_global(self, scores: torch.Tensor, total: int) -> _Choice:
         seg = self.segments
@@ -733,6 +761,10 @@ class TaylorPruneSelector(_Selector):
         """The accumulated saliency, one ``[C]`` view per layer."""
         return self.segments.split(self._sums)
 
+    @sums.setter
+    def sums(self, per_layer: Sequence) -> None:
+        self._sums = self.segments.cat(per_layer, torch.float64, "sums")
+
     def _choose(self) -> _Choice:
         return _Choice(self.segments.ids.clone(), self.num_channels)
 
@@ -809,6 +841,11 @@ class ShrinkSelector(_Selector):
     def alive(self) -> list[torch.Tensor]:
         """The channels not dropped yet, one ``[C]`` bool view per layer."""
         return self.segments.split(self._alive)
+
+    @alive.setter
+    def alive(self, per_layer: Sequence) -> None:
+        self._alive = self.segments.cat(per_layer, torch.bool, "alive")
+        self._planned = None  # the survivors changed: the next selection ranks again
 
     def active_fraction(self, t: int, fraction: Optional[float] = None) -> float:
         """``f_t`` of ``fraction`` (default: the budget's, the first layer's under a list)."""
