@@ -121,14 +121,14 @@ class _Segments:
         """One flat tensor of per-layer ``parts`` (checked against the layers' sizes)."""
         if len(parts) != self.layers:
             raise ValueError(f"got {what} for {len(parts)} layers, expected {self.layers}")
-        flat = []
-        for layer, (p, c) in enumerate(zip(parts, self.sizes)):
-            p = torch.as_tensor(p).detach()
-            if p.shape != (c,):
-                raise ValueError(f"{what} of layer {layer} has shape {tuple(p.shape)}, "
+        tensors = [torch.as_tensor(p).detach() for p in parts]
+        for layer, (t, c) in enumerate(zip(tensors, self.sizes)):
+            if t.shape != (c,):
+                raise ValueError(f"{what} of layer {layer} has shape {tuple(t.shape)}, "
                                  f"expected ({c},)")
-            flat.append(p.to(self.device, dtype))
-        return torch.cat(flat)
+        if len({t.device for t in tensors}) > 1:
+            tensors = [t.to(self.device) for t in tensors]
+        return torch.cat(tensors).to(self.device, dtype)  # one copy, one conversion
 
     def reduce(self, values: torch.Tensor, how: str, initial: float) -> torch.Tensor:
         """Per-layer ``how`` ("amax", "amin", ...) of flat ``values``: ``[L]``."""
@@ -891,6 +891,13 @@ class ShrinkSelector(_Selector):
 
     def _best(self, view: _Selector) -> _Choice:
         return view._top(self._alive_scores())
+
+    def to(self, device: Union[str, torch.device]) -> "ShrinkSelector":
+        super().to(device)
+        if self._planned is not None:
+            target, choice = self._planned
+            self._planned = (target, _Choice(choice.ids.to(self.device), choice.counts))
+        return self
 
     def _config(self) -> dict:
         return {**super()._config(), "horizon": self.horizon, "reward": self.reward,
