@@ -30,10 +30,11 @@ Where the state lives. All per-channel state (counts, means, and each selector's
 is one flat tensor over the channels of all layers end to end, on the selector's
 ``device`` (``to(device)``; :class:`~dce_kernels.DynamicChannels` puts it on the
 model's), and every step is a fixed number of tensor ops over it, whatever the number
-of layers: a ranking is one random permutation and two integer sorts (by score, then
-stably by layer), a layer's top ``k`` the first ``k`` of its run, a reward
-normalization a segment reduction. Nothing is read back to the host on the way, with
-these exceptions, each stated where it happens:
+of layers: the layers' top ``k`` are two row-wise top-k's over the scores padded to
+``[layers, widest]`` (the cut, then uniform draws among the channels tied at it), a
+global ranking one random permutation and one integer sort, a reward normalization a
+segment reduction. Nothing is read back to the host on the way, with these exceptions,
+each stated where it happens:
 
 - ``budget="global"``: how the total splits between layers decides the shapes of the
   index tensors ``select()`` returns, so it reads the ``L`` counts to the host, once per
@@ -143,7 +144,10 @@ class _Segments:
         """``counts`` as a ``[L, 1]`` device tensor (kept while the counts stay)."""
         key = tuple(counts)
         if self._counts_for is None or self._counts_for[0] != key:
-            self._counts_for = (key, torch.tensor(key, device=self.device).unsqueeze(1))
+            host = torch.tensor(key).unsqueeze(1)
+            if self.device.type == "cuda":  # a pageable copy would wait for the device
+                host = host.pin_memory()
+            self._counts_for = (key, host.to(self.device, non_blocking=True))
         return self._counts_for[1]
 
     def pad(self, values: torch.Tensor, fill) -> torch.Tensor:

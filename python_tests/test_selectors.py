@@ -446,6 +446,7 @@ def test_shrink_random_order_ignores_saliency_and_stays_monotone():
 import reference_selectors as reference  # noqa: E402  (python_tests/ is on the path)
 from dce_kernels.cost import FlopsCost  # noqa: E402
 from dce_kernels.selectors import NonFiniteSaliencyError, _order_key  # noqa: E402
+from toolkit import NoHostReads  # noqa: E402
 
 SIZES = [5, 1, 12, 7, 3]
 
@@ -570,36 +571,6 @@ def test_order_keys_sort_as_the_floats():
 
 # -- no host synchronization in a step ---------------------------------------------------
 
-# The aten ops that read a tensor back to the host (or, on a GPU, wait for the device):
-# item/bool/int/float, nonzero and what calls it (boolean indexing, masked_select), unique.
-_HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
-               "unique_consecutive", "equal", "is_nonzero"}
-
-
-class _NoHostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Raises on every op that reads a tensor to the host; ``tolist``/``numpy`` (which
-    bypass the dispatcher on the CPU) are patched to count instead: ``reads``."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads = []
-        for name in ("tolist", "numpy"):
-            real = getattr(torch.Tensor, name)
-
-            def counted(t, *args, _real=real, _name=name, **kwargs):
-                self.reads.append((_name, t.numel()))
-                return _real(t, *args, **kwargs)
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in _HOST_READS or (name == "index" and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                for i in (args[1] if len(args) > 1 else []))):
-            raise AssertionError(f"the selector read a tensor to the host: aten.{name}")
-        return func(*args, **(kwargs or {}))
-
-
 def _selectors_of_every_kind(budget):
     return {
         "cucb": CUCBSelector(SIZES, fraction=0.4, tau=3, budget=budget, seed=1),
@@ -615,7 +586,7 @@ def _selectors_of_every_kind(budget):
 def test_a_layer_budget_step_reads_nothing_to_the_host(monkeypatch):
     for name, sel in _selectors_of_every_kind("layer").items():
         sal = [[torch.rand(c, dtype=torch.float64) for c in SIZES] for _ in range(8)]
-        with _NoHostReads(monkeypatch) as mode:
+        with NoHostReads(monkeypatch) as mode:
             for s in sal:
                 sel.update(s) if sel._pending is not None else None
                 sel.select()
@@ -627,7 +598,7 @@ def test_a_layer_budget_step_reads_nothing_to_the_host(monkeypatch):
 
 def test_a_global_budget_step_reads_only_the_layer_counts(monkeypatch):
     for name, sel in _selectors_of_every_kind("global").items():
-        with _NoHostReads(monkeypatch) as mode:
+        with NoHostReads(monkeypatch) as mode:
             reads = []
             for _ in range(8):
                 before = len(mode.reads)

@@ -21,12 +21,14 @@ class _LayerIndex:
     map a Linear reads): ``(group index, offset)`` pairs, and the layer's
     channels no group covers (always active)."""
 
-    __slots__ = ("size", "entries", "fixed")
+    __slots__ = ("size", "entries", "fixed", "_fixed_on")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.entries: list[tuple[int, int]] = []
         self.fixed: Optional[torch.Tensor] = None
+        # ``fixed`` on the selections' device, copied there once, not at every apply.
+        self._fixed_on: dict[torch.device, torch.Tensor] = {}
 
     def finish(self, widths: Sequence[int], what: str) -> None:
         covered = torch.zeros(self.size, dtype=torch.bool)
@@ -39,7 +41,10 @@ class _LayerIndex:
     def active(self, selection: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(self.entries) == 1 and self.entries[0][1] == 0 and self.fixed.numel() == 0:
             return selection[self.entries[0][0]]  # the common case: one group, whole layer
-        parts = [self.fixed.to(selection[0].device)]
+        device = selection[0].device
+        if device not in self._fixed_on:
+            self._fixed_on[device] = self.fixed.to(device)
+        parts = [self._fixed_on[device]]
         parts += [selection[g] + off for g, off in self.entries]
         return torch.sort(torch.cat(parts)).values
 
