@@ -476,7 +476,8 @@ def _drive(pair, steps, seed, *, exact_means=True):
     for step in range(steps):
         got, want = (sel.select() for sel in pair)
         assert [c.tolist() for c in got] == [c.tolist() for c in want], f"step {step}"
-        sal = [torch.rand(c, generator=g, dtype=torch.float64) * 10.0 ** (step % 7 - 3) for c in SIZES]
+        scale = 10.0 ** (step % 7 - 3)  # saliency spans orders of magnitude
+        sal = [torch.rand(c, generator=g, dtype=torch.float64) * scale for c in SIZES]
         for sel in pair:
             sel.update([s.clone() for s in sal])
         new, old = pair

@@ -378,7 +378,8 @@ class _Run:
         if phase == "finetune":
             if fresh:
                 # Keep the best channels (one selector call).
-                self.selection = self.dce.selector.best()
+                # On the host: the selector's device may be a GPU, the checkpoint's is not.
+                self.selection = [s.cpu() for s in self.dce.selector.best()]
                 self.report.selection = Selection.of(self.selection, self.plan.num_channels)
                 if self.config.rewind:
                     # The kept channels restart from their initial weights (as in the
