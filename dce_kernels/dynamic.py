@@ -29,7 +29,8 @@ from .channels import ChannelPlan, plan_for
 from .compact import compact_model, export_compact, export_paths
 from .cost import FlopsCost
 from .optim import MaskedOptimizer
-from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
+from .selectors import (CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector,
+                        _Selector)
 from .sync_batchnorm import convert_sync_batchnorm
 
 __all__ = ["DynamicChannels", "SELECTOR_NAMES"]
@@ -100,6 +101,11 @@ class DynamicChannels:
                                  "one image): it fixes what each channel costs")
             self.cost = FlopsCost.fit(self.model, self.plan, example_input)
         self.selector = self._build_selector(selector, fraction, steps, budget, seed, options)
+        # Our selectors work where the saliency is, and their selections need no checks
+        # (which would read them back to the host every step).
+        self._own_selector = isinstance(self.selector, _Selector)
+        if self._own_selector:
+            self.selector.to(self.plan.groups[0].producer.weight.device)
         self.check_every = int(check_every)
         self.process_group = process_group
         self.exploring = True
@@ -156,18 +162,22 @@ class DynamicChannels:
 
         While exploring, entering applies the selector's next selection, and leaving
         feeds it the step's saliency (of the global batch, under torch.distributed).
+        Every ``check_every`` steps (and at the first) the selector says whether a
+        saliency was not finite (ValueError), and the ranks are compared.
         ``batch_size``: this rank's batch, to weight the saliency by when ranks' batches
         differ (None: equal). After :meth:`keep` it does nothing. If the body raises,
         the selector learns nothing from the step."""
         if not self.exploring:
             yield
             return
-        self.plan.apply(self.selector.select())
+        self.plan.apply(self.selector.select(), validate=not self._own_selector)
         yield
         self.selector.update(distributed.global_saliency(self.plan.saliency(), batch_size,
                                                          self.process_group))
         self.steps += 1
         if self.steps == 1 or self.steps % self.check_every == 0:
+            if hasattr(self.selector, "check_saliency"):
+                self.selector.check_saliency()
             self.check_ranks_agree()
 
     def keep(self, selection: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:

@@ -113,8 +113,10 @@ class ChannelSparseConv2d(nn.Conv2d):
     def _use_channels(self, out_idx: torch.Tensor, in_idx: torch.Tensor) -> None:
         # Lists already in _as_index's form (sorted, unique, in range, int64 on
         # the weight's device): ChannelPlan checks each group once per step and
-        # need not have every layer check the same lists again.
-        self.out_idx, self.in_idx = out_idx, in_idx
+        # need not have every layer check the same lists again. Straight into the buffer
+        # table: Module.__setattr__'s generic checks cost more than the rest of a plan's
+        # apply, at every layer of every step.
+        self._buffers["out_idx"], self._buffers["in_idx"] = out_idx, in_idx
 
     @property
     def active_out_channels(self) -> int:
@@ -206,7 +208,7 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
 
     def _use_channels(self, idx: torch.Tensor) -> None:
         # A list already in _as_index's form (see ChannelSparseConv2d._use_channels).
-        self.active_idx = idx
+        self._buffers["active_idx"] = idx
 
     @property
     def active_channels(self) -> int:

@@ -54,7 +54,7 @@ test_data.py (corrupt, wrong-format, truncated, mismatched counts, labels out of
 | 44 | selector | no layers at all | needs at least one layer | * |
 | 45 | selector | update() without select() | without a preceding select | test_selectors |
 | 46 | selector | saliency of the wrong shape | shape | test_selectors |
-| 47 | selector | saliency not finite | not finite | test_selectors |
+| 47 | selector | saliency not finite (raised by the next check_saliency, best or state_dict; update leaves the step out) | not finite | test_selectors |
 | 48 | selector | state of another kind of selector | saved for | test_selectors |
 | 49 | selector | state of the same selector for another model | saved for ... num_channels | * |
 | 50 | train | fraction outside (0, 1], unknown method, explore_epochs 0 | fraction / unknown method / explore_epochs | test_train |

@@ -110,3 +110,38 @@ def test_packed_model_equals_full_width_model(name, training):
             torch.testing.assert_close(s_packed, s_full, rtol=1e-9, atol=1e-12)
     for (n, b_full), b_packed in zip(full.named_buffers(), packed.buffers()):
         torch.testing.assert_close(b_packed, b_full, rtol=1e-12, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("model", ["small", "resnet20"])
+def test_apply_without_validation_reads_nothing_to_the_host_and_sets_the_same(model,
+                                                                            monkeypatch):
+    from dce_kernels import CUCBSelector
+    from toolkit import NoHostReads
+
+    net = small_sparse_net() if model == "small" else build_model("resnet20", 3, 10, width=0.5)
+    plan = plan_for(net)
+    sel = CUCBSelector(plan.num_channels, fraction=0.4, tau=2, seed=5)
+    layers = [m for m in net.modules() if isinstance(m, (ChannelSparseConv2d,
+                                                         ChannelSparseBatchNorm2d))]
+
+    def indices():
+        return [[t.tolist() for t in ((m.out_idx, m.in_idx) if isinstance(m, ChannelSparseConv2d)
+                                      else (m.active_idx,))] for m in layers]
+
+    for _ in range(3):
+        chosen = sel.select()
+        plan.apply([c.clone() for c in chosen])  # validated: the reference
+        want, want_blocks = indices(), [(b.rows, b.cols) for b in plan.active_blocks()]
+        plan.apply(None)
+        with NoHostReads(monkeypatch) as mode:
+            plan.apply(chosen, validate=False)
+            plan.saliency()
+        assert mode.reads == []
+        assert indices() == want
+        got_blocks = [(b.rows, b.cols) for b in plan.active_blocks()]
+        assert len(got_blocks) == len(want_blocks)
+        for (r, c), (wr, wc) in zip(got_blocks, want_blocks):
+            assert (r is None) == (wr is None) and (c is None) == (wc is None)
+            assert (r is None or torch.equal(r, wr)) and (c is None or torch.equal(c, wc))
+        assert [s.tolist() for s in plan.selection] == [c.tolist() for c in chosen]
+        sel.update([torch.rand(c) for c in plan.num_channels])

@@ -183,3 +183,31 @@ def test_bad_arguments_are_named():
         DynamicChannels(net, selector=lambda n: ShrinkSelector(n, horizon=2), tau=3)
     with pytest.raises(ValueError, match="lacks"):
         DynamicChannels(net, selector="random").load_state_dict({"selector": {}})
+
+
+def test_a_non_finite_saliency_raises_at_the_next_check_naming_its_step(monkeypatch):
+    from dce_kernels.channels import ChannelPlan
+    from dce_kernels.selectors import NonFiniteSaliencyError
+
+    net = _net(3)
+    dce = DynamicChannels(net, fraction=0.5, selector="random", seed=3, check_every=3)
+    assert dce.selector.device == net[0].weight.device  # the model's device
+    opt = dce.optimizer(_sgd(net.parameters()))
+    real = ChannelPlan.saliency
+    spoil_at = 2  # the second step's saliency; checks run after steps 1 and 3
+
+    def saliency(plan):
+        values = [s.clone() for s in real(plan)]
+        if dce.steps + 1 == spoil_at:
+            values[1][0] = float("inf")
+        return values
+
+    monkeypatch.setattr(ChannelPlan, "saliency", saliency)
+    batches = _batches(3, 4)
+    for x, y in batches[:2]:
+        with dce.step():
+            _train_step(net, opt, x, y)
+    with pytest.raises(NonFiniteSaliencyError, match=r"at step 2 is not finite in layer 1 "
+                                                     r"\(1 of \d+ channels\)"):
+        with dce.step():
+            _train_step(net, opt, *batches[2])

@@ -231,8 +231,21 @@ def test_bad_input_raises():
     sel.select()
     with pytest.raises(ValueError, match="shape"):
         sel.update([torch.rand(4), torch.rand(4)])
-    with pytest.raises(ValueError, match="not finite"):
-        sel.update([torch.rand(4), torch.tensor([1.0, float("nan"), 0.0])])
+    # A non-finite saliency cannot raise inside update() without reading the device:
+    # the step is left out of the statistics and the next check raises, naming it.
+    before = [m.clone() for m in sel.means], [c.clone() for c in sel.counts]
+    sel.update([torch.rand(4), torch.tensor([1.0, float("nan"), -float("inf")])])
+    assert [m.tolist() for m in sel.means] == [m.tolist() for m in before[0]]
+    assert [c.tolist() for c in sel.counts] == [c.tolist() for c in before[1]]
+    sel.select()
+    sel.update([torch.rand(4), torch.rand(3)])  # a later good step is recorded ...
+    assert sum(float(c.sum()) for c in sel.counts) > sum(float(c.sum()) for c in before[1])
+    # ... but the first bad one is reported, with its step and layer.
+    for check in (sel.check_saliency, sel.best, sel.state_dict):
+        with pytest.raises(ValueError, match=r"at step 1 is not finite in layer 1 "
+                                             r"\(2 of 3 channels\)"):
+            check()
+    assert sel.nonfinite_saliency() == (1, [(1, 2)])
     with pytest.raises(ValueError, match="saved for"):
         CUCBSelector([4, 3], tau=2).load_state_dict(RandomSelector([4, 3]).state_dict())
 
@@ -418,3 +431,271 @@ def test_shrink_random_order_ignores_saliency_and_stays_monotone():
     assert not all(picks)
     with pytest.raises(ValueError, match="order"):
         ShrinkSelector([8], order="magnitude")
+
+
+# -- the flat, on-device selectors against the per-layer reference ----------------------
+#
+# reference_selectors.py is the per-layer implementation these replaced. The new one draws
+# its tie-breaking permutation once over all channels: under budget="global" that is the
+# reference's draw exactly, so every choice matches, random phases included. Under
+# budget="layer" (and "flops") the reference drew one permutation per layer, so the
+# choices among equal scores differ by design; with distinct scores (every channel tried,
+# continuous saliency) they match exactly, and the tie-breaking itself is checked above
+# (uniform, seeded, resumable) and by hand below.
+
+import reference_selectors as reference  # noqa: E402  (python_tests/ is on the path)
+from dce_kernels.cost import FlopsCost  # noqa: E402
+from dce_kernels.selectors import NonFiniteSaliencyError, _order_key  # noqa: E402
+from toolkit import NoHostReads  # noqa: E402
+
+SIZES = [5, 1, 12, 7, 3]
+
+
+def _random_cost(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = len(sizes)
+    quadratic = torch.triu(torch.rand(n, n, generator=g, dtype=torch.float64) * 100)
+    return FlopsCost(sizes, 1000.0, torch.rand(n, generator=g, dtype=torch.float64) * 50,
+                     quadratic)
+
+
+def _tried(pair, seed):
+    """Both selectors at the same UCB-phase state: every channel tried (random counts),
+    distinct means, so no two bounds tie."""
+    g = torch.Generator().manual_seed(seed)
+    counts = [torch.randint(1, 9, (c,), generator=g).double() for c in SIZES]
+    means = [torch.rand(c, generator=g, dtype=torch.float64) for c in SIZES]
+    for sel in pair:
+        sel.counts = [c.clone() for c in counts]
+        sel.means = [m.clone() for m in means]
+        sel.steps = 20
+
+
+def _drive(pair, steps, seed, *, exact_means=True):
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        got, want = (sel.select() for sel in pair)
+        assert [c.tolist() for c in got] == [c.tolist() for c in want], f"step {step}"
+        scale = 10.0 ** (step % 7 - 3)  # saliency spans orders of magnitude
+        sal = [torch.rand(c, generator=g, dtype=torch.float64) * scale for c in SIZES]
+        for sel in pair:
+            sel.update([s.clone() for s in sal])
+        new, old = pair
+        assert [c.tolist() for c in new.counts] == [c.tolist() for c in old.counts]
+        for a, b in zip(new.means, old.means):
+            if exact_means:
+                assert torch.equal(a, b)
+            else:  # a sum of squares per layer instead of torch.norm: rounding differs
+                assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("budget", ["layer", "global"])
+@pytest.mark.parametrize("reward", ["max", "l2", "rank"])
+@pytest.mark.parametrize("options", [{}, {"discount": 0.8, "horizon": 30}], ids=["plain", "ema"])
+def test_cucb_bandit_phase_equals_the_reference(budget, reward, options):
+    pair = [mod.CUCBSelector(SIZES, fraction=0.4, tau=20, budget=budget, seed=3,
+                             reward=reward, **options) for mod in (dce_selectors, reference)]
+    _tried(pair, seed=1)
+    _drive(pair, 25, seed=2, exact_means=reward != "l2")
+    for fraction in (None, 0.7):
+        assert ([b.tolist() for b in pair[0].best(fraction)]
+                == [b.tolist() for b in pair[1].best(fraction)])
+
+
+@pytest.mark.parametrize("kind", ["cucb", "random"])
+def test_global_budget_equals_the_reference_random_draws_included(kind):
+    def make(mod):
+        if kind == "cucb":  # warm-up (random, all scores tie), then untried channels tie at inf
+            return mod.CUCBSelector(SIZES, fraction=0.3, tau=6, budget="global", seed=9)
+        return mod.RandomSelector(SIZES, fraction=0.3, budget="global", seed=9)
+
+    pair = [make(dce_selectors), make(reference)]
+    _drive(pair, 30, seed=4)
+    assert [b.tolist() for b in pair[0].best()] == [b.tolist() for b in pair[1].best()]
+
+
+@pytest.mark.parametrize("budget", ["layer", "global", "flops"])
+@pytest.mark.parametrize("reward", ["max", "l2"])
+def test_shrink_equals_the_reference(budget, reward):
+    cost = _random_cost(SIZES, 0) if budget == "flops" else None
+    pair = [mod.ShrinkSelector(SIZES, fraction=0.3, horizon=12, budget=budget, seed=1,
+                               reward=reward, cost=cost) for mod in (dce_selectors, reference)]
+    # Step 0 selects everything (no ties matter); from then on the means are distinct.
+    _drive(pair, 16, seed=5, exact_means=reward != "l2")
+    assert [b.tolist() for b in pair[0].best()] == [b.tolist() for b in pair[1].best()]
+    assert [a.tolist() for a in pair[0].alive] == [a.tolist() for a in pair[1].alive]
+
+
+@pytest.mark.parametrize("flops_weight", [0.0, 1.0])
+def test_cucb_flops_budget_equals_the_reference(flops_weight):
+    cost = _random_cost(SIZES, 1)
+    pair = [mod.CUCBSelector(SIZES, fraction=0.5, tau=20, budget="flops", seed=2, cost=cost,
+                             flops_weight=flops_weight) for mod in (dce_selectors, reference)]
+    _tried(pair, seed=6)
+    _drive(pair, 10, seed=7)
+
+
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_prune_equals_the_reference(budget):
+    pair = [mod.TaylorPruneSelector(SIZES, fraction=0.4, budget=budget, accumulate_from=3)
+            for mod in (dce_selectors, reference)]
+    _drive(pair, 8, seed=8)
+    for a, b in zip(pair[0].sums, pair[1].sums):
+        assert torch.equal(a, b)
+    assert [b.tolist() for b in pair[0].best()] == [b.tolist() for b in pair[1].best()]
+
+
+def test_layer_budget_tie_breaking_hand_worked():
+    # Scores [3, 1, 1, 1 | 2, 2, 5]: the top 2 of layer 0 are channel 0 and one of the
+    # three tied at 1, uniformly; layer 1's top 2 are channel 2 and one of the two 2s.
+    sel = CUCBSelector([4, 3], fraction=0.5, tau=0, seed=0)
+    _set_stats(sel, [[1.0] * 4, [1.0] * 3], [[3.0, 1.0, 1.0, 1.0], [2.0, 2.0, 5.0]], steps=0)
+    second = {0: torch.zeros(4), 1: torch.zeros(3)}
+    for _ in range(600):
+        b0, b1 = sel.best(fraction=[0.5, 2 / 3])
+        assert b0[0] == 0 and b0.numel() == 2 and b1[-1] == 2 and b1.numel() == 2
+        second[0][b0[1]] += 1
+        second[1][b1[0]] += 1
+    assert second[0][0] == 0 and (second[0][1:] - 200).abs().max() < 60
+    assert (second[1][:2] - 300).abs().max() < 70 and second[1][2] == 0
+
+
+def test_order_keys_sort_as_the_floats():
+    values = torch.tensor([0.5, -0.0, 0.0, -math.inf, math.inf, -1e-300, 1e-300, -7.25, 3e300,
+                           -3e300, 5e-324, -5e-324], dtype=torch.float64)
+    values = torch.cat([values, torch.randn(200, dtype=torch.float64) * 1e3])
+    keys = _order_key(values)
+    i, j = torch.triu_indices(len(values), len(values), 1)
+    assert torch.equal(keys[i] < keys[j], values[i] < values[j])
+    assert torch.equal(keys[i] == keys[j], values[i] == values[j])  # -0.0 == 0.0 included
+
+
+# -- no host synchronization in a step ---------------------------------------------------
+
+def _selectors_of_every_kind(budget):
+    return {
+        "cucb": CUCBSelector(SIZES, fraction=0.4, tau=3, budget=budget, seed=1),
+        "cucb-rank": CUCBSelector(SIZES, fraction=0.4, tau=0, budget=budget, reward="rank"),
+        "random": RandomSelector(SIZES, fraction=0.4, budget=budget, seed=1),
+        "shrink": ShrinkSelector(SIZES, fraction=0.4, horizon=4, budget=budget),
+        "shrink-random": ShrinkSelector(SIZES, fraction=0.4, horizon=4, budget=budget,
+                                        order="random"),
+        "taylor": TaylorPruneSelector(SIZES, fraction=0.4, budget=budget, accumulate_from=1),
+    }
+
+
+def test_a_layer_budget_step_reads_nothing_to_the_host(monkeypatch):
+    for name, sel in _selectors_of_every_kind("layer").items():
+        sal = [[torch.rand(c, dtype=torch.float64) for c in SIZES] for _ in range(8)]
+        with NoHostReads(monkeypatch) as mode:
+            for s in sal:
+                sel.update(s) if sel._pending is not None else None
+                sel.select()
+            sel.update([torch.full((c,), math.nan) for c in SIZES])  # recorded, not raised
+        assert mode.reads == [], name
+        with pytest.raises(NonFiniteSaliencyError, match="at step 8"):
+            sel.check_saliency()
+
+
+def test_a_global_budget_step_reads_only_the_layer_counts(monkeypatch):
+    for name, sel in _selectors_of_every_kind("global").items():
+        with NoHostReads(monkeypatch) as mode:
+            reads = []
+            for _ in range(8):
+                before = len(mode.reads)
+                sel.select()
+                sel.update([torch.rand(c, dtype=torch.float64) for c in SIZES])
+                reads.append(mode.reads[before:])
+        # At most one read per step, of the L counts; none where the selection is fixed
+        # (taylor: everything; shrink: after its horizon of 4 steps, the survivors).
+        assert all(r in ([], [("tolist", len(SIZES))]) for r in reads), (name, reads)
+        if name.startswith("shrink"):
+            assert reads[5:] == [[]] * 3, name
+        if name == "taylor":
+            assert reads == [[]] * 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the CPU tests above "
+                    "check the same by the ops dispatched")
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_cuda_step_never_synchronizes(budget):
+    sal = [torch.rand(c, device="cuda") for c in SIZES]
+    for name, sel in _selectors_of_every_kind(budget).items():
+        sel.to("cuda")
+        sel.select()  # the first selection builds cached index tensors
+        sel.update(sal)
+        torch.cuda.synchronize()
+        for step in range(6):
+            if budget == "global" and not name.startswith("taylor"):
+                sel.select()  # reads the layer counts: a sync by design
+                torch.cuda.set_sync_debug_mode("error")
+            else:
+                torch.cuda.set_sync_debug_mode("error")
+                chosen = sel.select()
+                assert all(c.device.type == "cuda" for c in chosen)
+            try:
+                sel.update(sal)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+# -- device, resume, state format --------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda: CUCBSelector(SIZES, fraction=0.3, tau=4, reward="rank", seed=4),
+    lambda: ShrinkSelector(SIZES, fraction=0.3, horizon=6, budget="global", order="random",
+                           seed=4),
+    lambda: ShrinkSelector(SIZES, fraction=0.3, horizon=6, budget="flops",
+                           cost=_random_cost(SIZES, 2), seed=4),
+    lambda: CUCBSelector(SIZES, fraction=0.3, tau=3, budget="flops", flops_weight=1.0,
+                         cost=_random_cost(SIZES, 3), seed=4),
+    lambda: TaylorPruneSelector(SIZES, fraction=0.3, budget="global", accumulate_from=2),
+], ids=["cucb-rank", "shrink-random-global", "shrink-flops", "cucb-flops", "taylor"])
+def test_resume_anywhere_equals_the_uninterrupted_run(make):
+    data = torch.Generator().manual_seed(3)
+    sal = [[torch.rand(c, generator=data, dtype=torch.float64) for c in SIZES]
+           for _ in range(12)]
+
+    def run(sel, saliencies):
+        out = []
+        for s in saliencies:
+            out.append([c.tolist() for c in sel.select()])
+            sel.update(s)
+        return out
+
+    straight = make()
+    ref = run(straight, sal)
+    ref_best = [b.tolist() for b in straight.best()]
+    for cut in (2, 5, 9):
+        first = make()
+        head = run(first, sal[:cut])
+        buf = io.BytesIO()
+        torch.save(first.state_dict(), buf)
+        buf.seek(0)
+        resumed = make()
+        resumed.load_state_dict(torch.load(buf))
+        assert head + run(resumed, sal[cut:]) == ref, cut
+        assert [b.tolist() for b in resumed.best()] == ref_best
+
+
+def test_state_format_device_and_shapes_are_checked():
+    sel = CUCBSelector([4, 3], tau=2, seed=1)
+    sel.select()
+    state = sel.state_dict()
+    assert state["counts"].shape == (7,) and state["generator_device"] == "cpu"
+    old = reference.CUCBSelector([4, 3], tau=2, seed=1).state_dict()
+    with pytest.raises(ValueError, match="format 1.*older dce_kernels"):
+        CUCBSelector([4, 3], tau=2, seed=1).load_state_dict(old)
+    with pytest.raises(ValueError, match="saved with a cuda generator"):
+        CUCBSelector([4, 3], tau=2, seed=1).load_state_dict({**state, "generator_device": "cuda"})
+    with pytest.raises(ValueError, match=r"'means' must be a tensor of shape \(7,\)"):
+        CUCBSelector([4, 3], tau=2, seed=1).load_state_dict({**state, "means": torch.zeros(6)})
+    with pytest.raises(ValueError, match="counts of layer 1 has shape"):
+        sel.counts = [torch.zeros(4), torch.zeros(4)]
+    with pytest.raises(RuntimeError, match="before the first select"):
+        sel.to("meta")
+    fresh = CUCBSelector([4, 3], tau=2, seed=1)
+    assert fresh.to("cpu") is fresh
+
+
+import dce_kernels.selectors as dce_selectors  # noqa: E402

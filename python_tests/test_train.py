@@ -152,7 +152,7 @@ def test_a_diverging_learning_rate_stops_the_run_and_says_what_to_try(tmp_path, 
         assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_a_non_finite_saliency_stops_the_run_before_the_selector_sees_it(tmp_path, one_thread,
+def test_a_non_finite_saliency_stops_the_run_and_names_its_step(tmp_path, one_thread,
                                                                          monkeypatch):
     from dce_kernels.channels import ChannelPlan
     from dce_kernels.experiments.train import NonFiniteError

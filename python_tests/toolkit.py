@@ -21,6 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 import dce_kernels
@@ -631,3 +632,35 @@ def tiny_config(**overrides):
                 tau=2, progress=False, budget="layer", reward="max", lr_schedule="restart",
                 lr=0.05, finetune_lr=0.01)
     return TrainConfig(**{**base, **overrides})
+
+
+# -- host reads ---------------------------------------------------------------------
+
+# The aten ops that read a tensor back to the host (or, on a GPU, wait for the device):
+# item/bool/int/float, nonzero and what calls it (boolean indexing, masked_select), unique.
+_HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+               "unique_consecutive", "equal", "is_nonzero"}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raises on every op that reads a tensor to the host; ``tolist``/``numpy`` (which
+    bypass the dispatcher on the CPU) are patched to count instead: ``reads``."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = []
+        for name in ("tolist", "numpy"):
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _real=real, _name=name, **kwargs):
+                self.reads.append((_name, t.numel()))
+                return _real(t, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _HOST_READS or (name == "index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if len(args) > 1 else []))):
+            raise AssertionError(f"a tensor was read to the host: aten.{name}")
+        return func(*args, **(kwargs or {}))

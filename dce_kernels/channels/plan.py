@@ -21,12 +21,14 @@ class _LayerIndex:
     map a Linear reads): ``(group index, offset)`` pairs, and the layer's
     channels no group covers (always active)."""
 
-    __slots__ = ("size", "entries", "fixed")
+    __slots__ = ("size", "entries", "fixed", "_fixed_on")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.entries: list[tuple[int, int]] = []
         self.fixed: Optional[torch.Tensor] = None
+        # ``fixed`` on the selections' device, copied there once, not at every apply.
+        self._fixed_on: dict[torch.device, torch.Tensor] = {}
 
     def finish(self, widths: Sequence[int], what: str) -> None:
         covered = torch.zeros(self.size, dtype=torch.bool)
@@ -39,7 +41,10 @@ class _LayerIndex:
     def active(self, selection: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(self.entries) == 1 and self.entries[0][1] == 0 and self.fixed.numel() == 0:
             return selection[self.entries[0][0]]  # the common case: one group, whole layer
-        parts = [self.fixed.to(selection[0].device)]
+        device = selection[0].device
+        if device not in self._fixed_on:
+            self._fixed_on[device] = self.fixed.to(device)
+        parts = [self._fixed_on[device]]
         parts += [selection[g] + off for g, off in self.entries]
         return torch.sort(torch.cat(parts)).values
 
@@ -65,7 +70,9 @@ class ChannelPlan:
         self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
         self._indices = self._collect_indices()
         self._linear_active: dict[int, tuple[nn.Linear, torch.Tensor, int]] = {}
+        # The applied selection on the layers' device, and its host copy once read.
         self._selection: Optional[list[torch.Tensor]] = None
+        self._selection_host: Optional[list[torch.Tensor]] = None
         self._set_layouts(pack)
 
     def _set_layouts(self, pack: bool) -> None:
@@ -121,12 +128,21 @@ class ChannelPlan:
 
     @property
     def selection(self) -> Optional[list[torch.Tensor]]:
-        """The applied selection (None: all channels active)."""
-        return self._selection
+        """The applied selection, on the host (None: all channels active). Copied
+        from the device when first read after an :meth:`apply`, not at every step."""
+        if self._selection is not None and self._selection_host is None:
+            self._selection_host = [s.detach().cpu().clone() for s in self._selection]
+        return self._selection_host
 
-    def apply(self, selection: Optional[Sequence[torch.Tensor]]) -> None:
+    def apply(self, selection: Optional[Sequence[torch.Tensor]], validate: bool = True) -> None:
         """Activates ``selection[i]`` channels of group i on every layer of the
-        group; None activates every channel of every layer."""
+        group; None activates every channel of every layer.
+
+        ``validate=False`` skips the checks of each group's list (sorted, unique, in
+        range), which read the lists back to the host: for lists in that form already,
+        on the layers' device, such as a selector of :mod:`dce_kernels.selectors`
+        returns. Nothing of this method then waits for the device."""
+        self._selection_host = None
         if selection is None:
             self._selection = None
             self._linear_active = {}
@@ -141,8 +157,12 @@ class ChannelPlan:
         # Checked per group: with offsets, a bad index of one group could land
         # on another group's channels of a shared layer and pass the layer's check.
         device = self.groups[0].producer.weight.device if self.groups else None
-        selection = [_as_index(idx, g.num_channels, device, f"selection of group {g.name!r}")
-                     for g, idx in zip(self.groups, selection)]
+        if validate:
+            selection = [_as_index(idx, g.num_channels, device,
+                                   f"selection of group {g.name!r}")
+                         for g, idx in zip(self.groups, selection)]
+        else:
+            selection = [idx.to(device) for idx in selection]
 
         def active(layer, index):
             u = self._indices.get((id(layer), index))
@@ -164,7 +184,7 @@ class ChannelPlan:
         self._linear_active = {
             id(lin): (lin, active(lin, "in_channels"), self._indices[(id(lin), "in_channels")].size)
             for lin in self._linears}
-        self._selection = [g.producer.out_idx.detach().cpu().clone() for g in self.groups]
+        self._selection = [g.producer.out_idx for g in self.groups]
 
     def saliency(self) -> list[torch.Tensor]:
         """The saliency each group's producer reported in the last backward.

@@ -65,7 +65,7 @@ from .. import distributed
 from ..compact import compact_model, export_compact
 from ..dynamic import DynamicChannels
 from ..sync_batchnorm import convert_sync_batchnorm
-from ..selectors import DEFAULT_TAU, REWARD_RULES, _Selector
+from ..selectors import DEFAULT_TAU, REWARD_RULES, NonFiniteSaliencyError, _Selector
 from .choices import (BUDGETS, DCE_METHODS, LR_SCHEDULES, METHODS, OPTIMIZERS, SELECTORS,
                       check_choice, phases_of)
 from .files import CHECKPOINT, CONFIG, EXPORT_STEM, REPORT
@@ -77,6 +77,9 @@ from .report import (CompactSummary, DenseSummary, EpochRecord, ExportInfo, Phas
 __all__ = ["TrainConfig", "NonFiniteError", "train", "narrow_model", "evaluate", "recalibrate_batchnorm"]
 
 FLOP_SAMPLE_EVERY = 25  # training steps between two FLOP counts
+# Exploration steps between two looks at the selector's non-finite-saliency flag (one
+# read of the device each; the epoch's end looks too, before anything is saved).
+SALIENCY_CHECK_EVERY = 25
 RECALIBRATION_BATCHES = 20
 
 
@@ -375,7 +378,8 @@ class _Run:
         if phase == "finetune":
             if fresh:
                 # Keep the best channels (one selector call).
-                self.selection = self.dce.selector.best()
+                # On the host: the selector's device may be a GPU, the checkpoint's is not.
+                self.selection = [s.cpu() for s in self.dce.selector.best()]
                 self.report.selection = Selection.of(self.selection, self.plan.num_channels)
                 if self.config.rewind:
                     # The kept channels restart from their initial weights (as in the
@@ -457,26 +461,43 @@ class _Run:
             group["lr"] = lr
         # Exploring, the step selects channels and the selector learns from it (prune's
         # selector selects every channel); fine-tuning, the kept ones stay.
-        with contextlib.nullcontext() if self.dce is None else self.dce.step(len(y)):
-            out = self.net(x)
-            loss = F.cross_entropy(out, y)
-            if not torch.isfinite(loss):
-                self._stop(f"the loss is {loss.item()}", step, lr)
-            self.optimizer.zero_grad()
-            loss.backward()
-            if self.dce is not None and self.dce.exploring:
-                # Before the optimizer or the selector sees it (the step's exit).
-                for layer, s in enumerate(self.dce.plan.saliency()):
-                    if not torch.isfinite(s).all():
-                        self._stop(f"the saliency of channel group {layer} is not finite "
-                                   f"({int((~torch.isfinite(s)).sum())} of {s.numel()} "
-                                   "channels)", step, lr)
-            self.optimizer.step()
+        try:
+            with contextlib.nullcontext() if self.dce is None else self.dce.step(len(y)):
+                out = self.net(x)
+                loss = F.cross_entropy(out, y)
+                if not torch.isfinite(loss):
+                    self._stop(f"the loss is {loss.item()}", step, lr)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+            if self.dce is not None and self.dce.exploring and \
+                    (step + 1) % SALIENCY_CHECK_EVERY == 0:
+                self._check_saliency()
+        except NonFiniteSaliencyError as e:  # DynamicChannels' own look at the record
+            self._stop_on_saliency(e)
         return loss, out
 
-    def _stop(self, what: str, step: int, lr: float) -> None:
-        """Stops the run on a non-finite number, saying where and what to try. The
-        checkpoint on disk is the last finished epoch's: nothing is saved mid-epoch."""
+    def _check_saliency(self) -> None:
+        """Stops the run if a saliency the selector saw was not finite. The selector
+        left that step out of its statistics and recorded it on the device (reading it
+        every step would wait for the device every step); this reads the record."""
+        try:
+            self.selector.check_saliency()
+        except NonFiniteSaliencyError as e:
+            self._stop_on_saliency(e)
+
+    def _stop_on_saliency(self, e: NonFiniteSaliencyError) -> None:
+        step, (layer, count) = e.step, e.layers[0]  # step: the selector's, from 1
+        epoch, in_epoch = divmod(step - 1, self.steps_per_epoch)
+        self._stop(f"the saliency of channel group {layer} is not finite ({count} of "
+                   f"{self.plan.num_channels[layer]} channels)", in_epoch,
+                   self._lr(step - 1), epoch=epoch)
+
+    def _stop(self, what: str, step: int, lr: float, epoch: Optional[int] = None) -> None:
+        """Stops the run on a non-finite number, saying where (``epoch``: of the
+        phase, default the current one) and what to try. The checkpoint on disk is
+        the last finished epoch's: nothing is saved mid-epoch."""
+        epoch = self.epoch if epoch is None else epoch
         c = self.config
         ckpt = os.path.join(c.run_dir, CHECKPOINT)
         option = "--finetune-lr" if self.phase == "finetune" and \
@@ -486,7 +507,7 @@ class _Run:
                 "continues from it once the data is fixed" if os.path.exists(ckpt) else
                 "no epoch had finished, so there is no checkpoint")
         raise NonFiniteError(
-            f"{what} in phase {self.phase}, epoch {self.epoch + 1}/{c.epochs(self.phase)}, "
+            f"{what} in phase {self.phase}, epoch {epoch + 1}/{c.epochs(self.phase)}, "
             f"step {step + 1}/{self.steps_per_epoch} (learning rate {lr:.3g}); the run "
             f"stopped. Training diverged or the data holds NaN or inf: try a lower "
             f"{option} (now {value:g}) in a new run, or check the input data; {kept}.")
@@ -523,6 +544,8 @@ class _Run:
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         train_time = time.perf_counter() - start
+        if self.dce is not None and self.dce.exploring:
+            self._check_saliency()  # before the selector's best() or a checkpoint
         flops_per_step = sum(flop_samples) / len(flop_samples) * self.world
         if self.world > 1:  # the epoch's loss and accuracy over the global batches
             totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
