@@ -154,7 +154,7 @@ def run_step(name: str, cmd: list[str], out_dir: Path, budget: Budget, env: dict
     children: own process group) instead of hanging the check."""
     limit = min(timeout_s, budget.left())
     log = out_dir / f"{name}.log"
-    if limit < 5:
+    if budget.left() < 5:
         return StepResult(name, "skipped", detail="no time left in the overall budget",
                           command=cmd)
     t0 = time.monotonic()

@@ -17,6 +17,7 @@ SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 _spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
 gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_check"] = gpu_check  # its dataclasses look their module up there
 _spec.loader.exec_module(gpu_check)
 
 
@@ -133,4 +134,7 @@ def test_bench_tables_compute_the_ratios(tmp_path):
     # p=0.5: cudnn 2 ms over narrow 1 ms, igemm 8 over 1, cudnn 2 over dense(p=1) 4.
     assert rows["0.5"].endswith("| 2.00 | 8.00 | 0.50 |")
     assert "| float32 | 0.5 | 10.000 | - | 5.000 | 2.00 | 4 / - / 0 |" in tables["tables_md"]
-    assert tables["layers"][0]["ms"]["dense"] == pytest.approx(4.0)
+    by_frac = {row["frac"]: row["ms"] for row in tables["layers"]}
+    assert by_frac[1.0] == {"dense": pytest.approx(4.0)}
+    assert by_frac[0.5] == {"cudnn": pytest.approx(2.0), "igemm": pytest.approx(8.0),
+                            "narrow": pytest.approx(1.0)}
