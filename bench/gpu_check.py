@@ -249,7 +249,7 @@ def _ratio(a, b):
 
 # -- the training run (a subprocess of the check: `gpu_check.py train --json PATH`) -------
 
-def train_run(steps: int, json_path: Path) -> None:
+def train_run(steps: int, json_path: Path, device: str = "cuda", batch: int = 128) -> None:
     """A short DCE run on the GPU: VGG-11 (width 0.5) on synthetic 32x32 data that a
     network can learn (each class a fixed random pattern plus noise), shrink
     selector at half the channels, both CUDA implementations' default (cudnn)."""
@@ -261,13 +261,13 @@ def train_run(steps: int, json_path: Path) -> None:
     from dce_kernels.experiments.models import build_model
 
     torch.manual_seed(0)
-    device = torch.device("cuda")
-    classes, batch = 10, 128
+    device = torch.device(device)
+    classes = 10
     patterns = torch.randn(classes, 3, 32, 32, device=device)
     model = build_model("vgg11", in_channels=3, num_classes=classes, width=0.5).to(device)
     explore = steps // 2
     dce = DynamicChannels(model, fraction=0.5, selector="shrink", steps=explore)
-    opt = dce.optimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    opt = dce.optimizer(torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9))
     losses, accs = [], []
     t0 = time.monotonic()
     for i in range(steps):
@@ -284,13 +284,16 @@ def train_run(steps: int, json_path: Path) -> None:
         if i % 10 == 0 or i == steps - 1:
             losses.append(loss.item())
             accs.append((out.argmax(1) == y).float().mean().item())
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     took = time.monotonic() - t0
     first, last = statistics.mean(losses[:3]), statistics.mean(losses[-3:])
     result = {"steps": steps, "seconds": took, "steps_per_s": steps / took,
               "loss_first": first, "loss_last": last, "acc_last": statistics.mean(accs[-3:]),
               "cuda_conv_impl": dce_kernels.get_cuda_conv_impl(),
-              "max_memory_mib": torch.cuda.max_memory_allocated() / 2**20}
+              "device": str(device), "batch": batch}
+    if device.type == "cuda":
+        result["max_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     if not (all(map(math.isfinite, losses)) and last < first):
         sys.exit(f"training did not learn: loss {first:.3f} -> {last:.3f}")
@@ -373,13 +376,15 @@ def main(argv=None) -> int:
     train = sub.add_parser("train", help="the training step alone (run by the check)")
     train.add_argument("--steps", type=int, default=TRAIN_STEPS)
     train.add_argument("--json", type=Path, required=True)
+    train.add_argument("--device", default="cuda")
+    train.add_argument("--batch", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu-check")
     parser.add_argument("--skip-build", action="store_true",
                         help="use the extension already built in the checkout")
     parser.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S)
     args = parser.parse_args(argv)
     if args.command == "train":
-        train_run(args.steps, args.json)
+        train_run(args.steps, args.json, args.device, args.batch)
         return 0
     return check(args.out, args.skip_build, args.budget_s)
 
