@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Sources whose change requires rebuilding the extension.
 EXT_SOURCES := setup.py pyproject.toml constraints.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test build clean fashion-mnist cpp-test demo sweep sanitize ptxas-report
+.PHONY: test build clean fashion-mnist cpp-test demo sweep sanitize ptxas-report gpu-check
 
 # torch, ninja and setuptools must be in the venv before the extension builds
 # (--no-build-isolation, as usual for torch extensions); read them from pyproject.
@@ -129,3 +129,14 @@ PTXAS_ARCHS ?= 80 90
 ptxas-report: build
 	mkdir -p build
 	$(PY) csrc/cuda/ptxas_report.py build/ptxas-report.txt $(PTXAS_ARCHS)
+
+# --- make gpu-check: the prepared run for a GPU machine (bench/README.md, "CUDA"), under 8
+# minutes: builds the extension for the present GPU with the torch already installed (no
+# downloads), runs python_tests/test_cuda_backend.py, bench/test_cuda_speed.py and a short
+# DCE training run, and writes GPU_CHECK_DIR/summary.{json,md}. Without a GPU it stops at
+# once with a message and exit status 2. GPU_CHECK_PYTHON: the interpreter whose torch to use.
+GPU_CHECK_DIR ?= build/gpu-check
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_DIR) $(GPU_CHECK_ARGS)

@@ -32,17 +32,18 @@ def _sgd(params, lr=0.01):
 
 
 def make_step_cases(fraction: float, batch: int = BATCH, saliency: bool = True, seed: int = 0,
-                    tau: int = 2, only: str | None = None):
+                    tau: int = 2, only: str | None = None, device: str = "cpu"):
     """Callables for one training step: ``dense`` (plain full-width model),
     ``narrow`` (plain model physically narrowed to the active width) and
     ``ours`` (channel-sparse model, CUCB selection at ``fraction``, masked SGD).
 
     The selector's warm-up ``tau`` is short so that the timed steps run the
     UCB path, which is the steady state of a real run. ``only`` builds just
-    that candidate (for measuring its memory alone)."""
+    that candidate (for measuring its memory alone). Models and data live on
+    ``device``."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, IMAGE, IMAGE, generator=g)
-    y = torch.randint(0, CLASSES, (batch,), generator=g)
+    x = torch.randn(batch, 3, IMAGE, IMAGE, generator=g).to(device)
+    y = torch.randint(0, CLASSES, (batch,), generator=g).to(device)
 
     def plain_step(model):
         opt = _sgd(model.parameters())
@@ -55,7 +56,7 @@ def make_step_cases(fraction: float, batch: int = BATCH, saliency: bool = True, 
 
     def ours_step():
         torch.manual_seed(seed)
-        sparse = build_model(MODEL, 3, CLASSES, width=1.0)
+        sparse = build_model(MODEL, 3, CLASSES, width=1.0).to(device)
         for m in sparse.modules():
             if hasattr(m, "track_saliency"):
                 m.track_saliency = saliency
@@ -71,7 +72,7 @@ def make_step_cases(fraction: float, batch: int = BATCH, saliency: bool = True, 
             selector.update(plan.saliency())
         return step
 
-    builders = {"dense": lambda: plain_step(_plain(1.0, seed)),
-                "narrow": lambda: plain_step(_plain(fraction, seed)),
+    builders = {"dense": lambda: plain_step(_plain(1.0, seed).to(device)),
+                "narrow": lambda: plain_step(_plain(fraction, seed).to(device)),
                 "ours": ours_step}
     return {name: build() for name, build in builders.items() if only in (None, name)}

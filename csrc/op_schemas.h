@@ -65,4 +65,10 @@ inline constexpr const char* kGatherBlock =
 inline constexpr const char* kScatterBlock =
     "scatter_block_(Tensor(a!) dst, Tensor? rows, Tensor? cols, Tensor block) -> ()";
 
+// Which implementation the CUDA backend runs (csrc/common/cuda_conv_impl.h):
+// "cudnn" (the compact-conv composition with cuDNN) or "igemm" (our own
+// implicit-GEMM kernels). Process-wide; read at every call of the conv ops.
+inline constexpr const char* kSetCudaConvImpl = "set_cuda_conv_impl(str impl) -> ()";
+inline constexpr const char* kGetCudaConvImpl = "get_cuda_conv_impl() -> str";
+
 }  // namespace dce::schema

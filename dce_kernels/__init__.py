@@ -19,7 +19,7 @@ from .cost import FlopsCost
 from .dynamic import DynamicChannels
 from .flops import count_flops, count_params
 from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
-from .ops import channel_sparse_conv2d
+from .ops import channel_sparse_conv2d, get_cuda_conv_impl, set_cuda_conv_impl
 from .optim import MaskedOptimizer
 from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
 from .sync_batchnorm import ChannelSparseSyncBatchNorm2d, convert_sync_batchnorm
@@ -27,6 +27,8 @@ from .sync_batchnorm import ChannelSparseSyncBatchNorm2d, convert_sync_batchnorm
 __all__ = [
     "DynamicChannels",
     "channel_sparse_conv2d",
+    "set_cuda_conv_impl",
+    "get_cuda_conv_impl",
     "ChannelSparseConv2d",
     "ChannelSparseBatchNorm2d",
     "ChannelSparseSyncBatchNorm2d",

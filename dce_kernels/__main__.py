@@ -22,7 +22,7 @@ def backends() -> dict[str, str]:
     """Backend name -> 'yes' or why not."""
     import torch
 
-    from . import ops  # noqa: F401  (loads _C, which registers the ops)
+    from . import ops  # loads _C, which registers the ops
 
     op = "dce::channel_sparse_conv2d"
     found = {"cpu": "yes" if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
@@ -33,8 +33,9 @@ def backends() -> dict[str, str]:
     else:
         found["emulated"] = "yes"
     if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"):
+        impl = f" (implementation: {ops.get_cuda_conv_impl()}; DCE_CUDA_CONV=cudnn|igemm)"
         found["cuda"] = ("yes" if torch.cuda.is_available()
-                         else "built, but no GPU is visible to torch")
+                         else "built, but no GPU is visible to torch") + impl
     else:
         found["cuda"] = "no (CPU-only build: torch without CUDA, no nvcc, or DCE_FORCE_CPU=1)"
     return found

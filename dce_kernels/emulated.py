@@ -1,5 +1,8 @@
-"""The ``emulated`` backend: the CUDA kernels of csrc/kernels compiled by g++
-and executed on the CPU by the fiber-based CUDA emulator in csrc/emu.
+"""The ``emulated`` backends: the CUDA kernels of csrc/kernels compiled by g++
+and executed on the CPU by the fiber-based CUDA emulator in csrc/emu, on both
+paths of the CUDA backend: ``channel_sparse_conv2d`` (the ``"igemm"`` path, every
+step emulated) and ``cudnn_channel_sparse_conv2d`` (the ``"cudnn"`` path: the
+emulated memory-pass kernels around ``at::convolution`` on the CPU).
 
 Same signature as :func:`dce_kernels.channel_sparse_conv2d`, CPU tensors in and
 out, autograd and saliency included. It exists so the GPU kernels and their
@@ -27,8 +30,9 @@ else:
     from . import _emu  # noqa: F401  (registers dce_emu and dce_emu_test)
 
 register_python_parts("dce_emu")
+register_python_parts("dce_emu_cudnn")
 
-__all__ = ["channel_sparse_conv2d"]
+__all__ = ["channel_sparse_conv2d", "cudnn_channel_sparse_conv2d"]
 
 
 def channel_sparse_conv2d(*args, **kwargs):
@@ -36,6 +40,14 @@ def channel_sparse_conv2d(*args, **kwargs):
     return call_conv_op(torch.ops.dce_emu.channel_sparse_conv2d.default, *args, **kwargs)
 
 
+def cudnn_channel_sparse_conv2d(*args, **kwargs):
+    """:func:`dce_kernels.channel_sparse_conv2d` as the CUDA backend's ``"cudnn"`` path
+    computes it: the compact-conv composition with the emulated gather, scatter and
+    grad_output kernels, and ``at::convolution`` on CPU tensors in cuDNN's place."""
+    return call_conv_op(torch.ops.dce_emu_cudnn.channel_sparse_conv2d.default, *args, **kwargs)
+
+
 # Its arguments are call_conv_op's, which are the production function's: shown as
 # such to help() and inspect instead of being written out a third time.
 channel_sparse_conv2d.__signature__ = inspect.signature(ops.channel_sparse_conv2d)
+cudnn_channel_sparse_conv2d.__signature__ = inspect.signature(ops.channel_sparse_conv2d)

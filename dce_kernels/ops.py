@@ -14,6 +14,7 @@ from torch.nn.modules.utils import _pair
 from . import _C  # noqa: F401  (loads the shared library, which registers the ops)
 
 __all__ = ["channel_sparse_conv2d", "call_conv_op", "register_python_parts", "gather_block",
+           "set_cuda_conv_impl", "get_cuda_conv_impl", "CUDA_CONV_IMPLS",
            "scatter_block_"]
 
 _IntOrPair = Union[int, Sequence[int]]
@@ -204,6 +205,33 @@ def register_python_parts(namespace: str) -> None:
 
 
 register_python_parts("dce")
+
+
+# -- which implementation the CUDA backend runs (csrc/common/cuda_conv_impl.h) -------------
+
+CUDA_CONV_IMPLS = ("cudnn", "igemm")
+
+
+@torch.compiler.disable  # a process-wide switch: runs eagerly, never traced into a graph
+def set_cuda_conv_impl(impl: str) -> None:
+    """Chooses how the CUDA backend computes :func:`channel_sparse_conv2d`.
+
+    ``"cudnn"`` (the default): our kernels gather the active planes, cuDNN
+    convolves the compact tensors (tensor cores: TF32 where
+    ``torch.backends.cudnn.allow_tf32``, fp16/bf16 under ``torch.autocast``),
+    our kernels scatter the result and make the fused bias-gradient + saliency
+    pass. ``"igemm"``: our own implicit-GEMM kernels (no gather copies, no
+    tensor cores), the emulator-verified reference. The choice starts as the
+    environment variable ``DCE_CUDA_CONV`` (unset: ``"cudnn"``), holds for the
+    whole process, and is read at every call of the op, so compiled graphs
+    follow it without recompiling. CPU tensors are unaffected."""
+    torch.ops.dce.set_cuda_conv_impl(impl)
+
+
+def get_cuda_conv_impl() -> str:
+    """The CUDA backend's current implementation: ``"cudnn"`` or ``"igemm"``
+    (see :func:`set_cuda_conv_impl`)."""
+    return torch.ops.dce.get_cuda_conv_impl()
 
 
 def gather_block(src: torch.Tensor, rows: Optional[torch.Tensor],

@@ -24,7 +24,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(params=BACKENDS, ids=str)
 def backend(request):
-    return request.param
+    with request.param.active() as backend:
+        yield backend
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32_convs():
+    # cuDNN runs fp32 convs in TF32 by default (torch.backends.cudnn.allow_tf32), as
+    # nn.Conv2d does; the float32 tolerances of the reference checks are those of full
+    # fp32. test_cuda_backend.py checks the TF32 default on its own.
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Cases per backend, as a share of the profile's max_examples.
-SHARE = {"cpu": 1.0, "emulated": 0.5, "cuda": 1.0}
+SHARE = {"cpu": 1.0, "emulated": 0.5, "emulated-cudnn": 0.5, "cuda": 1.0, "cuda-igemm": 1.0}
 
 
 @dataclass(frozen=True)

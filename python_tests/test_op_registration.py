@@ -54,6 +54,8 @@ def _mirrors():
     if "dce_emu" in NAMESPACES:
         from dce_kernels import emulated
         found.append(("emulated.channel_sparse_conv2d", emulated.channel_sparse_conv2d, conv, 0))
+        found.append(("emulated.cudnn_channel_sparse_conv2d",
+                      emulated.cudnn_channel_sparse_conv2d, conv, 0))
     return [pytest.param(*rest, id=name) for name, *rest in found]
 
 
@@ -230,3 +232,69 @@ def test_backward_op_rejects_a_bad_grad_output(backend, case):
     backward(**args)  # the unspoilt call is fine: the error below is the spoilt argument's
     with pytest.raises(RuntimeError, match=message):
         backward(**{**args, **spoil(args)})
+
+
+# -- the CUDA implementation switch (csrc/common/cuda_conv_impl.h) and autocast ---------------
+
+def test_cuda_conv_impl_defaults_to_cudnn_and_can_be_switched():
+    previous = dce_kernels.get_cuda_conv_impl()
+    try:
+        for impl in dce_kernels.ops.CUDA_CONV_IMPLS:
+            dce_kernels.set_cuda_conv_impl(impl)
+            assert dce_kernels.get_cuda_conv_impl() == impl
+        with pytest.raises(RuntimeError, match='must be "cudnn" or "igemm".*"cudn"'):
+            dce_kernels.set_cuda_conv_impl("cudn")
+        assert dce_kernels.get_cuda_conv_impl() == "igemm"  # unchanged by the bad call
+    finally:
+        dce_kernels.set_cuda_conv_impl(previous)
+
+
+@pytest.mark.parametrize("env, expected", [(None, "cudnn"), ("", "cudnn"), ("igemm", "igemm"),
+                                           ("cudnn", "cudnn")])
+def test_cuda_conv_impl_starts_from_the_environment(env, expected):
+    out = _python_with_env(env, "import dce_kernels; print(dce_kernels.get_cuda_conv_impl())")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
+
+
+def test_a_bad_cuda_conv_environment_variable_is_an_error_naming_it():
+    out = _python_with_env("tensor-cores", "import dce_kernels; dce_kernels.get_cuda_conv_impl()")
+    assert out.returncode != 0
+    assert "DCE_CUDA_CONV" in out.stderr and '"tensor-cores"' in out.stderr
+
+
+def _python_with_env(value, code):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("DCE_CUDA_CONV", None)
+    if value is not None:
+        env["DCE_CUDA_CONV"] = value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_autocast_runs_the_op_in_the_autocast_dtype_on_cpu():
+    """Under torch.autocast the op computes in the autocast dtype, as F.conv2d does, and
+    the gradients reach the fp32 leaves in fp32."""
+    x = torch.randn(2, 6, 7, 5, requires_grad=True)
+    w = torch.randn(5, 6, 3, 3, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    in_idx, out_idx = torch.tensor([0, 2, 5]), torch.tensor([4, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dce_kernels.channel_sparse_conv2d(x, w, b, in_idx, out_idx, 1, 1)
+        assert y.dtype == torch.nn.functional.conv2d(x, w, b, 1, 1).dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    from toolkit import assert_close_scaled, masked_conv2d
+    ref = masked_conv2d(x.detach().double(), w.detach().double(), b.detach().double(), in_idx,
+                        out_idx, 1, 1, 1, 1)
+    assert_close_scaled(y, ref, torch.bfloat16, "output (autocast)")
+    # The bf16 computation is what produced the gradient: it matches the reference's
+    # gradient of the same loss within bf16's error.
+    ref_x = x.detach().double().requires_grad_()
+    masked_conv2d(ref_x, w.detach().double(), b.detach().double(), in_idx, out_idx, 1, 1, 1,
+                  1).square().sum().backward()
+    assert_close_scaled(x.grad, ref_x.grad, torch.bfloat16, "grad_input (autocast)")

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 from dataclasses import KW_ONLY, dataclass
@@ -42,6 +43,22 @@ class Backend:
     conv: Callable  # same signature as dce_kernels.channel_sparse_conv2d
     device: str
     namespace: str  # its ops are torch.ops.<namespace>.*, for tests that call them directly
+    # The CUDA backend's implementation this backend stands for (dce_kernels.set_cuda_conv_impl),
+    # set for the duration of each test by the ``backend`` fixture; None: not a CUDA backend.
+    cuda_conv_impl: Optional[str] = None
+
+    @contextlib.contextmanager
+    def active(self):
+        """Sets the CUDA implementation this backend stands for, restoring the previous one."""
+        if self.cuda_conv_impl is None:
+            yield self
+            return
+        previous = dce_kernels.get_cuda_conv_impl()
+        dce_kernels.set_cuda_conv_impl(self.cuda_conv_impl)
+        try:
+            yield self
+        finally:
+            dce_kernels.set_cuda_conv_impl(previous)
 
     @property
     def ops(self):
@@ -66,8 +83,13 @@ def available_backends() -> list[Backend]:
         from dce_kernels import emulated
 
         found.append(Backend("emulated", emulated.channel_sparse_conv2d, "cpu", "dce_emu"))
+        found.append(Backend("emulated-cudnn", emulated.cudnn_channel_sparse_conv2d, "cpu",
+                             "dce_emu_cudnn"))
     if torch.cuda.is_available():
-        found.append(Backend("cuda", dce_kernels.channel_sparse_conv2d, "cuda", "dce"))
+        # Both implementations of the CUDA backend: "cuda" is the default (cudnn) path.
+        found.append(Backend("cuda", dce_kernels.channel_sparse_conv2d, "cuda", "dce", "cudnn"))
+        found.append(Backend("cuda-igemm", dce_kernels.channel_sparse_conv2d, "cuda", "dce",
+                             "igemm"))
     return found
 
 

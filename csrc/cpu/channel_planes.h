@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/compact_conv.h"
+
 namespace dce::cpu {
 
 // dst[n, k] = src[n, idx[k]] for a contiguous [N, C, H, W] src; dst is [N, K, H, W].
@@ -24,19 +26,40 @@ at::Tensor gather_weight(const at::Tensor& weight, const at::Tensor& out_idx,
 at::Tensor scatter_weight(const at::Tensor& compact, const at::Tensor& out_idx,
                           const at::Tensor& in_idx, int64_t out_channels, int64_t in_channels);
 
-// One pass over the active planes of grad_output: g[n, out_idx[k]] of a
-// full-width [N, C, H, W] grad_output, or g[n, k] of a packed [N, K, H, W] one.
-//  - compact (if requested; full width only): the [N, K, H, W] gather of those planes;
-//  - grad_bias (if requested): [num_channels] with sum over n and space of g, zero elsewhere;
-//  - saliency (if output is defined): [num_channels] with mean_n |mean_space(g * h)|,
-//    zero elsewhere, where h is output's plane at the same position as g's.
-struct GradOutputPass {
-  at::Tensor compact;
-  at::Tensor grad_bias;
-  at::Tensor saliency;
-};
+// One pass over the active planes of grad_output (GradOutputPass: compact_conv.h).
 GradOutputPass grad_output_pass(const at::Tensor& grad_output, const at::Tensor& output,
                                 const at::Tensor& out_idx, int64_t num_channels, bool packed,
                                 bool want_compact, bool want_grad_bias);
+
+// The functions above as the Planes backend of compact_conv.h.
+struct CpuPlanes {
+  static void check_device(const at::Tensor& t, const char* what, const char* op) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
+  }
+  static at::Tensor gather_channels(const at::Tensor& src, const at::Tensor& idx) {
+    return cpu::gather_channels(src, idx);
+  }
+  static at::Tensor scatter_channels(const at::Tensor& src, const at::Tensor& idx, int64_t c) {
+    return cpu::scatter_channels(src, idx, c);
+  }
+  static at::Tensor mask_channels(const at::Tensor& src, const at::Tensor& idx) {
+    return cpu::mask_channels(src, idx);
+  }
+  static at::Tensor gather_weight(const at::Tensor& w, const at::Tensor& out_idx,
+                                  const at::Tensor& in_idx) {
+    return cpu::gather_weight(w, out_idx, in_idx);
+  }
+  static at::Tensor scatter_weight(const at::Tensor& compact, const at::Tensor& out_idx,
+                                   const at::Tensor& in_idx, int64_t out_channels,
+                                   int64_t in_channels) {
+    return cpu::scatter_weight(compact, out_idx, in_idx, out_channels, in_channels);
+  }
+  static GradOutputPass grad_output_pass(const at::Tensor& g, const at::Tensor& h,
+                                         const at::Tensor& out_idx, int64_t num_channels,
+                                         bool packed, bool want_compact, bool want_grad_bias) {
+    return cpu::grad_output_pass(g, h, out_idx, num_channels, packed, want_compact,
+                                 want_grad_bias);
+  }
+};
 
 }  // namespace dce::cpu

@@ -1,0 +1,166 @@
+// The compact-convolution composition of dce::channel_sparse_conv2d, shared by
+// the CPU backend, the CUDA backend's default ("cudnn") path and its emulated
+// twin: gather the active planes, run a dense convolution over the compact
+// tensors with at::convolution / at::convolution_backward (oneDNN on CPU
+// tensors, cuDNN on CUDA tensors), scatter the results, and in backward make
+// one pass over grad_output that gathers it and reduces bias gradient and
+// Taylor saliency at the same time. With packed layouts (op_schemas.h) the
+// input is already compact and/or the output stays compact: those gathers and
+// scatters are skipped, which leaves the narrow network's own work plus the
+// fused grad_output pass. groups > 1 takes a masked dense path (correct, not
+// faster than dense).
+//
+// The memory passes come from a `Planes` backend, a struct of static
+// functions (the CPU loops in cpu/channel_planes.h; the kernels of
+// kernels/planes_host.h, compiled by nvcc for the GPU and by g++ for the
+// emulator), so that everything but the dense convolution itself is the same
+// code on every backend and runs in the CPU and emulated tests:
+//
+//   check_device(t, what, op)                   the backend's own device check
+//   gather_channels(src, idx)                   dst[n, k] = src[n, idx[k]]
+//   scatter_channels(src, idx, C)               dst[n, idx[k]] = src[n, k], zeros elsewhere
+//   mask_channels(src, idx)                     src with planes outside idx zeroed
+//   gather_weight(w, out_idx, in_idx)           w[out_idx][:, in_idx]
+//   scatter_weight(c, out_idx, in_idx, Co, Ci)  its inverse, zeros elsewhere
+//   grad_output_pass(g, h, out_idx, C, packed, want_compact, want_grad_bias) -> GradOutputPass
+//
+// Index lists arrive checked (conv_args.h) and on the tensors' device; no
+// function here reads them on the host, so the composition itself never
+// synchronizes with a GPU.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <array>
+#include <tuple>
+
+#include "conv_args.h"
+
+namespace dce {
+
+// What Planes::grad_output_pass returns. One pass over the active planes of
+// grad_output: g[n, out_idx[k]] of a full-width [N, C, H, W] grad_output, or
+// g[n, k] of a packed [N, K, H, W] one.
+//  - compact (if requested; full width only): the [N, K, H, W] gather of those planes;
+//  - grad_bias (if requested): [C] with sum over n and space of g, zero elsewhere;
+//  - saliency (if output is defined): [C] with mean_n |mean_space(g * h)|, zero
+//    elsewhere, where h is output's plane at the same position as g's.
+struct GradOutputPass {
+  at::Tensor compact;
+  at::Tensor grad_bias;
+  at::Tensor saliency;
+};
+
+template <typename Planes>
+at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
+                                const at::Tensor& out_idx, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, const c10::optional<at::Tensor>& saliency_probe,
+                                bool packed_input, bool packed_output) {
+  constexpr const char* op = "channel_sparse_conv2d";
+  check_conv_args(input, weight, bias, stride, padding, dilation, groups, op);
+  Planes::check_device(input, "input", op);
+  check_saliency_probe(saliency_probe, weight.size(0), op);
+  const c10::DeviceGuard guard(input.device());
+  const auto [in, out] = check_channel_indices(input, weight, groups, in_idx, out_idx,
+                                               packed_input, packed_output, op);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const c10::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->contiguous())
+                                          : c10::nullopt;
+
+  if (groups > 1) {
+    at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
+    at::Tensor y = at::convolution(xm, w, b, stride, padding, dilation, false, {0, 0}, groups)
+                       .contiguous();
+    return out.is_all ? y : Planes::mask_channels(y, out.idx);
+  }
+
+  at::Tensor x_c = (in.is_all || packed_input) ? x : Planes::gather_channels(x, in.idx);
+  at::Tensor w_c = (in.is_all && out.is_all) ? w : Planes::gather_weight(w, out.idx, in.idx);
+  c10::optional<at::Tensor> b_c = b;
+  if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
+  at::Tensor y_c =
+      at::convolution(x_c, w_c, b_c, stride, padding, dilation, false, {0, 0}, 1).contiguous();
+  return (out.is_all || packed_output) ? y_c
+                                       : Planes::scatter_channels(y_c, out.idx, weight.size(0));
+}
+
+template <typename Planes>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+  constexpr const char* op = "channel_sparse_conv2d_backward";
+  Planes::check_device(input, "input", op);
+  const BackwardArgs args =
+      check_backward_args(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
+                          dilation, groups, packed_input, packed_output, op);
+  const c10::DeviceGuard guard(input.device());
+  const auto& [in, out] = args.indices;
+  const bool with_saliency = args.with_saliency;
+  const auto [want_gi, want_gw, want_gb] = output_mask;
+
+  const at::Tensor g = grad_output.contiguous();
+  const at::Tensor h = with_saliency ? output->contiguous() : at::Tensor();
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous();
+
+  // groups == 1 with a partial output list convolves the compact grad_output
+  // (gathered here unless it arrives packed); otherwise the pass only reduces
+  // (grouped: masked dense, so g is masked below).
+  const bool compact_path = groups == 1 && !out.is_all;
+  const bool gather_g = compact_path && !packed_output;
+  GradOutputPass pass = Planes::grad_output_pass(g, h, out.idx, weight.size(0), packed_output,
+                                                 gather_g, want_gb);
+
+  at::Tensor grad_input, grad_weight;
+  if (want_gi || want_gw) {
+    if (groups > 1) {
+      at::Tensor gm = out.is_all ? g : Planes::mask_channels(g, out.idx);
+      at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
+      auto grads = at::convolution_backward(gm, xm, w, c10::nullopt, stride, padding, dilation,
+                                            false, {0, 0}, groups, {want_gi, want_gw, false});
+      if (want_gi) {
+        grad_input = std::get<0>(grads).contiguous();
+        if (!in.is_all) grad_input = Planes::mask_channels(grad_input, in.idx);
+      }
+      if (want_gw) grad_weight = std::get<1>(grads);
+    } else {
+      const at::Tensor g_c = gather_g ? pass.compact : g;
+      // The weight gradient needs the compact input; grad_input needs only its shape.
+      at::Tensor x_c;
+      if (in.is_all || packed_input) {
+        x_c = x;
+      } else if (want_gw) {
+        x_c = Planes::gather_channels(x, in.idx);
+      } else {
+        x_c = at::empty({x.size(0), in.count, x.size(2), x.size(3)}, x.options());
+      }
+      at::Tensor w_c = (in.is_all && out.is_all) ? w : Planes::gather_weight(w, out.idx, in.idx);
+      auto grads = at::convolution_backward(g_c, x_c, w_c, c10::nullopt, stride, padding,
+                                            dilation, false, {0, 0}, 1,
+                                            {want_gi, want_gw, false});
+      if (want_gi) {
+        grad_input = std::get<0>(grads).contiguous();
+        if (!in.is_all && !packed_input) {
+          grad_input = Planes::scatter_channels(grad_input, in.idx, input.size(1));
+        }
+      }
+      if (want_gw) {
+        grad_weight = std::get<1>(grads).contiguous();
+        if (!(in.is_all && out.is_all)) {
+          grad_weight = Planes::scatter_weight(grad_weight, out.idx, in.idx, weight.size(0),
+                                               weight.size(1));
+        }
+      }
+    }
+  }
+  return {grad_input, grad_weight, pass.grad_bias, pass.saliency};
+}
+
+}  // namespace dce
