@@ -9,9 +9,10 @@
 // that the results are bit-identical: add(a, b, alpha) and lerp are one fused
 // multiply-add in ATen's vectorized kernels (vec::fmadd), addcmul is
 // fma(value * t1, t2, self), addcdiv is self + (value * t1) / t2, scalars are
-// cast to the tensor's dtype first, and sqrt is ATen's own (AdamTask). The loops are built twice (target_clones):
-// for CPUs with AVX2+FMA, where GCC vectorizes std::fma into vfmadd, and a
-// generic one, where std::fma is libm's (exact, slower). ATen's own DEFAULT
+// cast to the tensor's dtype first, and sqrt is ATen's own (AdamTask). The
+// loops are built twice: for CPUs with AVX2+FMA, where GCC
+// vectorizes the fused multiply-adds, and a generic one, where they are
+// libm's fma (exact, slower). ATen's own DEFAULT
 // (pre-AVX2) kernels do not fuse, so on such CPUs the two may differ by an ulp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -102,6 +103,16 @@ void for_each_range(const BlockRuns& runs, const MakeTask& make_task) {
   });
 }
 
+// a * b + c rounded once. The builtins, not std::fma: the std:: overloads are
+// out-of-line functions of the default target, which the AVX2 clones below call
+// (into libm) instead of emitting vfmadd.
+__attribute__((always_inline)) inline float fused(float a, float b, float c) {
+  return __builtin_fmaf(a, b, c);
+}
+__attribute__((always_inline)) inline double fused(double a, double b, double c) {
+  return __builtin_fma(a, b, c);
+}
+
 template <typename T>
 struct SgdScalars {
   T lr_neg, momentum, one_minus_dampening, weight_decay;
@@ -109,26 +120,36 @@ struct SgdScalars {
 };
 
 // torch.optim.SGD's _single_tensor_sgd on elements [0, n) of the pointers.
-template <typename T>
-__attribute__((always_inline)) inline void sgd_elements(T* __restrict__ p,
-                                                        const T* __restrict__ grad,
-                                                        T* __restrict__ buf, int64_t n,
-                                                        const SgdScalars<T>& s) {
+// The scalars come by value: a reference could alias the arrays, and the loop
+// would reload them after every store instead of vectorizing. Every store is
+// unconditional (the optional buffer is a template flag) and the other options
+// are selects, so that GCC vectorizes the loop.
+template <typename T, bool kMomentum>
+__attribute__((always_inline)) inline void sgd_loop(T* __restrict__ p,
+                                                    const T* __restrict__ grad,
+                                                    T* __restrict__ buf, int64_t n,
+                                                    const SgdScalars<T> s) {
   for (int64_t i = 0; i < n; ++i) {
     T g = s.maximize ? -grad[i] : grad[i];
-    if (s.use_weight_decay) g = std::fma(s.weight_decay, p[i], g);  // grad.add(param, alpha=wd)
-    if (s.use_momentum) {
-      T b;
-      if (s.fresh_buffer) {
-        b = g;  // buf = grad.clone()
-      } else {
-        b = buf[i] * s.momentum;                       // buf.mul_(momentum)
-        b = std::fma(s.one_minus_dampening, g, b);     // .add_(grad, alpha=1 - dampening)
-      }
+    const T pi = p[i];
+    g = s.use_weight_decay ? fused(s.weight_decay, pi, g) : g;  // grad.add(param, alpha=wd)
+    if constexpr (kMomentum) {
+      // buf = grad.clone() on the first step, else buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+      const T b = s.fresh_buffer ? g : fused(s.one_minus_dampening, g, buf[i] * s.momentum);
       buf[i] = b;
-      g = s.nesterov ? std::fma(s.momentum, b, g) : b;  // grad.add(buf, alpha=momentum)
+      g = s.nesterov ? fused(s.momentum, b, g) : b;  // grad.add(buf, alpha=momentum)
     }
-    p[i] = std::fma(s.lr_neg, g, p[i]);  // param.add_(grad, alpha=-lr)
+    p[i] = fused(s.lr_neg, g, pi);  // param.add_(grad, alpha=-lr)
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void sgd_elements(T* p, const T* grad, T* buf, int64_t n,
+                                                        const SgdScalars<T>& s) {
+  if (s.use_momentum) {
+    sgd_loop<T, true>(p, grad, buf, n, s);
+  } else {
+    sgd_loop<T, false>(p, grad, buf, n, s);
   }
 }
 
@@ -143,34 +164,43 @@ struct AdamScalars {
 // in two loops around the square root, which must be ATen's own (see adam_task):
 // the first updates the moments (and decays the parameter, for AdamW) and leaves
 // the second moment that normalizes the step in `second`.
-template <typename T>
-__attribute__((always_inline)) inline void adam_moments(
+template <typename T, bool kAmsgrad>
+__attribute__((always_inline)) inline void adam_moments_loop(
     T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m, T* __restrict__ v,
-    T* __restrict__ vmax, T* __restrict__ second, int64_t n, const AdamScalars<T>& s) {
+    T* __restrict__ vmax, T* __restrict__ second, int64_t n, const AdamScalars<T> s) {
   const bool small_weight = std::abs(s.lerp_weight) < T(0.5);
   const T lerp_coeff = small_weight ? s.lerp_weight : s.lerp_weight - T(1);
+  const bool decay_param = s.use_weight_decay && s.decoupled;
+  const bool decay_grad = s.use_weight_decay && !s.decoupled;
   for (int64_t i = 0; i < n; ++i) {
     T g = s.maximize ? -grad[i] : grad[i];
-    if (s.use_weight_decay) {
-      if (s.decoupled) {
-        p[i] = p[i] * s.decay;  // param.mul_(1 - lr * weight_decay)
-      } else {
-        g = std::fma(s.weight_decay, p[i], g);  // grad.add(param, alpha=wd)
-      }
-    }
+    const T pi = p[i];
+    p[i] = decay_param ? pi * s.decay : pi;  // param.mul_(1 - lr * weight_decay)
+    g = decay_grad ? fused(s.weight_decay, pi, g) : g;  // grad.add(param, alpha=wd)
     // exp_avg.lerp_(grad, 1 - beta1): ATen's fmadd(coeff, end - start, base).
     const T mi = m[i];
-    m[i] = std::fma(lerp_coeff, g - mi, small_weight ? mi : g);
+    m[i] = fused(lerp_coeff, g - mi, small_weight ? mi : g);
     // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    const T v_new = std::fma(s.one_minus_beta2 * g, g, v[i] * s.beta2);
+    const T v_new = fused(s.one_minus_beta2 * g, g, v[i] * s.beta2);
     v[i] = v_new;
     T sq = v_new;
-    if (vmax != nullptr) {  // torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+    if constexpr (kAmsgrad) {  // torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
       const T old = vmax[i];
-      sq = (std::isnan(old) || old > v_new) ? old : v_new;
+      sq = (__builtin_isnan(old) || old > v_new) ? old : v_new;
       vmax[i] = sq;
     }
     second[i] = sq;
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void adam_moments(T* p, const T* grad, T* m, T* v,
+                                                        T* vmax, T* second, int64_t n,
+                                                        const AdamScalars<T>& s) {
+  if (vmax != nullptr) {
+    adam_moments_loop<T, true>(p, grad, m, v, vmax, second, n, s);
+  } else {
+    adam_moments_loop<T, false>(p, grad, m, v, vmax, second, n, s);
   }
 }
 
@@ -178,7 +208,7 @@ __attribute__((always_inline)) inline void adam_moments(
 template <typename T>
 __attribute__((always_inline)) inline void adam_params(T* __restrict__ p, const T* __restrict__ m,
                                                        const T* __restrict__ root, int64_t n,
-                                                       const AdamScalars<T>& s) {
+                                                       const AdamScalars<T> s) {
   for (int64_t i = 0; i < n; ++i) {
     // denom = (sqrt / bias_correction2_sqrt).add_(eps); param.addcdiv_(exp_avg, denom, -step_size)
     const T denom = root[i] / s.bias_correction2_sqrt + s.eps;
@@ -186,58 +216,51 @@ __attribute__((always_inline)) inline void adam_params(T* __restrict__ p, const 
   }
 }
 
-// The vectorizable loops, built for AVX2+FMA and generically (see the top).
-#define DCE_BLOCK_STEP_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// The vectorizable loops, built for AVX2+FMA and generically (see the top);
+// each NAME below picks one per call. (Not target_clones: its "arch=haswell" clone
+// is not chosen on every CPU that has AVX2 and FMA.)
+#define DCE_AVX2_FMA __attribute__((target("avx2,fma")))
 
-DCE_BLOCK_STEP_CLONES void sgd_float(float* p, const float* g, float* b, int64_t n,
-                                     const SgdScalars<float>& s) {
-  sgd_elements(p, g, b, n, s);
-}
-DCE_BLOCK_STEP_CLONES void sgd_double(double* p, const double* g, double* b, int64_t n,
-                                      const SgdScalars<double>& s) {
-  sgd_elements(p, g, b, n, s);
-}
-DCE_BLOCK_STEP_CLONES void adam_moments_float(float* p, const float* g, float* m, float* v,
-                                              float* vm, float* sq, int64_t n,
-                                              const AdamScalars<float>& s) {
-  adam_moments(p, g, m, v, vm, sq, n, s);
-}
-DCE_BLOCK_STEP_CLONES void adam_moments_double(double* p, const double* g, double* m,
-                                               double* v, double* vm, double* sq, int64_t n,
-                                               const AdamScalars<double>& s) {
-  adam_moments(p, g, m, v, vm, sq, n, s);
-}
-DCE_BLOCK_STEP_CLONES void adam_params_float(float* p, const float* m, const float* root,
-                                             int64_t n, const AdamScalars<float>& s) {
-  adam_params(p, m, root, n, s);
-}
-DCE_BLOCK_STEP_CLONES void adam_params_double(double* p, const double* m, const double* root,
-                                              int64_t n, const AdamScalars<double>& s) {
-  adam_params(p, m, root, n, s);
+bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
 }
 
-void sgd_run(float* p, const float* g, float* b, int64_t n, const SgdScalars<float>& s) {
-  sgd_float(p, g, b, n, s);
-}
-void sgd_run(double* p, const double* g, double* b, int64_t n, const SgdScalars<double>& s) {
-  sgd_double(p, g, b, n, s);
-}
-void adam_moments_run(float* p, const float* g, float* m, float* v, float* vm, float* sq,
-                      int64_t n, const AdamScalars<float>& s) {
-  adam_moments_float(p, g, m, v, vm, sq, n, s);
-}
-void adam_moments_run(double* p, const double* g, double* m, double* v, double* vm, double* sq,
-                      int64_t n, const AdamScalars<double>& s) {
-  adam_moments_double(p, g, m, v, vm, sq, n, s);
-}
-void adam_params_run(float* p, const float* m, const float* root, int64_t n,
-                     const AdamScalars<float>& s) {
-  adam_params_float(p, m, root, n, s);
-}
-void adam_params_run(double* p, const double* m, const double* root, int64_t n,
-                     const AdamScalars<double>& s) {
-  adam_params_double(p, m, root, n, s);
-}
+#define DCE_BLOCK_LOOP(name, body_fn, params, args)  \
+  DCE_AVX2_FMA void name##_avx2 params { body_fn args; } \
+  void name##_generic params { body_fn args; }          \
+  void name params {                                    \
+    if (has_avx2_fma()) {                               \
+      name##_avx2 args;                                 \
+    } else {                                            \
+      name##_generic args;                              \
+    }                                                   \
+  }
+
+DCE_BLOCK_LOOP(sgd_run, sgd_elements,
+               (float* p, const float* g, float* b, int64_t n, const SgdScalars<float>& s),
+               (p, g, b, n, s))
+DCE_BLOCK_LOOP(sgd_run, sgd_elements,
+               (double* p, const double* g, double* b, int64_t n, const SgdScalars<double>& s),
+               (p, g, b, n, s))
+DCE_BLOCK_LOOP(adam_moments_run, adam_moments,
+               (float* p, const float* g, float* m, float* v, float* vm, float* sq, int64_t n,
+                const AdamScalars<float>& s),
+               (p, g, m, v, vm, sq, n, s))
+DCE_BLOCK_LOOP(adam_moments_run, adam_moments,
+               (double* p, const double* g, double* m, double* v, double* vm, double* sq,
+                int64_t n, const AdamScalars<double>& s),
+               (p, g, m, v, vm, sq, n, s))
+DCE_BLOCK_LOOP(adam_params_run, adam_params,
+               (float* p, const float* m, const float* root, int64_t n,
+                const AdamScalars<float>& s),
+               (p, m, root, n, s))
+DCE_BLOCK_LOOP(adam_params_run, adam_params,
+               (double* p, const double* m, const double* root, int64_t n,
+                const AdamScalars<double>& s),
+               (p, m, root, n, s))
+
+#undef DCE_BLOCK_LOOP
 
 // One task's share of an Adam step. ATen's CPU sqrt is not IEEE's correctly
 // rounded one (MKL VML, about an ulp off), so for the same bits the square
