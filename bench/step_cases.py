@@ -32,7 +32,8 @@ def _sgd(params, lr=0.01):
 
 
 def make_step_cases(fraction: float, batch: int = BATCH, saliency: bool = True, seed: int = 0,
-                    tau: int = 2, only: str | None = None, device: str = "cpu"):
+                    tau: int = 2, only: str | None = None, device: str = "cpu",
+                    in_place: bool = True):
     """Callables for one training step: ``dense`` (plain full-width model),
     ``narrow`` (plain model physically narrowed to the active width) and
     ``ours`` (channel-sparse model, CUCB selection at ``fraction``, masked SGD).
@@ -40,7 +41,8 @@ def make_step_cases(fraction: float, batch: int = BATCH, saliency: bool = True, 
     The selector's warm-up ``tau`` is short so that the timed steps run the
     UCB path, which is the steady state of a real run. ``only`` builds just
     that candidate (for measuring its memory alone). Models and data live on
-    ``device``."""
+    ``device``. ``in_place=False``: the masked SGD gathers and scatters its
+    blocks (MaskedOptimizer's generic path)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, IMAGE, IMAGE, generator=g).to(device)
     y = torch.randint(0, CLASSES, (batch,), generator=g).to(device)
@@ -62,7 +64,7 @@ def make_step_cases(fraction: float, batch: int = BATCH, saliency: bool = True, 
                 m.track_saliency = saliency
         plan = plan_for(sparse)
         selector = CUCBSelector(plan.num_channels, fraction, tau=tau, seed=seed)
-        opt = MaskedOptimizer(_sgd(sparse.parameters()), plan.active_blocks)
+        opt = MaskedOptimizer(_sgd(sparse.parameters()), plan.active_blocks, in_place=in_place)
 
         def step():
             plan.apply(selector.select())

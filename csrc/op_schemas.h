@@ -71,4 +71,26 @@ inline constexpr const char* kScatterBlock =
 inline constexpr const char* kSetCudaConvImpl = "set_cuda_conv_impl(str impl) -> ()";
 inline constexpr const char* kGetCudaConvImpl = "get_cuda_conv_impl() -> str";
 
+// Optimizer steps of a block in place: every element of the block (as above:
+// rows, cols, all trailing elements) of param and its state is updated exactly
+// as torch.optim's single-tensor (for-loop) step updates a compact copy of
+// it; nothing outside the block is read or written. All tensors share
+// param's shape, dtype and contiguous layout. The per-tensor scalars are the
+// caller's (dce_kernels/block_steps.py computes them as torch.optim does).
+// sgd: momentum_buffer is required when momentum != 0; fresh_buffer says it
+// was just created, so this step sets it to the gradient (torch.optim's first
+// step) instead of decaying it.
+inline constexpr const char* kSgdBlockStep =
+    "sgd_block_step_(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor? rows, "
+    "Tensor? cols, float lr, float momentum, float dampening, float weight_decay, "
+    "bool nesterov, bool maximize, bool fresh_buffer) -> ()";
+// adam (and AdamW with decoupled_weight_decay): step_size = lr / (1 - beta1^t)
+// and bias_correction2_sqrt = sqrt(1 - beta2^t) for the tensor's step t;
+// max_exp_avg_sq given means amsgrad.
+inline constexpr const char* kAdamBlockStep =
+    "adam_block_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+    "Tensor(d!)? max_exp_avg_sq, Tensor? rows, Tensor? cols, float lr, float beta1, "
+    "float beta2, float weight_decay, bool decoupled_weight_decay, float eps, float step_size, "
+    "float bias_correction2_sqrt, bool maximize) -> ()";
+
 }  // namespace dce::schema

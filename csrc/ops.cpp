@@ -10,4 +10,6 @@ TORCH_LIBRARY(dce, m) {
   m.def(dce::schema::kChannelSparseConv2dBackward);
   m.def(dce::schema::kGatherBlock);
   m.def(dce::schema::kScatterBlock);
+  m.def(dce::schema::kSgdBlockStep);
+  m.def(dce::schema::kAdamBlockStep);
 }

@@ -40,6 +40,24 @@ def _as_index(idx: _Index, num_channels: int, device: torch.device, name: str) -
     return torch.sort(t).values
 
 
+class _TaylorSaliency(torch.autograd.Function):
+    """The identity on a conv's output whose backward delivers the Taylor
+    saliency ``mean_n |mean_{h,w}(dL/dy * y)|`` as the gradient of the layer's
+    probe: what the sparse op's backward reduces in its kernel, for the layer's
+    dense path (every channel active), which runs plain ``F.conv2d``."""
+
+    @staticmethod
+    def forward(ctx, output, probe):
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (output,) = ctx.saved_tensors
+        per_sample = (grad * output).mean((-2, -1)).abs()
+        return grad, per_sample.mean(0) if per_sample.dim() == 2 else per_sample
+
+
 class ChannelSparseConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that computes only over lists of active channels.
 
@@ -57,7 +75,9 @@ class ChannelSparseConv2d(nn.Conv2d):
     ReLU directly after the conv); set ``track_saliency = False`` if you must.
 
     ``groups > 1`` is computed correctly by a masked dense path: it saves no
-    time yet.
+    time yet. With every channel active the layer runs ``F.conv2d`` itself
+    (and the saliency as a light autograd step): full activation costs what
+    ``nn.Conv2d`` costs.
 
     Layouts: by default input and output keep the full channel width.
     ``packed_input`` / ``packed_output`` (set by a
@@ -119,6 +139,11 @@ class ChannelSparseConv2d(nn.Conv2d):
         self._buffers["out_idx"], self._buffers["in_idx"] = out_idx, in_idx
 
     @property
+    def all_active(self) -> bool:
+        return (self.out_idx.numel() == self.out_channels
+                and self.in_idx.numel() == self.in_channels)
+
+    @property
     def active_out_channels(self) -> int:
         return self.out_idx.numel()
 
@@ -165,6 +190,11 @@ class ChannelSparseConv2d(nn.Conv2d):
             # As nn.Conv2d does: pad explicitly, then convolve without padding.
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        if self.all_active:
+            # A packed layout of every channel is the full layout.
+            out = F.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
+                           self.groups)
+            return out if probe is None else _TaylorSaliency.apply(out, probe)
         return channel_sparse_conv2d(input, self.weight, self.bias, self.in_idx, self.out_idx,
                                      self.stride, padding, self.dilation, self.groups,
                                      saliency_probe=probe, packed_input=self.packed_input,

@@ -271,3 +271,16 @@ def _gather_block_fake(src, rows, cols):
 @torch.library.register_fake("dce::scatter_block_")
 def _scatter_block_fake(dst, rows, cols, block):
     return None
+
+
+@torch.library.register_fake("dce::sgd_block_step_")
+def _sgd_block_step_fake(param, grad, momentum_buffer, rows, cols, lr, momentum, dampening,
+                         weight_decay, nesterov, maximize, fresh_buffer):
+    return None
+
+
+@torch.library.register_fake("dce::adam_block_step_")
+def _adam_block_step_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, rows, cols, lr,
+                          beta1, beta2, weight_decay, decoupled_weight_decay, eps, step_size,
+                          bias_correction2_sqrt, maximize):
+    return None

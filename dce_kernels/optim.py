@@ -9,14 +9,21 @@ optimizer step over every weight plus a copy of every inactive slice, which at
 a quarter of the channels active is many times the work of the narrow
 network's step.
 
-Instead the wrapped optimizer steps the *active block* of each partly active
-parameter: for the duration of ``step()`` the parameter, its gradient and every
-parameter-shaped state tensor (SGD's momentum buffer, Adam's moments) are
-swapped for compact copies of their active rows and columns; the optimizer does
-its ordinary (fused or foreach) step on those, and the results are written back.
-Inactive weights and their state are never touched, and the work is that of
-the narrow network's step plus one gather and one scatter of the active part.
-This works for any optimizer whose state is elementwise.
+Instead only the *active block* of each partly active parameter is stepped,
+in one of two ways (dce_kernels/block_steps.py says which optimizer takes which):
+
+- in place (torch.optim.SGD, Adam, AdamW on CPU float tensors): a fused
+  kernel walks the contiguous runs of the block in the parameter, its gradient
+  and its state, and applies the optimizer's own arithmetic there, bit for bit.
+  Nothing is allocated per step and nothing outside the block is read.
+- generic (any other optimizer whose state is elementwise, other devices): for
+  the duration of ``step()`` the parameter, its gradient and every
+  parameter-shaped state tensor (SGD's momentum buffer, Adam's moments) are
+  swapped for compact copies of their active rows and columns; the optimizer
+  does its ordinary (fused or foreach) step on those, and the results are
+  written back.
+
+Either way inactive weights and their state are never touched.
 
 One per-tensor quantity cannot be per channel: Adam's step counter, which
 drives its bias correction, counts the steps of the whole tensor.
@@ -29,6 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .block_steps import block_step_for, supports
 from .ops import gather_block, scatter_block_
 
 __all__ = ["ActiveBlock", "MaskedOptimizer"]
@@ -66,10 +74,13 @@ class MaskedOptimizer(torch.optim.Optimizer):
     It is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and
     ``defaults`` are the wrapped optimizer's own objects, so a
     ``torch.optim.lr_scheduler`` built on it sets the learning rate that the
-    wrapped optimizer uses, and either ``state_dict()`` restores both."""
+    wrapped optimizer uses, and either ``state_dict()`` restores both.
+
+    ``in_place=False`` steps every block by gather-step-scatter, also where
+    the in-place kernels apply (module docstring)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer,
-                 active: Callable[[], list[ActiveBlock]]) -> None:
+                 active: Callable[[], list[ActiveBlock]], in_place: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"MaskedOptimizer wraps a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -83,6 +94,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
             setattr(self, name, OrderedDict())
         self.optimizer = optimizer
         self.active = active
+        # in_place=False sends every block through the generic path (the
+        # reference that the in-place kernels are tested against).
+        self._block_step = block_step_for(optimizer) if in_place else None
 
     @property
     def param_groups(self):
@@ -126,13 +140,47 @@ class MaskedOptimizer(torch.optim.Optimizer):
             # (fine for one-evaluation optimizers such as SGD and Adam).
             with torch.enable_grad():
                 loss = closure()
-        swapped = [self._swap_in(block) for block in self.active() if block.param.grad is not None]
+        in_place, generic = self._split(block for block in self.active()
+                                        if block.param.grad is not None)
+        # The wrapped optimizer skips parameters without a gradient: those
+        # stepped in place hide theirs while it runs.
+        hidden = [(block.param, block.param.grad) for block, _ in in_place]
+        swapped = []
         try:
+            for param, _ in hidden:
+                param.grad = None
+            swapped = [self._swap_in(block) for block in generic]
             self.optimizer.step()
         finally:
             for swap in reversed(swapped):
                 self._swap_out(*swap)
+            for param, grad in hidden:
+                param.grad = grad
+        for block, group in in_place:
+            self._block_step(group, self.optimizer.state[block.param], block)
         return loss
+
+    def _split(self, blocks):
+        """(block, param group) pairs of the blocks stepped in place, and the
+        blocks that take the generic gather-step-scatter."""
+        in_place, generic = [], []
+        if self._block_step is None:
+            return in_place, list(blocks)
+        group_of = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        seen = set()
+        for block in blocks:
+            param = block.param
+            group = group_of.get(id(param))
+            # A parameter listed twice, or not the optimizer's, takes the generic path
+            # (which the wrapped optimizer then treats as it would).
+            if (group is not None and id(param) not in seen
+                    and supports(group, self.optimizer.state.get(param, {}), param.data,
+                                 param.grad)):
+                in_place.append((block, group))
+                seen.add(id(param))
+            else:
+                generic.append(block)
+        return in_place, generic
 
     def _swap_in(self, block: ActiveBlock):
         param = block.param

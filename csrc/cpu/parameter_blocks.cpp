@@ -11,14 +11,9 @@
 #include <cstring>
 #include <vector>
 
-namespace dce::cpu {
-namespace {
+#include "parameter_blocks.h"
 
-// One side of a block: the listed indices, or all of [0, size).
-struct BlockSide {
-  std::vector<int64_t> index;
-  int64_t count = 0;
-};
+namespace dce::cpu {
 
 BlockSide block_side(const c10::optional<at::Tensor>& idx, int64_t size, const char* name,
                      const char* op) {
@@ -49,10 +44,6 @@ BlockSide block_side(const c10::optional<at::Tensor>& idx, int64_t size, const c
   return side;
 }
 
-struct BlockGeometry {
-  int64_t rows, cols, run;  // the full tensor as [rows, cols, run]
-};
-
 BlockGeometry geometry(const at::Tensor& t, bool has_cols, const char* op) {
   TORCH_CHECK(t.dim() >= (has_cols ? 2 : 1), op, ": a block with columns needs a tensor of at "
               "least 2 dims, got shape ", t.sizes());
@@ -67,6 +58,9 @@ std::vector<int64_t> block_shape(const at::Tensor& t, int64_t rows, int64_t cols
   if (sizes.size() >= 2) sizes[1] = cols;
   return sizes;
 }
+
+namespace {
+
 
 int64_t grain(int64_t bytes_per_row) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, bytes_per_row));
