@@ -18,7 +18,8 @@ from .compact import compact_model, export_compact
 from .cost import FlopsCost
 from .dynamic import DynamicChannels
 from .flops import count_flops, count_params
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
+from .nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
+                 ChannelSparseNormAct)
 from .ops import channel_sparse_conv2d
 from .optim import MaskedOptimizer
 from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
@@ -28,6 +29,7 @@ __all__ = [
     "DynamicChannels",
     "channel_sparse_conv2d",
     "ChannelSparseConv2d",
+    "ChannelSparseLinear",
     "ChannelSparseBatchNorm2d",
     "ChannelSparseSyncBatchNorm2d",
     "convert_sync_batchnorm",

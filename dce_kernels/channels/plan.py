@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, _as_index
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear, _as_index
 from ..optim import ActiveBlock
 from .group import ChannelGroup, converted_groups
 from .sequential import sequential_groups
@@ -63,6 +63,7 @@ class ChannelPlan:
             raise ValueError("a conv produces more than one channel group")
         self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
         self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
+        self.sparse_linears = [m for m in model.modules() if isinstance(m, ChannelSparseLinear)]
         self._indices = self._collect_indices()
         self._linear_active: dict[int, tuple[nn.Linear, torch.Tensor, int]] = {}
         self._selection: Optional[list[torch.Tensor]] = None
@@ -90,7 +91,7 @@ class ChannelPlan:
             key = (id(layer), index)
             if key not in indices:
                 indices[key] = _LayerIndex(size)
-                if isinstance(layer, nn.Linear):
+                if index == "in_channels":
                     self._linears.append(layer)
             elif indices[key].size != size:
                 raise ValueError(f"channel groups disagree on how many channels a "
@@ -99,7 +100,7 @@ class ChannelPlan:
 
         for i, g in enumerate(self.groups):
             for conv in g.producers:
-                cover(conv, "out_idx", conv.out_channels, i, 0)
+                cover(conv, "out_idx", g.num_channels, i, 0)
             for conv in g.consumers:
                 cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
             for conv in g.depthwise:
@@ -134,6 +135,8 @@ class ChannelPlan:
                 conv.set_active()
             for bn in self.norms:
                 bn.set_active()
+            for lin in self.sparse_linears:
+                lin.set_active()
             return
         if len(selection) != len(self.groups):
             raise ValueError(f"selection has {len(selection)} entries for "
@@ -164,6 +167,12 @@ class ChannelPlan:
         self._linear_active = {
             id(lin): (lin, active(lin, "in_channels"), self._indices[(id(lin), "in_channels")].size)
             for lin in self._linears}
+        for lin in self.sparse_linears:
+            device = lin.weight.device
+            read = self._linear_active.get(id(lin))
+            cols = None if read is None else linear_features(read[1], lin.in_features, read[2])
+            lin._use_channels(checked(active(lin, "out_idx"), lin.out_features, device),
+                              checked(cols, lin.in_features, device))
         self._selection = [g.producer.out_idx.detach().cpu().clone() for g in self.groups]
 
     def saliency(self) -> list[torch.Tensor]:
@@ -213,12 +222,19 @@ class ChannelPlan:
             rows = partial(bn.active_idx, bn.num_features)
             add(bn.weight, rows)
             add(bn.bias, rows)
-        for lin, channels, total in self._linear_active.values():
-            if channels.numel() < total:
-                # Whole channels of the flattened map: runs of in_features // total columns.
-                blocks.append(ActiveBlock(lin.weight, cols=channels,
-                                          view=(lin.out_features, total,
-                                                lin.in_features // total)))
+        reads = {id(lin): (channels, total) for lin, channels, total in self._linear_active.values()}
+        listed = {id(lin) for lin in self._linears}
+        for lin in self._linears + [m for m in self.sparse_linears if id(m) not in listed]:
+            channels, total = reads.get(id(lin), (None, lin.in_features))
+            rows = (partial(lin.out_idx, lin.out_features)
+                    if isinstance(lin, ChannelSparseLinear) else None)
+            cols = None if channels is None else partial(channels, total)
+            if rows is None and cols is None:
+                continue
+            # Whole channels of the flattened map: runs of in_features // total columns.
+            blocks.append(ActiveBlock(lin.weight, rows=rows, cols=cols,
+                                      view=(lin.out_features, total, lin.in_features // total)))
+            add(lin.bias, rows)
         return blocks
 
 
