@@ -193,7 +193,9 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
     parameters and ``state_dict`` keys as ``nn.Linear``; with every feature
     active it computes what ``nn.Linear`` computes. ``set_active`` restricts it
     to some output features (the others are zero) and input features (the
-    others are never read). The hidden units of a classifier
+    others are never read; with ``packed_input``, set by a
+    :class:`~dce_kernels.channels.ChannelPlan` like a conv's, the input holds
+    only them, in order). The hidden units of a classifier
     (``Linear -> ReLU -> Linear``) become a channel group this way, and a Linear
     reading a flattened conv map reads only the active channels' columns.
 
@@ -207,6 +209,7 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.track_saliency = True
+        self.packed_input = False
         self._init_channel_state()
 
     @property
@@ -232,6 +235,7 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
                     device="meta", dtype=linear.weight.dtype)
         layer.weight = linear.weight
         layer.bias = linear.bias
+        layer.packed_input = False
         layer._init_channel_state()
         layer.train(linear.training)
         return layer
@@ -259,11 +263,12 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
         if self.track_saliency and self.training and torch.is_grad_enabled():
             probe = self._saliency_probe
         return channel_sparse_linear(input, self.weight, self.bias, self.in_idx, self.out_idx,
-                                     saliency_probe=probe)
+                                     saliency_probe=probe, packed_input=self.packed_input)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", active_out={self.active_out_features}"
-                f", active_in={self.active_in_features}")
+                f", active_in={self.active_in_features}"
+                + (", packed=input" if self.packed_input else ""))
 
 
 class ChannelSparseBatchNorm2d(nn.BatchNorm2d):

@@ -29,13 +29,13 @@ def _compact_weight(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.T
 
 class _ChannelSparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, in_idx, out_idx, saliency_probe):
+    def forward(ctx, input, weight, bias, in_idx, out_idx, saliency_probe, packed_input):
         out_features, in_features = weight.shape
         in_all = in_idx.numel() == in_features
         out_all = out_idx.numel() == out_features
         lead = input.shape[:-1]
-        x = input.reshape(-1, in_features)
-        x_c = x if in_all else x.index_select(1, in_idx)
+        x = input.reshape(-1, input.shape[-1])
+        x_c = x if in_all or packed_input else x.index_select(1, in_idx)
         w_c = _compact_weight(weight, out_idx, in_idx, out_all, in_all)
         if bias is None:
             y_c = x_c @ w_c.t()
@@ -47,7 +47,8 @@ class _ChannelSparseLinear(torch.autograd.Function):
             y = y_c.new_zeros(x.shape[0], out_features).index_copy_(1, out_idx, y_c)
         ctx.want_saliency = saliency_probe is not None and ctx.needs_input_grad[5]
         ctx.has_bias = bias is not None
-        ctx.shapes = (tuple(input.shape), lead, in_all, out_all)
+        # A packed input's gradient is packed too: "all" of its features are read.
+        ctx.shapes = (tuple(input.shape), lead, in_all or packed_input, out_all)
         ctx.weight_shape = tuple(weight.shape)
         ctx.save_for_backward(x_c, w_c, in_idx, out_idx, y_c if ctx.want_saliency else None)
         return y.reshape(*lead, out_features)
@@ -63,16 +64,17 @@ class _ChannelSparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gi_c = g_c @ w_c
             grad_input = gi_c if in_all else \
-                gi_c.new_zeros(g.shape[0], in_features).index_copy_(1, in_idx, gi_c)
+                gi_c.new_zeros(g.shape[0], input_shape[-1]).index_copy_(1, in_idx, gi_c)
             grad_input = grad_input.reshape(input_shape)
         if ctx.needs_input_grad[1]:
             gw_c = g_c.t() @ x_c
-            if out_all and in_all:
+            cols_all = in_idx.numel() == in_features
+            if out_all and cols_all:
                 grad_weight = gw_c
             else:
                 grad_weight = gw_c.new_zeros(out_features, in_features)
                 scatter_block_(grad_weight, None if out_all else out_idx,
-                               None if in_all else in_idx, gw_c.contiguous())
+                               None if cols_all else in_idx, gw_c.contiguous())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb_c = g_c.sum(0)
             grad_bias = gb_c if out_all else \
@@ -86,13 +88,14 @@ class _ChannelSparseLinear(torch.autograd.Function):
             s_c = per_sample.abs().mean(0)
             saliency = s_c if out_all else \
                 s_c.new_zeros(out_features).index_copy_(0, out_idx, s_c)
-        return grad_input, grad_weight, grad_bias, None, None, saliency
+        return grad_input, grad_weight, grad_bias, None, None, saliency, None
 
 
 def channel_sparse_linear(input: torch.Tensor, weight: torch.Tensor,
                           bias: Optional[torch.Tensor], in_idx: torch.Tensor,
                           out_idx: torch.Tensor,
-                          saliency_probe: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          saliency_probe: Optional[torch.Tensor] = None,
+                          packed_input: bool = False) -> torch.Tensor:
     """``F.linear(input * mask_in, weight, bias) * mask_out``, and its gradients,
     reading only the input features ``in_idx`` and computing only the output
     features ``out_idx`` (1-D int64 tensors of unique indices on the input's
@@ -105,13 +108,19 @@ def channel_sparse_linear(input: torch.Tensor, weight: torch.Tensor,
     mean over the dims between batch and features, if any), zero for inactive
     ones: the conv op's saliency, so rewards of conv channels and hidden units
     are on one scale.
+
+    ``packed_input``: the input holds only the features of ``in_idx``, in that
+    order (``input.shape[-1] == len(in_idx)``), as a packed conv output
+    flattened; its gradient is packed the same way.
     """
     if weight.dim() != 2:
         raise ValueError(f"channel_sparse_linear: weight must be 2-D, got shape "
                          f"{tuple(weight.shape)}")
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+    width = in_idx.numel() if packed_input else weight.shape[1]
+    if input.dim() == 0 or input.shape[-1] != width:
+        what = "the packed input's" if packed_input else "the weight's"
         raise ValueError(f"channel_sparse_linear: input of shape {tuple(input.shape)} does not "
-                         f"end in the weight's {weight.shape[1]} input features")
+                         f"end in {what} {width} input features")
     for name, idx in (("in_idx", in_idx), ("out_idx", out_idx)):
         if idx.dim() != 1 or idx.dtype != torch.long or idx.device != input.device:
             raise ValueError(f"channel_sparse_linear: {name} must be a 1-D int64 tensor on the "
@@ -120,4 +129,5 @@ def channel_sparse_linear(input: torch.Tensor, weight: torch.Tensor,
     if saliency_probe is not None and saliency_probe.shape != (weight.shape[0],):
         raise ValueError(f"channel_sparse_linear: saliency_probe must have shape "
                          f"({weight.shape[0]},), got {tuple(saliency_probe.shape)}")
-    return _ChannelSparseLinear.apply(input, weight, bias, in_idx, out_idx, saliency_probe)
+    return _ChannelSparseLinear.apply(input, weight, bias, in_idx, out_idx, saliency_probe,
+                                      packed_input)

@@ -84,6 +84,28 @@ def test_sparse_linear_equals_masked_dense_reference(lead, fin, fout, pin, pout,
         assert layer.saliency[~inactive].gt(0).any()
 
 
+def test_packed_input_equals_the_full_width_input():
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(6, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    in_idx = torch.tensor([1, 4, 5, 8])
+    out_idx = torch.tensor([0, 2, 3])
+    x = torch.randn(5, 10, dtype=torch.float64, generator=g)
+    packed = x[:, in_idx].clone().requires_grad_(True)
+    y = channel_sparse_linear(packed, weight, bias, in_idx, out_idx, packed_input=True)
+    grad = torch.randn_like(y)
+    (gx, gw, gb) = torch.autograd.grad(y, (packed, weight, bias), grad)
+    full = x.clone().requires_grad_(True)
+    yr = _masked_reference(full, weight, bias, in_idx, out_idx)
+    (rx, rw, rb) = torch.autograd.grad(yr, (full, weight, bias), grad)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, rx[:, in_idx], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, rb, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="the packed input's 4 input features"):
+        channel_sparse_linear(x, weight, bias, in_idx, out_idx, packed_input=True)
+
+
 def test_all_active_equals_nn_linear_and_shares_its_parameters():
     torch.manual_seed(0)
     dense = nn.Linear(10, 7).double()
@@ -160,6 +182,9 @@ def test_convert_makes_the_hidden_linears_producers_and_keeps_the_logits():
     # The in-place ReLUs right after the Linears became out-of-place (saliency needs
     # the Linear's output); the logits' staying full is not a note.
     assert not cls[1].inplace and not cls[4].inplace
+    # The last conv's group reaches the classifier packed (flattened narrow maps).
+    assert model.features[4].packed_output and cls[0].packed_input
+    assert not cls[3].packed_input  # Linear outputs keep their width
     assert conversion_notes(model) == {}
 
 

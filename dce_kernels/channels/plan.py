@@ -49,8 +49,8 @@ class ChannelPlan:
 
     ``pack`` (default True) sets the packed layouts (``packed_input``,
     ``packed_output``, ``packed`` of a BatchNorm) on the layers of every group
-    whose ``can_pack`` allows them, for as long as the plan's model is used;
-    with ``pack=False`` every activation keeps its full width."""
+    that may pack (:meth:`packable_groups`), for as long as the plan's model is
+    used; with ``pack=False`` every activation keeps its full width."""
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup],
                  pack: bool = True) -> None:
@@ -74,13 +74,54 @@ class ChannelPlan:
             conv.packed_input = conv.packed_output = False
         for bn in self.norms:
             bn.packed = False
-        for g in self.groups:
-            on = pack and g.can_pack
+        for lin in self.sparse_linears:
+            lin.packed_input = False
+        packable = self.packable_groups() if pack else set()
+        for i, g in enumerate(self.groups):
+            on = i in packable
             g.producer.packed_output = on
             for conv in g.consumers:
                 conv.packed_input = on
             for bn in g.norms:
                 bn.packed = on
+            for lin in g.linears:
+                lin.packed_input = on
+
+    def packable_groups(self) -> set[int]:
+        """The groups whose activations may be packed: those that ``can_pack``,
+        and the groups read together after a concatenation (DenseNet), which
+        pack as one: a layer reading several groups at offsets sees the
+        concatenation of their packed outputs, which is exactly its active
+        channels in order (a Linear after flattening: its active columns), so it can read it packed when every group it reads
+        packs and no channel of its input is outside the groups. Such groups
+        therefore pack all together or none of them."""
+        n = len(self.groups)
+        parent = list(range(n))
+
+        def find(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        ok = [g.sole_readers and g.readers_known and not g.tied
+              and all(isinstance(lin, ChannelSparseLinear) for lin in g.linears)
+              and not g.depthwise and isinstance(g.producer, ChannelSparseConv2d)
+              and g.producer.groups == 1 and all(c.groups == 1 for c in g.consumers)
+              for g in self.groups]
+        for (_, index), u in self._indices.items():
+            if index not in ("in_idx", "active_idx", "in_channels"):
+                continue
+            readers = [g for g, _ in u.entries]
+            if u.fixed.numel():  # channels of no group: their layout is not ours to pack
+                for g in readers:
+                    ok[g] = False
+            for g in readers[1:]:
+                parent[find(g)] = find(readers[0])
+        whole = {}
+        for i in range(n):
+            whole[find(i)] = whole.get(find(i), True) and ok[i]
+        return {i for i in range(n) if whole[find(i)]}
 
     def _collect_indices(self) -> dict[tuple[int, str], _LayerIndex]:
         """Every layer index a group fills, keyed by (layer id, index name)."""
