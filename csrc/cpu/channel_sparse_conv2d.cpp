@@ -8,7 +8,10 @@
 // With packed layouts (op_schemas.h) the input is already compact and/or the
 // output stays compact: those gathers and scatters are skipped, which leaves
 // the narrow network's own work plus the fused grad_output pass.
-// groups > 1 takes a masked dense path (correct, not faster than dense).
+// A depthwise conv (groups == in == out channels) whose active inputs are its
+// active outputs (or all inputs) runs a narrower depthwise conv over the active
+// planes only (groups = active count); other groups > 1 take a masked dense
+// path (correct, not faster than dense).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,6 +31,16 @@ void check_cpu(const at::Tensor& t, const char* what, const char* op) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", t.device());
 }
 
+// Whether a grouped conv can compute only its active output planes: depthwise
+// (each output channel reads its own input channel, multiplier 1), some outputs
+// inactive, and every active output's input active. Then the compact conv is
+// depthwise over the active channels, which out_idx lists for inputs and outputs.
+bool compact_depthwise(const at::Tensor& weight, int64_t groups, const ChannelIndex& in,
+                       const ChannelIndex& out) {
+  if (groups <= 1 || weight.size(0) != groups || weight.size(1) != 1 || out.is_all) return false;
+  return in.is_all || (in.count == out.count && at::equal(in.idx, out.idx));
+}
+
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
                        const at::Tensor& out_idx, at::IntArrayRef stride,
@@ -45,6 +58,16 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
       bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->contiguous())
                                           : c10::nullopt;
 
+  if (compact_depthwise(w, groups, in, out)) {
+    at::Tensor x_c = gather_channels(x, out.idx);
+    at::Tensor w_c = w.index_select(0, out.idx);
+    c10::optional<at::Tensor> b_c = b;
+    if (b.has_value()) b_c = b->index_select(0, out.idx);
+    at::Tensor y_c = at::convolution(x_c, w_c, b_c, stride, padding, dilation, false, {0, 0},
+                                     out.count)
+                         .contiguous();
+    return scatter_channels(y_c, out.idx, weight.size(0));
+  }
   if (groups > 1) {
     at::Tensor xm = in.is_all ? x : mask_channels(x, in.idx);
     at::Tensor y = at::convolution(xm, w, b, stride, padding, dilation, false, {0, 0}, groups)
@@ -82,13 +105,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   // groups == 1 with a partial output list convolves the compact grad_output
   // (gathered here unless it arrives packed); otherwise the pass only reduces
   // (grouped: masked dense, so g is masked below).
-  const bool compact_path = groups == 1 && !out.is_all;
+  const bool depthwise = compact_depthwise(weight, groups, in, out);
+  const bool compact_path = (groups == 1 || depthwise) && !out.is_all;
   const bool gather_g = compact_path && !packed_output;
   GradOutputPass pass = grad_output_pass(g, h, out.idx, weight.size(0), packed_output, gather_g,
                                          want_gb);
 
   at::Tensor grad_input, grad_weight;
-  if (want_gi || want_gw) {
+  if ((want_gi || want_gw) && depthwise) {
+    // The compact depthwise conv's gradients, on the active planes only.
+    const at::Tensor x_c =
+        want_gw ? gather_channels(x, out.idx)
+                : at::empty({x.size(0), out.count, x.size(2), x.size(3)}, x.options());
+    const at::Tensor w_c = w.index_select(0, out.idx);
+    auto grads = at::convolution_backward(pass.compact, x_c, w_c, c10::nullopt, stride, padding,
+                                          dilation, false, {0, 0}, out.count,
+                                          {want_gi, want_gw, false});
+    if (want_gi) {
+      grad_input = scatter_channels(std::get<0>(grads).contiguous(), out.idx, input.size(1));
+    }
+    if (want_gw) {
+      grad_weight = at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
+    }
+  } else if (want_gi || want_gw) {
     if (groups > 1) {
       at::Tensor gm = out.is_all ? g : mask_channels(g, out.idx);
       at::Tensor xm = in.is_all ? x : mask_channels(x, in.idx);
