@@ -210,6 +210,7 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
         super().__init__(*args, **kwargs)
         self.track_saliency = True
         self.packed_input = False
+        self.in_run = 1
         self._init_channel_state()
 
     @property
@@ -236,6 +237,7 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.packed_input = False
+        layer.in_run = 1
         layer._init_channel_state()
         layer.train(linear.training)
         return layer
@@ -246,9 +248,11 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
         self._use_channels(_as_index(out_idx, self.out_features, device, "out_idx"),
                            _as_index(in_idx, self.in_features, device, "in_idx"))
 
-    def _use_channels(self, out_idx: torch.Tensor, in_idx: torch.Tensor) -> None:
-        # Lists already in _as_index's form (see ChannelSparseConv2d._use_channels).
-        self.out_idx, self.in_idx = out_idx, in_idx
+    def _use_channels(self, out_idx: torch.Tensor, in_idx: torch.Tensor, in_run: int = 1
+                      ) -> None:
+        # Lists already in _as_index's form (see ChannelSparseConv2d._use_channels);
+        # in_run: in_idx lists whole runs of that many features (a plan's channels).
+        self.out_idx, self.in_idx, self.in_run = out_idx, in_idx, in_run
 
     @property
     def active_out_features(self) -> int:
@@ -263,7 +267,8 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
         if self.track_saliency and self.training and torch.is_grad_enabled():
             probe = self._saliency_probe
         return channel_sparse_linear(input, self.weight, self.bias, self.in_idx, self.out_idx,
-                                     saliency_probe=probe, packed_input=self.packed_input)
+                                     saliency_probe=probe, packed_input=self.packed_input,
+                                     in_run=self.in_run)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", active_out={self.active_out_features}"

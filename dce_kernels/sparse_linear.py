@@ -20,23 +20,37 @@ from .ops import gather_block, scatter_block_
 __all__ = ["channel_sparse_linear"]
 
 
-def _compact_weight(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor,
-                    out_all: bool, in_all: bool) -> torch.Tensor:
+def _block_args(weight: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor,
+                out_all: bool, in_all: bool, in_run: int):
+    """The weight and the rows and columns of its active block, for gather_block /
+    scatter_block_: with ``in_run > 1`` the weight viewed as (out, in / run, run)
+    and the active runs as columns, which copy as contiguous runs."""
+    rows = None if out_all else out_idx
+    if in_all:
+        return weight, rows, None
+    if in_run == 1:
+        return weight, rows, in_idx
+    view = weight.view(weight.shape[0], weight.shape[1] // in_run, in_run)
+    return view, rows, in_idx[::in_run] // in_run
+
+
+def _compact_weight(weight, out_idx, in_idx, out_all, in_all, in_run) -> torch.Tensor:
     if out_all and in_all:
         return weight
-    return gather_block(weight, None if out_all else out_idx, None if in_all else in_idx)
+    src, rows, cols = _block_args(weight, out_idx, in_idx, out_all, in_all, in_run)
+    return gather_block(src, rows, cols).reshape(out_idx.numel(), in_idx.numel())
 
 
 class _ChannelSparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, in_idx, out_idx, saliency_probe, packed_input):
+    def forward(ctx, input, weight, bias, in_idx, out_idx, saliency_probe, packed_input, in_run):
         out_features, in_features = weight.shape
         in_all = in_idx.numel() == in_features
         out_all = out_idx.numel() == out_features
         lead = input.shape[:-1]
         x = input.reshape(-1, input.shape[-1])
         x_c = x if in_all or packed_input else x.index_select(1, in_idx)
-        w_c = _compact_weight(weight, out_idx, in_idx, out_all, in_all)
+        w_c = _compact_weight(weight, out_idx, in_idx, out_all, in_all, in_run)
         if bias is None:
             y_c = x_c @ w_c.t()
         else:
@@ -50,6 +64,7 @@ class _ChannelSparseLinear(torch.autograd.Function):
         # A packed input's gradient is packed too: "all" of its features are read.
         ctx.shapes = (tuple(input.shape), lead, in_all or packed_input, out_all)
         ctx.weight_shape = tuple(weight.shape)
+        ctx.in_run = in_run
         ctx.save_for_backward(x_c, w_c, in_idx, out_idx, y_c if ctx.want_saliency else None)
         return y.reshape(*lead, out_features)
 
@@ -73,8 +88,12 @@ class _ChannelSparseLinear(torch.autograd.Function):
                 grad_weight = gw_c
             else:
                 grad_weight = gw_c.new_zeros(out_features, in_features)
-                scatter_block_(grad_weight, None if out_all else out_idx,
-                               None if cols_all else in_idx, gw_c.contiguous())
+                dst, rows, cols = _block_args(grad_weight, out_idx, in_idx, out_all, cols_all,
+                                              ctx.in_run)
+                block = gw_c.contiguous()
+                if cols is not None and dst.dim() == 3:
+                    block = block.view(block.shape[0], cols.numel(), ctx.in_run)
+                scatter_block_(dst, rows, cols, block)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb_c = g_c.sum(0)
             grad_bias = gb_c if out_all else \
@@ -88,14 +107,14 @@ class _ChannelSparseLinear(torch.autograd.Function):
             s_c = per_sample.abs().mean(0)
             saliency = s_c if out_all else \
                 s_c.new_zeros(out_features).index_copy_(0, out_idx, s_c)
-        return grad_input, grad_weight, grad_bias, None, None, saliency, None
+        return grad_input, grad_weight, grad_bias, None, None, saliency, None, None
 
 
 def channel_sparse_linear(input: torch.Tensor, weight: torch.Tensor,
                           bias: Optional[torch.Tensor], in_idx: torch.Tensor,
                           out_idx: torch.Tensor,
                           saliency_probe: Optional[torch.Tensor] = None,
-                          packed_input: bool = False) -> torch.Tensor:
+                          packed_input: bool = False, in_run: int = 1) -> torch.Tensor:
     """``F.linear(input * mask_in, weight, bias) * mask_out``, and its gradients,
     reading only the input features ``in_idx`` and computing only the output
     features ``out_idx`` (1-D int64 tensors of unique indices on the input's
@@ -112,6 +131,11 @@ def channel_sparse_linear(input: torch.Tensor, weight: torch.Tensor,
     ``packed_input``: the input holds only the features of ``in_idx``, in that
     order (``input.shape[-1] == len(in_idx)``), as a packed conv output
     flattened; its gradient is packed the same way.
+
+    ``in_run``: ``in_idx`` lists whole runs of that many consecutive features,
+    each starting at a multiple of it (the columns of active channels of a
+    flattened (C, H, W) map, run = H * W): the weight block then moves in
+    contiguous runs rather than single elements.
     """
     if weight.dim() != 2:
         raise ValueError(f"channel_sparse_linear: weight must be 2-D, got shape "
@@ -126,8 +150,15 @@ def channel_sparse_linear(input: torch.Tensor, weight: torch.Tensor,
             raise ValueError(f"channel_sparse_linear: {name} must be a 1-D int64 tensor on the "
                              f"input's device, got {idx.dtype} of shape {tuple(idx.shape)} on "
                              f"{idx.device}")
+    if in_run != 1:
+        runs = in_idx.view(-1, in_run) if in_idx.numel() % in_run == 0 else None
+        if (weight.shape[1] % in_run or runs is None or bool((runs[:, 0] % in_run).any())
+                or not torch.equal(runs - runs[:, :1],
+                                   torch.arange(in_run, device=in_idx.device).expand_as(runs))):
+            raise ValueError(f"channel_sparse_linear: in_idx does not list whole runs of "
+                             f"in_run={in_run} features")
     if saliency_probe is not None and saliency_probe.shape != (weight.shape[0],):
         raise ValueError(f"channel_sparse_linear: saliency_probe must have shape "
                          f"({weight.shape[0]},), got {tuple(saliency_probe.shape)}")
     return _ChannelSparseLinear.apply(input, weight, bias, in_idx, out_idx, saliency_probe,
-                                      packed_input)
+                                      packed_input, in_run)

@@ -106,6 +106,30 @@ def test_packed_input_equals_the_full_width_input():
         channel_sparse_linear(x, weight, bias, in_idx, out_idx, packed_input=True)
 
 
+@pytest.mark.parametrize("out_all", [False, True])
+def test_runs_of_columns_equal_single_columns(out_all):
+    # A Linear after flattening a (5, 3) map: channels 1, 2 and 4 are 3-column runs.
+    g = torch.Generator().manual_seed(9)
+    weight = torch.randn(7, 15, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    in_idx = torch.tensor([3, 4, 5, 6, 7, 8, 12, 13, 14])
+    out_idx = torch.arange(7) if out_all else torch.tensor([1, 2, 6])
+    x = torch.randn(4, 15, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(4, 7, dtype=torch.float64, generator=g)
+    results = []
+    for run in (1, 3):
+        y = channel_sparse_linear(x, weight, bias, in_idx, out_idx, in_run=run)
+        results.append((y, *torch.autograd.grad(y, (x, weight, bias), grad)))
+    yr = _masked_reference(x, weight, bias, in_idx, out_idx)
+    reference = (yr, *torch.autograd.grad(yr, (x, weight, bias), grad))
+    for got in results:
+        for a, b in zip(got, reference):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="whole runs of in_run=3"):
+        channel_sparse_linear(x, weight, bias, torch.tensor([3, 4, 5, 7, 8, 9]), out_idx,
+                              in_run=3)
+
+
 def test_all_active_equals_nn_linear_and_shares_its_parameters():
     torch.manual_seed(0)
     dense = nn.Linear(10, 7).double()
@@ -185,6 +209,8 @@ def test_convert_makes_the_hidden_linears_producers_and_keeps_the_logits():
     # The last conv's group reaches the classifier packed (flattened narrow maps).
     assert model.features[4].packed_output and cls[0].packed_input
     assert not cls[3].packed_input  # Linear outputs keep their width
+    plan.apply(random_selection(plan.num_channels, generator=torch.Generator().manual_seed(1)))
+    assert cls[0].in_run == 9 and cls[3].in_run == 1  # 3x3 maps: runs of 9 columns
     assert conversion_notes(model) == {}
 
 

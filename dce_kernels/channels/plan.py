@@ -213,7 +213,8 @@ class ChannelPlan:
             read = self._linear_active.get(id(lin))
             cols = None if read is None else linear_features(read[1], lin.in_features, read[2])
             lin._use_channels(checked(active(lin, "out_idx"), lin.out_features, device),
-                              checked(cols, lin.in_features, device))
+                              checked(cols, lin.in_features, device),
+                              1 if read is None else lin.in_features // read[2])
         self._selection = [g.producer.out_idx.detach().cpu().clone() for g in self.groups]
 
     def saliency(self) -> list[torch.Tensor]:
