@@ -17,8 +17,9 @@ Per model (untrained, float32, batch x 3 x size x size, 10 classes):
 
 * FLOPs (torch.utils.flop_counter, convs and matmuls) of one forward and of one
   forward + backward, dense original vs converted with a random selection at p.
-  groups > 1 convs (depthwise) count at full width, since they run the masked
-  dense path.
+  Depthwise convs whose active inputs are their outputs count their active
+  planes (what they run); other groups > 1 convs count at full width, since they
+  run the masked dense path.
 * Step time: a full training step (forward, cross-entropy, backward, SGD step)
   of the original vs the converted model at p, the latter including what DCE
   adds per step (CUCB select, ChannelPlan.apply, MaskedOptimizer, selector
@@ -40,6 +41,11 @@ from dce_kernels import CUCBSelector, count_flops, count_params
 from dce_kernels.channels import plan_for
 from dce_kernels.optim import MaskedOptimizer
 
+# Wall time by default; --clock cpu: this process's CPU time, steadier for one
+# thread on a machine shared with other work (as bench/timing.py offers).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
 
 def _step_fn(model, x, y, plan=None, selector=None, parts=None):
     """One training step; with ``parts`` (a dict of lists) the time of each part
@@ -49,19 +55,19 @@ def _step_fn(model, x, y, plan=None, selector=None, parts=None):
         opt = MaskedOptimizer(opt, plan.active_blocks)
 
     def step():
-        t = [time.perf_counter()]
+        t = [_clock()]
         if selector is not None:
             plan.apply(selector.select())
-        t.append(time.perf_counter())
+        t.append(_clock())
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
-        t.append(time.perf_counter())
+        t.append(_clock())
         opt.step()
-        t.append(time.perf_counter())
+        t.append(_clock())
         if selector is not None:
             selector.update(plan.saliency())
-        t.append(time.perf_counter())
+        t.append(_clock())
         if parts is not None:
             for key, a, b in zip(("select", "fwd_bwd", "opt", "update"), t, t[1:]):
                 parts.setdefault(key, []).append(b - a)
@@ -99,9 +105,9 @@ def measure(name: str, p: float, batch: int, size: int, rounds: int) -> dict:
     times = {k: [] for k in steps}
     for _ in range(rounds):
         for k, step in steps.items():
-            t0 = time.perf_counter()
+            t0 = _clock()
             step()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(_clock() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": name, "groups": len(plan.groups), **flops,
             "skipped_fwd": 1 - flops["sparse_fwd"] / flops["dense_fwd"],
@@ -203,9 +209,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time, or this process's CPU time (steadier on a loaded machine)")
     ap.add_argument("--shrink", action="store_true",
                     help="the compact model's reduction next to Torch-Pruning's instead")
     args = ap.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     if args.shrink:
         if args.models == ap.get_default("models"):
@@ -215,7 +225,8 @@ def main() -> None:
         main_shrink(args)
         return
     print(f"p={args.p}, batch {args.batch}, {args.size}x{args.size}, float32, "
-          f"{args.threads} threads, median of {args.rounds} interleaved rounds\n")
+          f"{args.threads} threads, median of {args.rounds} interleaved rounds, "
+          f"{args.clock} clock\n")
     print("| model | groups | fwd FLOPs dense | skipped fwd | skipped fwd+bwd | dense step ms "
           "| DCE step / dense | all-active step / dense |")
     print("|---|---|---|---|---|---|---|---|")

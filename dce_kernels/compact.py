@@ -2,8 +2,10 @@
 
 ``compact_model`` copies a model whose channels have been selected (a
 :class:`~dce_kernels.channels.ChannelPlan` applied) and replaces every
-channel-sparse layer by a plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` holding only
-the active channels, and slices the Linear layers that read them. In eval mode
+channel-sparse layer by a plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear``
+holding only the active channels (a Linear: its active output features and the
+columns of the active channels it reads), and slices the other Linear layers
+that read them. In eval mode
 it computes what the sparse model computes (inactive channels there are exactly
 zero, and nothing downstream reads them).
 
@@ -31,7 +33,8 @@ from torch import nn
 from .atomic import write_atomic
 from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
-from .nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
+from .nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
+                 ChannelSparseNormAct)
 
 __all__ = ["compact_model", "export_compact", "export_paths", "load_exported"]
 
@@ -58,6 +61,17 @@ def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
         if conv.bias is not None:
             plain.bias.copy_(conv.bias.index_select(0, conv.out_idx))
     plain.train(conv.training)
+    return plain
+
+
+def _plain_linear(lin: ChannelSparseLinear) -> nn.Linear:
+    plain = nn.Linear(lin.in_idx.numel(), lin.out_idx.numel(), bias=lin.bias is not None,
+                      device=lin.weight.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(lin.weight.index_select(0, lin.out_idx).index_select(1, lin.in_idx))
+        if lin.bias is not None:
+            plain.bias.copy_(lin.bias.index_select(0, lin.out_idx))
+    plain.train(lin.training)
     return plain
 
 
@@ -117,8 +131,10 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     compact = copy.deepcopy(model)
     # The copy is plain torch: the channel groups convert recorded no longer apply.
     compact.__dict__.pop(SPEC_ATTR, None)
-    # Linears first: their column selection reads the sparse producer's state.
+    # Plain Linears (subclasses convert left alone) read the active columns.
     for lin, cols in plan.linear_columns():
+        if isinstance(lin, ChannelSparseLinear):
+            continue  # replaced below, with its own rows and columns
         target = compact.get_submodule(names[id(lin)])
         with torch.no_grad():
             target.weight = nn.Parameter(lin.weight.index_select(1, cols).clone())
@@ -126,6 +142,8 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, ChannelSparseConv2d):
             plain = _plain_conv(module)
+        elif isinstance(module, ChannelSparseLinear):
+            plain = _plain_linear(module)
         elif isinstance(module, ChannelSparseBatchNorm2d):
             plain = _plain_norm(module)
         else:
@@ -160,7 +178,7 @@ def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: s
     (``<stem>.onnx``: input ``"input"``, output ``"logits"``). The batch size
     is dynamic in both."""
     export_paths(directory, stem, format)  # refuses an unknown format before any work
-    if any(isinstance(m, (ChannelSparseConv2d, ChannelSparseBatchNorm2d))
+    if any(isinstance(m, (ChannelSparseConv2d, ChannelSparseLinear, ChannelSparseBatchNorm2d))
            for m in compact.modules()):
         raise ValueError("export_compact expects compact_model's result; this model still "
                          "has channel-sparse layers")

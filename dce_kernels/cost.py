@@ -4,8 +4,9 @@ A selector sees layers only as channel counts; to budget FLOPs instead of channe
 (``budget="flops"``) it needs to know what a channel costs. A conv that reads
 group ``g`` and writes group ``h`` costs ``a * n_g * n_h`` FLOPs, one that reads or
 writes a fixed number of channels (the image, a depthwise conv run at full width)
-costs ``b * n_h``, a Linear layer reading a group ``b * n_g``; concatenations add
-counts. So the FLOPs per image of the exported network are exactly a quadratic
+costs ``b * n_h``, a Linear layer reading group ``g`` (flattened or as hidden
+units) and writing group ``h`` ``a * n_g * n_h`` (``b * n_g`` for the logits);
+concatenations add counts. So the FLOPs per image of the exported network are exactly a quadratic
 form of the counts,
 
     F(n) = c + sum_g b_g n_g + sum_{g <= h} Q_gh n_g n_h,

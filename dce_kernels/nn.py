@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import channel_sparse_conv2d
+from .sparse_linear import channel_sparse_linear
 
-__all__ = ["ChannelSparseConv2d", "ChannelSparseBatchNorm2d", "ChannelSparseNormAct"]
+__all__ = ["ChannelSparseConv2d", "ChannelSparseLinear", "ChannelSparseBatchNorm2d",
+           "ChannelSparseNormAct"]
 
 _Index = Optional[Union[torch.Tensor, Sequence[int]]]
 
@@ -58,7 +60,41 @@ class _TaylorSaliency(torch.autograd.Function):
         return grad, per_sample.mean(0) if per_sample.dim() == 2 else per_sample
 
 
-class ChannelSparseConv2d(nn.Conv2d):
+
+
+class _SaliencyDelivery:
+    """The saliency probe of a channel-sparse layer with ``num_outputs`` outputs:
+    a leaf whose gradient the backward fills with the saliency; a hook moves it
+    into the ``saliency`` buffer so it never accumulates across steps."""
+
+    _num_outputs: int
+
+    def _make_probe(self) -> None:
+        probe = torch.zeros(self._num_outputs, dtype=self.weight.dtype,
+                            device=self.weight.device, requires_grad=True)
+        probe.register_post_accumulate_grad_hook(self._store_saliency)
+        self._saliency_probe = probe
+
+    def _store_saliency(self, probe: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.saliency.copy_(probe.grad)
+        probe.grad = None
+
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle rebuild the probe tensor without its hook:
+        # give the copy a probe of its own, or its saliency would never arrive.
+        super().__setstate__(state)
+        if self.weight.device.type != "meta":
+            self._make_probe()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if self.weight.device.type != "meta":
+            self._make_probe()
+        return result
+
+
+class ChannelSparseConv2d(_SaliencyDelivery, nn.Conv2d):
     """An ``nn.Conv2d`` that computes only over lists of active channels.
 
     Same constructor, parameters and ``state_dict`` keys as ``nn.Conv2d``; with
@@ -93,6 +129,10 @@ class ChannelSparseConv2d(nn.Conv2d):
         self.packed_input = False
         self.packed_output = False
         self._init_channel_state()
+
+    @property
+    def _num_outputs(self) -> int:
+        return self.out_channels
 
     def _init_channel_state(self) -> None:
         """All channels active, zero saliency and a fresh probe, on the weight's device."""
@@ -151,34 +191,6 @@ class ChannelSparseConv2d(nn.Conv2d):
     def active_in_channels(self) -> int:
         return self.in_idx.numel()
 
-    # -- saliency delivery -----------------------------------------------------
-
-    def _make_probe(self) -> None:
-        # A leaf whose gradient the backward op fills with the saliency; the hook
-        # moves it into the `saliency` buffer so it never accumulates across steps.
-        probe = torch.zeros(self.out_channels, dtype=self.weight.dtype,
-                            device=self.weight.device, requires_grad=True)
-        probe.register_post_accumulate_grad_hook(self._store_saliency)
-        self._saliency_probe = probe
-
-    def _store_saliency(self, probe: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.saliency.copy_(probe.grad)
-        probe.grad = None
-
-    def __setstate__(self, state):
-        # copy.deepcopy and pickle rebuild the probe tensor without its hook:
-        # give the copy a probe of its own, or its saliency would never arrive.
-        super().__setstate__(state)
-        if self.weight.device.type != "meta":
-            self._make_probe()
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        if self.weight.device.type != "meta":
-            self._make_probe()
-        return result
-
     # -- forward ---------------------------------------------------------------
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -206,6 +218,96 @@ class ChannelSparseConv2d(nn.Conv2d):
         return (super().extra_repr() + f", active_out={self.active_out_channels}"
                 f", active_in={self.active_in_channels}"
                 + (f", packed={'+'.join(packed)}" if packed else ""))
+
+
+class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
+    """An ``nn.Linear`` that computes only lists of active output and input features.
+
+    The Linear counterpart of :class:`ChannelSparseConv2d`: same constructor,
+    parameters and ``state_dict`` keys as ``nn.Linear``; with every feature
+    active it computes what ``nn.Linear`` computes. ``set_active`` restricts it
+    to some output features (the others are zero) and input features (the
+    others are never read; with ``packed_input``, set by a
+    :class:`~dce_kernels.channels.ChannelPlan` like a conv's, the input holds
+    only them, in order). The hidden units of a classifier
+    (``Linear -> ReLU -> Linear``) become a channel group this way, and a Linear
+    reading a flattened conv map reads only the active channels' columns.
+
+    After each backward in training mode, :attr:`saliency` holds the Taylor
+    saliency ``mean_n |dL/dy * y|`` of every output feature (the conv layers'
+    definition, whose spatial mean is over no dims here; zero for inactive
+    features). Like the conv, it needs its output unmodified in backward.
+    Input and output keep the full feature width.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.track_saliency = True
+        self.packed_input = False
+        self.in_run = 1
+        self._init_channel_state()
+
+    @property
+    def _num_outputs(self) -> int:
+        return self.out_features
+
+    def _init_channel_state(self) -> None:
+        device, dtype = self.weight.device, self.weight.dtype
+        self.register_buffer("in_idx", torch.arange(self.in_features, device=device),
+                             persistent=False)
+        self.register_buffer("out_idx", torch.arange(self.out_features, device=device),
+                             persistent=False)
+        self.register_buffer("saliency", torch.zeros(self.out_features, dtype=dtype,
+                                                     device=device), persistent=False)
+        self._make_probe()
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear) -> "ChannelSparseLinear":
+        """A ChannelSparseLinear sharing ``linear``'s parameters (not copies)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device="meta", dtype=linear.weight.dtype)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.packed_input = False
+        layer.in_run = 1
+        layer._init_channel_state()
+        layer.train(linear.training)
+        return layer
+
+    def set_active(self, out_idx: _Index = None, in_idx: _Index = None) -> None:
+        """Activates the given output and input features; None means all."""
+        device = self.weight.device
+        self._use_channels(_as_index(out_idx, self.out_features, device, "out_idx"),
+                           _as_index(in_idx, self.in_features, device, "in_idx"))
+
+    def _use_channels(self, out_idx: torch.Tensor, in_idx: torch.Tensor, in_run: int = 1
+                      ) -> None:
+        # Lists already in _as_index's form (see ChannelSparseConv2d._use_channels);
+        # in_run: in_idx lists whole runs of that many features (a plan's channels).
+        self.out_idx, self.in_idx, self.in_run = out_idx, in_idx, in_run
+
+    @property
+    def active_out_features(self) -> int:
+        return self.out_idx.numel()
+
+    @property
+    def active_in_features(self) -> int:
+        return self.in_idx.numel()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        probe = None
+        if self.track_saliency and self.training and torch.is_grad_enabled():
+            probe = self._saliency_probe
+        return channel_sparse_linear(input, self.weight, self.bias, self.in_idx, self.out_idx,
+                                     saliency_probe=probe, packed_input=self.packed_input,
+                                     in_run=self.in_run)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", active_out={self.active_out_features}"
+                f", active_in={self.active_in_features}"
+                + (", packed=input" if self.packed_input else ""))
 
 
 class ChannelSparseBatchNorm2d(nn.BatchNorm2d):

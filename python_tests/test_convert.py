@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
-from dce_kernels.channels import GroupSpec, conversion_notes, plan_for, sequential_groups
+from dce_kernels.channels import (ChannelPlan, GroupSpec, conversion_notes, plan_for,
+                                 sequential_groups)
 from dce_kernels.channels.group import recorded_spec
 from dce_kernels.compact import compact_model
 from toolkit import (active_parameter_count, capture_original, check_against_reference,
@@ -67,6 +68,28 @@ class Dense(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
+class DenseBlock(nn.Module):
+    """A DenseNet block without a depthwise conv: every part of the concatenations
+    is a group, read by norms and convs at offsets, then flattened into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.n1 = nn.BatchNorm2d(4)
+        self.l1 = nn.Conv2d(4, 3, 3, padding=1)
+        self.n2 = nn.BatchNorm2d(7)
+        self.l2 = nn.Conv2d(7, 5, 3, padding=1)
+        self.n3 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12 * 4, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        c1 = torch.cat([s, self.l1(F.relu(self.n1(s)))], 1)
+        c2 = torch.cat([c1, self.l2(F.relu(self.n2(c1)))], dim=1)
+        h = F.adaptive_avg_pool2d(F.relu(self.n3(c2)), 2)
+        return self.fc(torch.flatten(h, 1))
+
+
 # -- what the analysis finds ---------------------------------------------------------------
 
 def test_residual_adds_tie_their_producers():
@@ -113,7 +136,43 @@ def test_concatenation_offsets_and_depthwise_follow_their_groups():
     assert cols.tolist() == [8, 9, 10, 11, 20, 21, 22, 23]  # channels 2 and 5, 4 features each
 
 
-@pytest.mark.parametrize("make", ["Residual", "Dense", "Opaque", "Shared", "Activations"])
+def test_groups_read_together_after_a_concatenation_pack_together():
+    torch.manual_seed(4)
+    model = convert(DenseBlock().double())
+    randomize_norms(model)
+    plan = plan_for(model)
+    assert plan.packable_groups() == set(range(len(plan.groups)))
+    assert not any(g.can_pack for g in plan.groups if g.offsets)  # alone, they could not
+    assert model.stem.packed_output and model.l1.packed_output and model.l2.packed_output
+    assert model.n2.packed and model.n3.packed and model.l2.packed_input and model.fc.packed_input
+    unpacked = copy.deepcopy(model)
+    other = ChannelPlan(unpacked, plan_for(unpacked).groups, pack=False)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        selection = random_selection(plan.num_channels, generator=gen)
+        plan.apply(selection)
+        other.apply(selection)
+        x = torch.randn(3, 2, 7, 9, dtype=torch.float64, generator=gen)
+        xs, xu = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yu = model(xs), unpacked(xu)
+        torch.testing.assert_close(ys, yu, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(ys)
+        ys.backward(grad)
+        yu.backward(grad)
+        torch.testing.assert_close(xs.grad, xu.grad, rtol=1e-12, atol=1e-12)
+        for (name, a), b in zip(model.named_parameters(), unpacked.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=name)
+            a.grad = b.grad = None
+        for conv in ("stem", "l1", "l2"):
+            torch.testing.assert_close(getattr(model, conv).saliency,
+                                       getattr(unpacked, conv).saliency, rtol=1e-12, atol=1e-12)
+    # A part no group covers (an excluded conv stays full) makes the readers unpackable.
+    partly = plan_for(convert(DenseBlock().double(), exclude=["l1"]))
+    assert partly.packable_groups() == set()
+
+
+@pytest.mark.parametrize("make", ["Residual", "Dense", "DenseBlock", "Opaque", "Shared",
+                                  "Activations"])
 def test_random_selection_matches_masked_reference_and_exports(make):
     make = globals()[make]
     torch.manual_seed(3)

@@ -20,11 +20,12 @@ from toolkit import (active_parameter_count, capture_original, check_against_ref
 torchvision = pytest.importorskip("torchvision")
 
 # Every conv's output channels are selectable in these four. The groups: the
-# tied residual stages plus the 8 inner convs (resnet18); every conv (vgg11_bn);
+# tied residual stages plus the 8 inner convs (resnet18); every conv and the two
+# hidden layers of the classifier (vgg11_bn);
 # the stem, the 7 tied projection chains of the inverted residuals, the 16
 # expand convs (their depthwise convs follow them) and the last conv
 # (mobilenet_v2); every conv (densenet121).
-MODELS = {"resnet18": 12, "vgg11_bn": 8, "mobilenet_v2": 25, "densenet121": 120}
+MODELS = {"resnet18": 12, "vgg11_bn": 10, "mobilenet_v2": 25, "densenet121": 120}
 # vgg11_bn's classifier reads 512x7x7 features: 120M parameters, whose float64
 # gradients, momentum and copies would take ~7 GB; it runs in float32.
 DTYPES = {"vgg11_bn": torch.float32}
@@ -123,7 +124,7 @@ def test_build_model_adapts_stem_classes_and_small_images():
     # vgg11_bn's five poolings cannot take 28x28 (28 -> 0): the images are padded to 32.
     model = build_model("torchvision:vgg11_bn", in_channels=1, num_classes=7, image_size=28)
     assert model.net.features[0].in_channels == 1
-    assert len(plan_for(model).groups) == 8
+    assert len(plan_for(model).groups) == MODELS["vgg11_bn"]
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 7)

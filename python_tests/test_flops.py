@@ -102,6 +102,15 @@ def test_grouped_conv_counts_the_dense_conv_it_runs(backward):
 
 
 @pytest.mark.parametrize("backward", [False, True])
+def test_depthwise_conv_on_its_active_planes_counts_the_narrow_depthwise_conv(backward):
+    sparse = ChannelSparseConv2d(9, 9, 3, padding=1, groups=9)
+    sparse.set_active(out_idx=[1, 4, 5, 8], in_idx=[1, 4, 5, 8])
+    narrow = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    x = torch.randn(2, 9, 7, 5)
+    assert count_flops(sparse, x, backward) == count_flops(narrow, x[:, :4], backward) > 0
+
+
+@pytest.mark.parametrize("backward", [False, True])
 def test_count_flops_of_a_model_equals_its_narrow_twin(backward):
     active = [[0, 2], [1, 3, 4, 7], [0, 5, 6]]  # channels kept at each of 3 widths 3/8/8
     sparse = nn.Sequential(ChannelSparseConv2d(3, 8, 3, padding=1), nn.ReLU(),

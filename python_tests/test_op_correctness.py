@@ -138,6 +138,39 @@ def test_grouped_convolution_matches_masked_dense(backend):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
 
 
+# Depthwise convs whose active inputs are their active outputs (what a channel group
+# sets on its depthwise members), or whose inputs are all active: the CPU backend runs
+# a narrower depthwise conv over the active planes. Odd sizes, every conv argument.
+DEPTHWISE_CASES = [
+    ConvCase(2, 9, 9, 8, 7, groups=9, name="depthwise 3x3"),
+    ConvCase(3, 13, 13, 9, 11, stride=2, bias=False, groups=13, name="stride 2, no bias"),
+    ConvCase(1, 7, 7, 10, 6, kernel=5, padding=4, dilation=2, groups=7, name="5x5 dilated"),
+    ConvCase(2, 5, 5, 6, 9, kernel=(3, 1), stride=(1, 2), padding=(1, 0), groups=5,
+             name="non-square everything"),
+]
+
+
+@pytest.mark.parametrize("inputs", ["same as outputs", "all"])
+@pytest.mark.parametrize("fraction", [0.5, 0.2, 1.0])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
+def test_depthwise_on_active_planes_matches_masked_dense(backend, case, fraction, inputs):
+    x, w, b = case.tensors(torch.float64, backend.device)
+    out_idx = random_index(case.out_channels, fraction).to(backend.device)
+    in_idx = (out_idx.clone() if inputs == "same as outputs"
+              else torch.arange(case.in_channels, device=backend.device))
+    args = case.conv_args()
+    g = torch.randn_like(torch.nn.functional.conv2d(x, w, None, **args))
+    y, gx, gw, gb, sal = _run(backend, x, w, b, in_idx, out_idx, args, g)
+    ref = masked_dense(x, w, b, in_idx, out_idx, g, **args)
+    for got, want in [(y, ref.output), (gx, ref.grad_input), (gw, ref.grad_weight),
+                      (gb, ref.grad_bias), (sal, ref.saliency)]:
+        if want is not None:
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    inactive = torch.ones(case.out_channels, dtype=torch.bool)
+    inactive[out_idx.cpu()] = False
+    assert y[:, inactive.to(y.device)].eq(0).all()
+
+
 def test_non_contiguous_and_channels_last_inputs_give_correct_results(backend):
     x, wt, b = ConvCase(2, 6, 5, 9, 9).tensors(torch.float64, backend.device)
     in_idx = torch.tensor([1, 2, 5], device=backend.device)

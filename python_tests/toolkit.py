@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 import dce_kernels
-from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear
 from dce_kernels.optim import ActiveBlock
 
 Size = Union[int, tuple]
@@ -407,8 +407,8 @@ def capture_original(model: nn.Module) -> torch.fx.GraphModule:
 
 class MaskedReference:
     """Hooks on the original layers (plain nn.Conv2d, nn.BatchNorm2d, nn.Linear) that
-    apply the sparse layers' channel lists: each conv's inputs and outputs, each
-    BatchNorm's outputs. They also check what makes skipping legal, without trusting
+    apply the sparse layers' channel lists: each conv's and sparse Linear's inputs and
+    outputs, each BatchNorm's outputs. They also check what makes skipping legal, without trusting
     the channel analysis: every input channel a sparse conv skips, and every Linear
     column it drops, must already be exactly zero here (else: ``violations``)."""
 
@@ -425,6 +425,10 @@ class MaskedReference:
                 self.handles.append(layer.register_forward_hook(self._conv_out(twin)))
             elif isinstance(layer, nn.BatchNorm2d) and hasattr(twin, "active_idx"):
                 self.handles.append(layer.register_forward_hook(self._norm_out(twin)))
+            elif isinstance(layer, nn.Linear) and hasattr(twin, "out_idx"):
+                # A channel-sparse Linear: its input and output features, as a conv's channels.
+                self.handles.append(layer.register_forward_pre_hook(self._conv_in(name, twin)))
+                self.handles.append(layer.register_forward_hook(self._conv_out(twin)))
         for name, twin in sparse.items():
             if hasattr(twin, "active_idx") and not isinstance(
                     dict(reference.named_modules()).get(name), nn.BatchNorm2d):
@@ -602,6 +606,9 @@ def active_parameter_count(model: nn.Module, plan) -> int:
             total += module.out_idx.numel() if module.bias is not None else 0
         elif isinstance(module, ChannelSparseBatchNorm2d):
             total += 2 * module.active_idx.numel() if module.affine else 0
+        elif isinstance(module, ChannelSparseLinear):
+            total += module.out_idx.numel() * module.in_idx.numel()
+            total += module.out_idx.numel() if module.bias is not None else 0
         elif id(module) in columns:
             total += module.out_features * columns[id(module)].numel()
             total += module.bias.numel() if module.bias is not None else 0

@@ -16,7 +16,11 @@ the same gradients.
 
 Eligible: an ``nn.Conv2d`` (exactly that class, or already a
 ``ChannelSparseConv2d``) that produces, carries or reads a selectable group.
-Other convs stay plain ``nn.Conv2d`` (nothing to skip there).
+Other convs stay plain ``nn.Conv2d`` (nothing to skip there). Likewise an
+``nn.Linear`` (exactly that class) whose output features are selectable (the
+hidden units of a classifier) or that reads selectable channels becomes a
+:class:`~dce_kernels.nn.ChannelSparseLinear`; the final classifier's outputs
+(the logits) are never selected.
 
 Saliency needs each sparse conv's output unmodified in backward. An in-place
 module applied directly to a converted conv's output (``nn.ReLU(inplace=True)``
@@ -42,10 +46,11 @@ from typing import Any, Iterable, Optional
 import torch.fx
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseNormAct
+from ..nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
+                  ChannelSparseNormAct)
 from .group import SPEC_ATTR, recorded_spec
-from .trace import (_augmented_assignment, is_convertible_conv, link_graphs, link_without_graph,
-                    trace_modes)
+from .trace import (_augmented_assignment, is_convertible_conv, is_convertible_linear,
+                    link_graphs, link_without_graph, trace_modes)
 
 __all__ = ["convert", "conversion_notes"]
 
@@ -135,14 +140,24 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     modules = dict(model.named_modules())
     to_conv = set()
     to_norm = set()
+    to_linear = set()
     for g in spec.groups:
-        to_conv.update([g.producer, *g.tied, *g.consumers, *g.depthwise])
+        producer = modules[g.producer]
+        (to_linear if isinstance(producer, nn.Linear) else to_conv).add(g.producer)
+        to_conv.update([*g.tied, *g.consumers, *g.depthwise])
         to_norm.update(g.norms)
+        # Exactly nn.Linear (not a subclass with a forward of its own): it computes
+        # only the active columns; other Linears stay plain and read them all.
+        to_linear.update(n for n in g.linears if is_convertible_linear(modules[n]))
     replacements: dict[int, nn.Module] = {}
     for name in sorted(to_conv):
         m = modules[name]
         if type(m) is nn.Conv2d and id(m) not in replacements:
             replacements[id(m)] = ChannelSparseConv2d.from_dense(m)
+    for name in sorted(to_linear):
+        m = modules[name]
+        if type(m) is nn.Linear and id(m) not in replacements:
+            replacements[id(m)] = ChannelSparseLinear.from_dense(m)
     for name in sorted(to_norm):
         m = modules[name]
         if id(m) in replacements or isinstance(m, ChannelSparseBatchNorm2d):
@@ -154,11 +169,12 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     _swap(model, replacements)
 
     if traced:
-        if _make_saliency_safe(model, inplace_after, to_conv, warn=False):
+        sparse = to_conv | to_linear
+        if _make_saliency_safe(model, inplace_after, sparse, warn=False):
             # Flags switched inside modules of other libraries: check on a new trace
             # that the ops are out of place now; what still is loses its saliency.
             again = link_graphs(model, trace_modes(model, concrete_args), exclude)
-            _make_saliency_safe(model, again.inplace_after, to_conv, switch=False)
+            _make_saliency_safe(model, again.inplace_after, sparse, switch=False)
     else:
         # No graph to see what follows a conv: every in-place module becomes
         # out-of-place (the same result), so none can overwrite a conv's output.

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear
 
 __all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "SPEC_ATTR", "recorded_spec",
            "converted_groups"]
@@ -16,11 +16,18 @@ __all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "SPEC_ATTR", "recorded_sp
 MEMBER_ROLES = {"tied": ChannelSparseConv2d, "norms": ChannelSparseBatchNorm2d,
                 "consumers": ChannelSparseConv2d, "linears": nn.Linear,
                 "depthwise": ChannelSparseConv2d}
+# What may produce a group: a conv's output channels or a Linear's output features.
+PRODUCER_TYPES = (ChannelSparseConv2d, ChannelSparseLinear)
 
 
 @dataclass(eq=False)
 class ChannelGroup:
     """The output channels of ``producer`` and the layers that follow them.
+
+    The producer is a conv, or a :class:`~dce_kernels.nn.ChannelSparseLinear`
+    whose output features are the group's channels (hidden units of a
+    classifier; then the readers are Linears in ``linears`` whose columns
+    follow the features one to one, and there are no other roles).
 
     The first five fields are all a sequential network needs. The others
     describe graphs with skips and concatenations (:func:`dce_kernels.convert`
@@ -48,7 +55,7 @@ class ChannelGroup:
       full width.
     """
 
-    producer: ChannelSparseConv2d
+    producer: Union[ChannelSparseConv2d, ChannelSparseLinear]
     norms: list[ChannelSparseBatchNorm2d] = field(default_factory=list)
     consumers: list[ChannelSparseConv2d] = field(default_factory=list)
     linears: list[nn.Linear] = field(default_factory=list)
@@ -62,6 +69,8 @@ class ChannelGroup:
 
     @property
     def num_channels(self) -> int:
+        if isinstance(self.producer, nn.Linear):
+            return self.producer.out_features
         return self.producer.out_channels
 
     @property
@@ -82,11 +91,19 @@ class ChannelGroup:
         offsets, convs of groups == 1, norms and consumers as wide as the group)."""
         c = self.num_channels
         return (self.sole_readers and self.readers_known and not self.linears and not self.tied
-                and not self.depthwise and not self.offsets and self.producer.groups == 1
+                and not self.depthwise and not self.offsets
+                and isinstance(self.producer, ChannelSparseConv2d) and self.producer.groups == 1
                 and all(conv.groups == 1 and conv.in_channels == c for conv in self.consumers)
                 and all(bn.num_features == c for bn in self.norms))
 
     def validate(self) -> None:
+        if not isinstance(self.producer, PRODUCER_TYPES):
+            raise TypeError(f"group {self.name!r}: the producer must be a ChannelSparseConv2d or "
+                            f"a ChannelSparseLinear, got {type(self.producer).__name__}")
+        if isinstance(self.producer, nn.Linear) and (self.tied or self.norms or self.consumers
+                                                     or self.depthwise):
+            raise ValueError(f"group {self.name!r}: a Linear's output features can be read only "
+                             "by Linears (the linears role), not by convs or norms")
         c = self.num_channels
         members = (list(self.norms) + list(self.consumers) + list(self.linears)
                    + list(self.depthwise))
@@ -170,14 +187,16 @@ class GroupSpec:
                 raise ValueError(f"converted model: module {name!r} of its channel groups is "
                                  "gone (was the model changed after convert?)") from e
             if not isinstance(m, kind):
+                expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple)
+                                                            else (kind,)))
                 raise ValueError(f"converted model: {name!r} is a {type(m).__name__}, expected "
-                                 f"{kind.__name__} (was the model changed after convert?)")
+                                 f"{expected} (was the model changed after convert?)")
             return m
 
         members = {role: [get(n, kind) for n in getattr(self, role)]
                    for role, kind in MEMBER_ROLES.items()}
         by_name = {n: m for role in members for n, m in zip(getattr(self, role), members[role])}
-        return ChannelGroup(get(self.producer, ChannelSparseConv2d), name=self.name,
+        return ChannelGroup(get(self.producer, PRODUCER_TYPES), name=self.name,
                             offsets={by_name[n]: off for n, off in self.offsets},
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
                             readers_known=self.readers_known, sole_readers=self.sole_readers,

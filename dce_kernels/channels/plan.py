@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, _as_index
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear, _as_index
 from ..optim import ActiveBlock
 from .group import ChannelGroup, converted_groups
 from .sequential import sequential_groups
@@ -54,8 +54,8 @@ class ChannelPlan:
 
     ``pack`` (default True) sets the packed layouts (``packed_input``,
     ``packed_output``, ``packed`` of a BatchNorm) on the layers of every group
-    whose ``can_pack`` allows them, for as long as the plan's model is used;
-    with ``pack=False`` every activation keeps its full width."""
+    that may pack (:meth:`packable_groups`), for as long as the plan's model is
+    used; with ``pack=False`` every activation keeps its full width."""
 
     def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup],
                  pack: bool = True) -> None:
@@ -68,6 +68,7 @@ class ChannelPlan:
             raise ValueError("a conv produces more than one channel group")
         self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
         self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
+        self.sparse_linears = [m for m in model.modules() if isinstance(m, ChannelSparseLinear)]
         self._indices = self._collect_indices()
         self._linear_active: dict[int, tuple[nn.Linear, torch.Tensor, int]] = {}
         # The applied selection on the layers' device, and its host copy once read.
@@ -80,13 +81,54 @@ class ChannelPlan:
             conv.packed_input = conv.packed_output = False
         for bn in self.norms:
             bn.packed = False
-        for g in self.groups:
-            on = pack and g.can_pack
+        for lin in self.sparse_linears:
+            lin.packed_input = False
+        packable = self.packable_groups() if pack else set()
+        for i, g in enumerate(self.groups):
+            on = i in packable
             g.producer.packed_output = on
             for conv in g.consumers:
                 conv.packed_input = on
             for bn in g.norms:
                 bn.packed = on
+            for lin in g.linears:
+                lin.packed_input = on
+
+    def packable_groups(self) -> set[int]:
+        """The groups whose activations may be packed: those that ``can_pack``,
+        and the groups read together after a concatenation (DenseNet), which
+        pack as one: a layer reading several groups at offsets sees the
+        concatenation of their packed outputs, which is exactly its active
+        channels in order (a Linear after flattening: its active columns), so it can read it packed when every group it reads
+        packs and no channel of its input is outside the groups. Such groups
+        therefore pack all together or none of them."""
+        n = len(self.groups)
+        parent = list(range(n))
+
+        def find(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        ok = [g.sole_readers and g.readers_known and not g.tied
+              and all(isinstance(lin, ChannelSparseLinear) for lin in g.linears)
+              and not g.depthwise and isinstance(g.producer, ChannelSparseConv2d)
+              and g.producer.groups == 1 and all(c.groups == 1 for c in g.consumers)
+              for g in self.groups]
+        for (_, index), u in self._indices.items():
+            if index not in ("in_idx", "active_idx", "in_channels"):
+                continue
+            readers = [g for g, _ in u.entries]
+            if u.fixed.numel():  # channels of no group: their layout is not ours to pack
+                for g in readers:
+                    ok[g] = False
+            for g in readers[1:]:
+                parent[find(g)] = find(readers[0])
+        whole = {}
+        for i in range(n):
+            whole[find(i)] = whole.get(find(i), True) and ok[i]
+        return {i for i in range(n) if whole[find(i)]}
 
     def _collect_indices(self) -> dict[tuple[int, str], _LayerIndex]:
         """Every layer index a group fills, keyed by (layer id, index name)."""
@@ -97,7 +139,7 @@ class ChannelPlan:
             key = (id(layer), index)
             if key not in indices:
                 indices[key] = _LayerIndex(size)
-                if isinstance(layer, nn.Linear):
+                if index == "in_channels":
                     self._linears.append(layer)
             elif indices[key].size != size:
                 raise ValueError(f"channel groups disagree on how many channels a "
@@ -106,7 +148,7 @@ class ChannelPlan:
 
         for i, g in enumerate(self.groups):
             for conv in g.producers:
-                cover(conv, "out_idx", conv.out_channels, i, 0)
+                cover(conv, "out_idx", g.num_channels, i, 0)
             for conv in g.consumers:
                 cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
             for conv in g.depthwise:
@@ -150,6 +192,8 @@ class ChannelPlan:
                 conv.set_active()
             for bn in self.norms:
                 bn.set_active()
+            for lin in self.sparse_linears:
+                lin.set_active()
             return
         if len(selection) != len(self.groups):
             raise ValueError(f"selection has {len(selection)} entries for "
@@ -184,6 +228,13 @@ class ChannelPlan:
         self._linear_active = {
             id(lin): (lin, active(lin, "in_channels"), self._indices[(id(lin), "in_channels")].size)
             for lin in self._linears}
+        for lin in self.sparse_linears:
+            device = lin.weight.device
+            read = self._linear_active.get(id(lin))
+            cols = None if read is None else linear_features(read[1], lin.in_features, read[2])
+            lin._use_channels(checked(active(lin, "out_idx"), lin.out_features, device),
+                              checked(cols, lin.in_features, device),
+                              1 if read is None else lin.in_features // read[2])
         self._selection = [g.producer.out_idx for g in self.groups]
 
     def saliency(self) -> list[torch.Tensor]:
@@ -233,12 +284,19 @@ class ChannelPlan:
             rows = partial(bn.active_idx, bn.num_features)
             add(bn.weight, rows)
             add(bn.bias, rows)
-        for lin, channels, total in self._linear_active.values():
-            if channels.numel() < total:
-                # Whole channels of the flattened map: runs of in_features // total columns.
-                blocks.append(ActiveBlock(lin.weight, cols=channels,
-                                          view=(lin.out_features, total,
-                                                lin.in_features // total)))
+        reads = {id(lin): (channels, total) for lin, channels, total in self._linear_active.values()}
+        listed = {id(lin) for lin in self._linears}
+        for lin in self._linears + [m for m in self.sparse_linears if id(m) not in listed]:
+            channels, total = reads.get(id(lin), (None, lin.in_features))
+            rows = (partial(lin.out_idx, lin.out_features)
+                    if isinstance(lin, ChannelSparseLinear) else None)
+            cols = None if channels is None else partial(channels, total)
+            if rows is None and cols is None:
+                continue
+            # Whole channels of the flattened map: runs of in_features // total columns.
+            blocks.append(ActiveBlock(lin.weight, rows=rows, cols=cols,
+                                      view=(lin.out_features, total, lin.in_features // total)))
+            add(lin.bias, rows)
         return blocks
 
 

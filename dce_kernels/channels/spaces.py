@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 from .group import ChannelSpec, GroupSpec
 
-__all__ = ["Spaces", "Member", "Analysis", "spec_from_analysis"]
+__all__ = ["Spaces", "Member", "Analysis", "spec_from_analysis", "OUTPUT_REASON"]
+
+# Why a space that reaches the model's output stays full.
+OUTPUT_REASON = "reaches the model's output"
 
 
 class Spaces:
@@ -72,6 +75,8 @@ class Analysis:
     members: list[Member] = field(default_factory=list)
     opaque_calls: set[str] = field(default_factory=set)  # layers also run on unknown channels
     order: list[str] = field(default_factory=list)  # conv names in the order they run
+    linear_spaces: set[int] = field(default_factory=set)  # the spaces of Linears' outputs
+    linear_producers: set[str] = field(default_factory=set)  # the Linears that have one
 
 
 def _keep_conflicts_full(a: Analysis) -> None:
@@ -142,6 +147,9 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
                                 **{role: tuple(names) for role, names in members.items()}))
     order = {name: i for i, name in enumerate(a.order)}
     groups.sort(key=lambda g: order[g.producer])
+    # A Linear whose features reach the model's output is its classifier (the
+    # logits): full by design, not worth a note. Convs are always noted.
     full = tuple((conv, sp.reason[sp.find(space)]) for conv, space in a.space_of.items()
-                 if sp.is_full(space))
+                 if sp.is_full(space) and not (conv in a.linear_producers
+                                               and sp.reason[sp.find(space)] == OUTPUT_REASON))
     return ChannelSpec(tuple(groups), full)

@@ -29,6 +29,13 @@ analysis follows every tensor's list of spaces through the graph):
 * Flattening (``torch.flatten(x, 1)``, ``nn.Flatten()``, ``x.view(x.size(0), -1)``,
   a mean over H and W) into a ``Linear``: the Linear's columns follow the channels
   (column ``j`` reads channel ``j // (in_features / channels)``).
+* An ``nn.Linear``'s output features are a space of their own, like a conv's
+  output channels (the hidden units of a classifier: ``Linear -> ReLU ->
+  Dropout -> Linear``). They are the last dim of its output, so only
+  channel-wise ops, scaling and another Linear (whose columns then follow them
+  one to one) may read them; anything else, and the model's output (the
+  logits), keeps them full. Sums of Linear outputs are not tied (they keep
+  their spaces full).
 * Anything the analysis does not understand (an unknown op or module, slicing,
   reshapes, the model's outputs) keeps every space that flows into it full:
   correct, just not selected. The stem conv reads all of the image's channels;
@@ -49,20 +56,26 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d
+from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear
 from .group import ChannelSpec, GroupSpec
 from .optable import (ADD_FUNCTIONS, ADD_METHODS, CAST_METHODS, CAT_NAMES, DIV_FUNCTIONS,
                       DIV_METHODS, ELEMENTWISE_MODULES, ELEMENTWISE_NAMES, GATE_MODULES,
                       GATE_NAMES, LINEAR_FUNCTIONS, METADATA_NAMES, MUL_FUNCTIONS, MUL_METHODS, NORM_FUNCTIONS,
                       RESHAPE_METHODS, SPATIAL_MODULES, SPATIAL_NAMES, SPATIAL_REDUCTIONS)
-from .spaces import Analysis, Member, spec_from_analysis
+from .spaces import OUTPUT_REASON, Analysis, Member, spec_from_analysis
 
-__all__ = ["trace_modes", "link_graphs", "Linked", "link_without_graph", "is_convertible_conv"]
+__all__ = ["trace_modes", "link_graphs", "Linked", "link_without_graph", "is_convertible_conv",
+           "is_convertible_linear"]
 
 
 def is_convertible_conv(m: nn.Module) -> bool:
     """A conv convert may make channel-sparse: exactly nn.Conv2d, or already ours."""
     return type(m) in (nn.Conv2d, ChannelSparseConv2d)
+
+
+def is_convertible_linear(m: nn.Module) -> bool:
+    """A Linear convert may make channel-sparse: exactly nn.Linear, or already ours."""
+    return type(m) in (nn.Linear, ChannelSparseLinear)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -143,7 +156,7 @@ class _Tracer(torch.fx.Tracer):
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (ChannelSparseConv2d, ChannelSparseBatchNorm2d)):
+        if isinstance(m, (ChannelSparseConv2d, ChannelSparseLinear, ChannelSparseBatchNorm2d)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -295,6 +308,10 @@ class _Analyzer:
     def _tie(self, x, y, node: torch.fx.Node):
         sp = self.a.spaces
         lx, ly = _layout(x), _layout(y)
+        if any(s in self.a.linear_spaces for s in lx + ly):
+            self._keep_full([x, y], f"{node.name}: combines a Linear's output features with "
+                                    "another tensor")
+            return x
         if (isinstance(x, _Flat) != isinstance(y, _Flat) or len(lx) != len(ly)
                 or any(sp.size[a] != sp.size[b] for a, b in zip(lx, ly))):
             self._keep_full([x, y], f"{node.name}: adds tensors whose channels do not line up")
@@ -303,13 +320,21 @@ class _Analyzer:
             sp.union(a, b)
         return x
 
-    def _space_of_conv(self, name: str, conv: nn.Conv2d) -> int:
+    def _space_of_conv(self, name: str, conv: nn.Module) -> int:
         # A conv module called twice writes one set of active channels: one space.
         if name not in self.a.space_of:
-            self.a.space_of[name] = self.a.spaces.new(conv.out_channels)
+            width = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+            self.a.space_of[name] = self.a.spaces.new(width)
             self.a.order.append(name)
             if _excluded(name, self.exclude):
                 self.a.spaces.keep_full(self.a.space_of[name], f"{name}: excluded by the caller")
+        return self.a.space_of[name]
+
+    def _space_of_linear(self, name: str, linear: nn.Linear) -> int:
+        if name not in self.a.space_of:
+            space = self._space_of_conv(name, linear)
+            self.a.linear_spaces.add(space)
+            self.a.linear_producers.add(name)
         return self.a.space_of[name]
 
     def _record(self, layer: str, role: str, layout: Layout, total: int = 0) -> None:
@@ -332,7 +357,8 @@ class _Analyzer:
         for node in graph.nodes:
             handler = getattr(self, f"_on_{node.op}")
             handler(node)
-            if node.op == "call_module" and is_convertible_conv(self.modules[node.target]):
+            if node.op == "call_module" and (is_convertible_conv(self.modules[node.target]) or
+                                             is_convertible_linear(self.modules[node.target])):
                 self._find_inplace(node)
         return self.a
 
@@ -357,7 +383,7 @@ class _Analyzer:
         self.value[node] = None
 
     def _on_output(self, node):
-        self._opaque(node, "reaches the model's output")
+        self._opaque(node, OUTPUT_REASON)
 
     def _on_call_module(self, node):
         m = self.modules[node.target]
@@ -372,7 +398,7 @@ class _Analyzer:
         if others:
             self._opaque(node, f"{node.target}: module called with several channel inputs")
             return
-        if x is None and (is_convertible_conv(m) or _is_norm(m) or type(m) is nn.Linear):
+        if x is None and (is_convertible_conv(m) or _is_norm(m) or is_convertible_linear(m)):
             self.a.opaque_calls.add(node.target)
         if is_convertible_conv(m):
             self.value[node] = self._conv(node.target, m, x)
@@ -383,12 +409,13 @@ class _Analyzer:
             if x is not None:
                 self._record(node.target, "norms", x)
             self.value[node] = x
-        elif type(m) is nn.Linear:
+        elif is_convertible_linear(m):
             if isinstance(x, _Flat):
                 self._record(node.target, "linears", x.layout, self._channels(x.layout))
-                self.value[node] = None
-            else:
-                self._opaque(node, f"{node.target}: Linear on a tensor that is not flattened")
+            elif x is not None:
+                self._keep_full([x], f"{node.target}: Linear on a tensor that is not flattened")
+            # Its output features, the last dim of what it returns, whatever its input.
+            self.value[node] = _Flat((self._space_of_linear(node.target, m),))
         elif type(m) is nn.Flatten and x is not None and not isinstance(x, _Flat):
             if m.start_dim == 1 and m.end_dim == -1:
                 self.value[node] = _Flat(x)
