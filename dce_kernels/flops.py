@@ -32,11 +32,9 @@ def _active_shapes(x_shape, w_shape, out_shape, n_in, n_out):
 
 def _conv_shapes(x_shape, w_shape, out_shape, in_idx_shape, out_idx_shape, groups):
     n_in, n_out, channels = in_idx_shape[0], out_idx_shape[0], w_shape[0]
-    if (groups > 1 and groups == channels and w_shape[1] == 1 and n_out < channels
-            and n_in in (n_out, channels)):
-        # A depthwise conv on its active planes (csrc/cpu): a depthwise conv of n_out
-        # channels. From shapes alone, equal counts stand for equal lists (what a
-        # channel group sets); lists that differ run the masked dense path instead.
+    if groups > 1 and groups == channels and w_shape[1] == 1 and n_out < channels:
+        # A depthwise conv on its active output planes (csrc/common/compact_conv.h)
+        # is a depthwise conv of n_out channels, whatever its input list.
         x = [x_shape[0], n_out, *x_shape[2:]]
         return x, [n_out, 1, *w_shape[2:]], [out_shape[0], n_out, *out_shape[2:]]
     if groups > 1:

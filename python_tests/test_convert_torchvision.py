@@ -29,7 +29,10 @@ MODELS = {"resnet18": 12, "vgg11_bn": 10, "mobilenet_v2": 25, "densenet121": 120
 # vgg11_bn's classifier reads 512x7x7 features: 120M parameters, whose float64
 # gradients, momentum and copies would take ~7 GB; it runs in float32.
 DTYPES = {"vgg11_bn": torch.float32}
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
+# Relative to each tensor's largest entry (toolkit._close). float64 gradients of
+# mobilenet_v2's 52 layers with random BatchNorms differ from the masked graph's by
+# up to ~1.1e-10 of their scale: the narrower convs sum in another order.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -79,7 +82,20 @@ def test_random_channels_equal_the_masked_original(converted):
     partial_inputs = sum(c.in_idx.numel() < c.in_channels for c in plan.convs)
     assert partial_inputs >= len(plan.groups) // 2  # the test skips something
     x = _input(model, 3, 3, 32, 32)
-    assert check_against_reference(model, reference, plan, x, atol=TOLERANCE[x.dtype]) == []
+    # A packed classifier input hands Dropout [N, active features] where the
+    # masked graph has [N, all features]: the same seed draws other masks. Dropout
+    # is elementwise, so it is off here (BatchNorm still in training mode).
+    dropouts = [m for net in (model, reference) for m in net.modules()
+                if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    try:
+        for m in dropouts:
+            m.p = 0.0
+        assert check_against_reference(model, reference, plan, x,
+                                       atol=TOLERANCE[x.dtype]) == []
+    finally:
+        for m, p in zip(dropouts, saved):
+            m.p = p
 
 
 def test_training_steps_with_cucb_then_export(converted, tmp_path):

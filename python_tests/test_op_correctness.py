@@ -138,9 +138,11 @@ def test_grouped_convolution_matches_masked_dense(backend):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
 
 
-# Depthwise convs whose active inputs are their active outputs (what a channel group
-# sets on its depthwise members), or whose inputs are all active: the CPU backend runs
-# a narrower depthwise conv over the active planes. Odd sizes, every conv argument.
+# Depthwise convs with some outputs inactive run a narrower depthwise conv over the
+# active output planes: with the input list the output list (what a channel group
+# sets on its depthwise members: the same tensor or an equal copy), all inputs
+# active, or an unrelated input list (then some active outputs read zero planes, and
+# some active inputs feed no active output). Odd sizes, every conv argument.
 DEPTHWISE_CASES = [
     ConvCase(2, 9, 9, 8, 7, groups=9, name="depthwise 3x3"),
     ConvCase(3, 13, 13, 9, 11, stride=2, bias=False, groups=13, name="stride 2, no bias"),
@@ -150,14 +152,15 @@ DEPTHWISE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("inputs", ["same as outputs", "all"])
+@pytest.mark.parametrize("inputs", ["same tensor", "equal copy", "all", "other channels"])
 @pytest.mark.parametrize("fraction", [0.5, 0.2, 1.0])
 @pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
 def test_depthwise_on_active_planes_matches_masked_dense(backend, case, fraction, inputs):
     x, w, b = case.tensors(torch.float64, backend.device)
     out_idx = random_index(case.out_channels, fraction).to(backend.device)
-    in_idx = (out_idx.clone() if inputs == "same as outputs"
-              else torch.arange(case.in_channels, device=backend.device))
+    in_idx = {"same tensor": out_idx, "equal copy": out_idx.clone(),
+              "all": torch.arange(case.in_channels, device=backend.device),
+              "other channels": random_index(case.in_channels, 0.6).to(backend.device)}[inputs]
     args = case.conv_args()
     g = torch.randn_like(torch.nn.functional.conv2d(x, w, None, **args))
     y, gx, gw, gb, sal = _run(backend, x, w, b, in_idx, out_idx, args, g)

@@ -7,8 +7,9 @@
 // Taylor saliency at the same time. With packed layouts (op_schemas.h) the
 // input is already compact and/or the output stays compact: those gathers and
 // scatters are skipped, which leaves the narrow network's own work plus the
-// fused grad_output pass. groups > 1 takes a masked dense path (correct, not
-// faster than dense).
+// fused grad_output pass. A depthwise conv with some outputs inactive runs as
+// a narrower depthwise conv over its active planes (see depthwise_input_keep);
+// other groups > 1 take a masked dense path (correct, not faster than dense).
 //
 // The memory passes come from a `Planes` backend, a struct of static
 // functions (the CPU loops in cpu/channel_planes.h; the kernels of
@@ -52,6 +53,33 @@ struct GradOutputPass {
   at::Tensor saliency;
 };
 
+// Depthwise: every output channel reads only its own input channel (channel
+// multiplier 1), so the conv over the active output planes is itself a
+// depthwise conv, of out.count channels.
+inline bool is_depthwise(const at::Tensor& weight, int64_t groups) {
+  return groups > 1 && weight.size(0) == groups && weight.size(1) == 1;
+}
+
+// For a depthwise conv over the active output planes: which of those planes'
+// inputs are active, as a [1, K, 1, 1] 0/1 factor for the gathered input (an
+// active output whose input is inactive sees a zero plane, as the masked dense
+// conv would give it). None where every one is known active without reading a
+// device list: all inputs active, or the input list is the output list (the
+// same tensor, which a ChannelPlan hands a depthwise conv of one group; on the
+// CPU also equal contents, which there cost no device sync).
+inline c10::optional<at::Tensor> depthwise_input_keep(const ChannelIndex& in,
+                                                      const ChannelIndex& out,
+                                                      int64_t channels, at::ScalarType dtype) {
+  if (in.is_all) return c10::nullopt;
+  if (in.count == out.count &&
+      (in.idx.data_ptr() == out.idx.data_ptr() || (in.idx.is_cpu() && at::equal(in.idx, out.idx)))) {
+    return c10::nullopt;
+  }
+  at::Tensor member = at::zeros({channels}, in.idx.options().dtype(dtype));
+  member.index_fill_(0, in.idx, 1);
+  return member.index_select(0, out.idx).view({1, out.count, 1, 1});
+}
+
 template <typename Planes>
 at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
@@ -72,6 +100,17 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
       bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->contiguous())
                                           : c10::nullopt;
 
+  if (is_depthwise(w, groups) && !out.is_all) {
+    at::Tensor x_c = Planes::gather_channels(x, out.idx);
+    const auto keep = depthwise_input_keep(in, out, weight.size(0), x.scalar_type());
+    if (keep) x_c = x_c * *keep;
+    c10::optional<at::Tensor> b_c = b;
+    if (b.has_value()) b_c = b->index_select(0, out.idx);
+    at::Tensor y_c = at::convolution(x_c, w.index_select(0, out.idx), b_c, stride, padding,
+                                     dilation, false, {0, 0}, out.count)
+                         .contiguous();
+    return Planes::scatter_channels(y_c, out.idx, weight.size(0));
+  }
   if (groups > 1) {
     at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
     at::Tensor y = at::convolution(xm, w, b, stride, padding, dilation, false, {0, 0}, groups)
@@ -110,16 +149,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
 
-  // groups == 1 with a partial output list convolves the compact grad_output
-  // (gathered here unless it arrives packed); otherwise the pass only reduces
-  // (grouped: masked dense, so g is masked below).
-  const bool compact_path = groups == 1 && !out.is_all;
+  // groups == 1 or depthwise with a partial output list convolves the compact
+  // grad_output (gathered here unless it arrives packed); otherwise the pass only
+  // reduces (grouped: masked dense, so g is masked below).
+  const bool depthwise = is_depthwise(w, groups) && !out.is_all;
+  const bool compact_path = (groups == 1 || depthwise) && !out.is_all;
   const bool gather_g = compact_path && !packed_output;
   GradOutputPass pass = Planes::grad_output_pass(g, h, out.idx, weight.size(0), packed_output,
                                                  gather_g, want_gb);
 
   at::Tensor grad_input, grad_weight;
-  if (want_gi || want_gw) {
+  if ((want_gi || want_gw) && depthwise) {
+    // The narrow depthwise conv's gradients, on the active output planes only;
+    // inputs outside those planes feed no active output and get zero.
+    const auto keep = depthwise_input_keep(in, out, weight.size(0), x.scalar_type());
+    at::Tensor x_c;
+    if (want_gw) {
+      x_c = Planes::gather_channels(x, out.idx);
+      if (keep) x_c = x_c * *keep;
+    } else {
+      x_c = at::empty({x.size(0), out.count, x.size(2), x.size(3)}, x.options());
+    }
+    auto grads = at::convolution_backward(pass.compact, x_c, w.index_select(0, out.idx),
+                                          c10::nullopt, stride, padding, dilation, false,
+                                          {0, 0}, out.count, {want_gi, want_gw, false});
+    if (want_gi) {
+      at::Tensor gi_c = std::get<0>(grads).contiguous();
+      if (keep) gi_c = gi_c * *keep;
+      grad_input = Planes::scatter_channels(gi_c, out.idx, input.size(1));
+    }
+    if (want_gw) grad_weight = at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
+  } else if (want_gi || want_gw) {
     if (groups > 1) {
       at::Tensor gm = out.is_all ? g : Planes::mask_channels(g, out.idx);
       at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
