@@ -85,10 +85,11 @@ def channel_sparse_conv2d(
     channel (zero for inactive ones), reduced inside the backward kernel.
     Accepts batched (N, C, H, W) and unbatched (C, H, W) input, like F.conv2d.
 
-    Packed layouts (``groups=1``, ascending index lists): with ``packed_input``
-    the input holds only the channels of ``in_idx``, in that order
-    (``input.shape[1] == len(in_idx)``); with ``packed_output`` the result holds
-    only the channels of ``out_idx``. Chained layers that agree on a list pass
+    Packed layouts (``groups=1`` or a depthwise conv, ascending index lists):
+    with ``packed_input`` the input holds only the channels of ``in_idx``, in that
+    order (``input.shape[1] == len(in_idx)``; a depthwise conv needs ``in_idx``
+    equal to ``out_idx`` for it); with ``packed_output`` the result holds only the
+    channels of ``out_idx``. Chained layers that agree on a list pass
     narrow activations, as a physically narrower network would; the weight and
     all parameter gradients keep the layer's full shape either way.
     """
@@ -124,14 +125,20 @@ def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilatio
         torch._check(idx.device == input.device,
                      lambda: f"{name} must be on the input's device ({input.device}), "
                              f"got {idx.device}")
+    depthwise = groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1
     if packed_input or packed_output:
-        torch._check(groups == 1, lambda: "packed channel layouts need groups == 1")
+        torch._check(groups == 1 or depthwise,
+                     lambda: "packed channel layouts need groups == 1 or a depthwise conv")
     if packed_input:
         torch._check(input.shape[1] == in_idx.shape[0],
                      lambda: f"packed input has {input.shape[1]} channels but in_idx lists "
                              f"{in_idx.shape[0]}")
+        if depthwise:  # the lists' contents are the real kernel's to check
+            torch._check(in_idx.shape[0] == out_idx.shape[0],
+                         lambda: "a depthwise conv with packed_input needs in_idx equal to "
+                                 "out_idx")
         # The full-width input the shape rule expects, built without touching data.
-        input = input.new_empty((input.shape[0], weight.shape[1], *input.shape[2:]))
+        input = input.new_empty((input.shape[0], weight.shape[1] * groups, *input.shape[2:]))
     # PyTorch's own conv shape rule (and its errors), evaluated on fake tensors.
     shape = list(F.conv2d(input, weight, None, stride, padding, dilation, groups).shape)
     if packed_output:

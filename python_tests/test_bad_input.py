@@ -2,7 +2,7 @@
 that names the problem, never a crash, a hang or a silently wrong result.
 
 The table lists every kind the suite tries and where; the tests of this module are the
-kinds no other module had (marked *). 62 kinds in all, plus the bad data files of
+kinds no other module had (marked *). 63 kinds in all, plus the bad data files of
 test_data.py (corrupt, wrong-format, truncated, mismatched counts, labels out of range:
 21 more).
 
@@ -33,7 +33,8 @@ test_data.py (corrupt, wrong-format, truncated, mismatched counts, labels out of
 | 23 | op | saliency probe of the wrong shape | saliency_probe must have shape | test_op_registration |
 | 24 | op | packed layout, unsorted in_idx / out_idx | ascending | test_op_packed |
 | 25 | op | packed input width differs from len(in_idx) | packed input has n channels but in_idx lists m | test_op_packed |
-| 26 | op | packed layout with groups > 1 | groups == 1 | test_op_packed |
+| 26 | op | packed layout with groups > 1, not depthwise | groups == 1 or a depthwise conv | test_op_packed |
+| 26b | op | packed input of a depthwise conv whose in_idx differs from out_idx | in_idx equal to out_idx | test_op_packed |
 | 27 | backward op | grad_output of the wrong shape (spatial, channels, rank, packed width) | grad_output shape ... does not match | test_op_registration |
 | 28 | backward op | grad_output or output of another dtype, output of another shape | differs from | test_op_registration |
 | 29 | layer | channel list: duplicate, outside, empty, 2-D, float | more than once / outside / empty / 1-D / integer | test_nn_conv |

@@ -90,6 +90,28 @@ class DenseBlock(nn.Module):
         return self.fc(torch.flatten(h, 1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: expand 1x1, depthwise 3x3, project 1x1, residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 5, 3, padding=1)
+        self.n0 = nn.BatchNorm2d(5)
+        self.expand = nn.Conv2d(5, 11, 1)
+        self.n1 = nn.BatchNorm2d(11)
+        self.dw = nn.Conv2d(11, 11, 3, padding=1, groups=11)
+        self.n2 = nn.BatchNorm2d(11)
+        self.project = nn.Conv2d(11, 5, 1)
+        self.n3 = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        s = F.relu(self.n0(self.stem(x)))
+        h = F.relu6(self.n2(self.dw(F.relu6(self.n1(self.expand(s))))))
+        y = s + self.n3(self.project(h))
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
 # -- what the analysis finds ---------------------------------------------------------------
 
 def test_residual_adds_tie_their_producers():
@@ -145,6 +167,30 @@ def test_groups_read_together_after_a_concatenation_pack_together():
     assert not any(g.can_pack for g in plan.groups if g.offsets)  # alone, they could not
     assert model.stem.packed_output and model.l1.packed_output and model.l2.packed_output
     assert model.n2.packed and model.n3.packed and model.l2.packed_input and model.fc.packed_input
+    _packed_equals_unpacked(model, plan, ("stem", "l1", "l2"))
+    # A part no group covers (an excluded conv stays full) makes the readers unpackable.
+    partly = plan_for(convert(DenseBlock().double(), exclude=["l1"]))
+    assert partly.packable_groups() == set()
+
+
+def test_depthwise_convs_pack_with_their_group():
+    torch.manual_seed(6)
+    model = convert(InvertedResidual().double())
+    randomize_norms(model)
+    plan = plan_for(model)
+    expand = next(i for i, g in enumerate(plan.groups) if g.producer is model.expand)
+    assert plan.groups[expand].depthwise == [model.dw]
+    assert expand in plan.packable_groups()
+    assert model.expand.packed_output and model.dw.packed_input and model.dw.packed_output
+    assert model.n1.packed and model.n2.packed and model.project.packed_input
+    plan.apply(random_selection(plan.num_channels, generator=torch.Generator().manual_seed(1)))
+    assert model.dw.in_idx is model.dw.out_idx  # one list: the op needs no device read
+    _packed_equals_unpacked(model, plan, ("stem", "expand", "dw"))
+
+
+def _packed_equals_unpacked(model, plan, convs):
+    """Random selections: the packed model equals a full-width copy (outputs,
+    gradients of the input and every parameter, the convs' saliency)."""
     unpacked = copy.deepcopy(model)
     other = ChannelPlan(unpacked, plan_for(unpacked).groups, pack=False)
     gen = torch.Generator().manual_seed(8)
@@ -163,12 +209,9 @@ def test_groups_read_together_after_a_concatenation_pack_together():
         for (name, a), b in zip(model.named_parameters(), unpacked.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12, msg=name)
             a.grad = b.grad = None
-        for conv in ("stem", "l1", "l2"):
+        for conv in convs:
             torch.testing.assert_close(getattr(model, conv).saliency,
                                        getattr(unpacked, conv).saliency, rtol=1e-12, atol=1e-12)
-    # A part no group covers (an excluded conv stays full) makes the readers unpackable.
-    partly = plan_for(convert(DenseBlock().double(), exclude=["l1"]))
-    assert partly.packable_groups() == set()
 
 
 @pytest.mark.parametrize("make", ["Residual", "Dense", "DenseBlock", "Opaque", "Shared",

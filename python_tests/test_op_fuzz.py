@@ -62,9 +62,15 @@ def _both(v):
 
 @st.composite
 def calls(draw) -> Call:
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
-    cin = groups * draw(st.integers(1, 12 // groups))
-    cout = groups * draw(st.integers(1, 12 // groups))
+    groups = draw(st.sampled_from([1, 1, 2, 3, "depthwise"]))
+    if groups == "depthwise":
+        groups = cin = cout = draw(st.integers(2, 12))
+    else:
+        cin = groups * draw(st.integers(1, 12 // groups))
+        cout = groups * draw(st.integers(1, 12 // groups))
+    # Packed layouts: groups == 1, or depthwise (which reads a packed input only
+    # through its own output list).
+    depthwise = groups > 1 and cin == cout == groups
     kernel, stride, dilation = _pair(draw, 1, 4), _pair(draw, 1, 3), _pair(draw, 1, 3)
     choices = [st.integers(0, 3), st.tuples(st.integers(0, 3), st.integers(0, 3)),
                st.just("valid")]
@@ -81,15 +87,17 @@ def calls(draw) -> Call:
         sizes.append(draw(st.integers(smallest, smallest + 6)))
     case = ConvCase(draw(st.integers(1, 3)), cin, cout, *sizes, kernel=kernel, stride=stride,
                     padding=padding, dilation=dilation, groups=groups, bias=draw(st.booleans()))
-    packed_input = groups == 1 and draw(st.booleans())
-    packed_output = groups == 1 and draw(st.booleans())
+    packed_input = (groups == 1 or depthwise) and draw(st.booleans())
+    packed_output = (groups == 1 or depthwise) and draw(st.booleans())
 
     def index_list(n, ascending):
         order = draw(st.permutations(range(n)))
         chosen = order[:draw(st.integers(1, n))]
         return tuple(sorted(chosen)) if ascending else tuple(chosen)
 
-    return Call(case, index_list(cin, packed_input), index_list(cout, packed_output),
+    in_list = index_list(cin, packed_input)
+    out_list = in_list if depthwise and packed_input else index_list(cout, packed_output)
+    return Call(case, in_list, out_list,
                 draw(st.sampled_from(DTYPES)), draw(st.sampled_from([torch.long, torch.int32])),
                 packed_input, packed_output, draw(st.integers(0, 2**32 - 1)))
 

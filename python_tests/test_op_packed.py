@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit import OP_CASES, close_kwargs, masked_dense, random_index
+from toolkit import OP_CASES, ConvCase, close_kwargs, masked_dense, random_index
 
 LAYOUTS = [(True, False), (False, True), (True, True)]
 FRACTIONS = [(0.5, 0.5), (0.3, 1.0), (1.0, 0.3)]
@@ -35,6 +35,49 @@ def test_packed_layouts_match_masked_dense(backend, case, fractions, layout, dty
     x, wt, b = case.tensors(dtype, backend.device)
     in_idx = _sorted_index(x.shape[1], fractions[0], backend.device)
     out_idx = _sorted_index(wt.shape[0], fractions[1], backend.device)
+    args = case.conv_args()
+    grad_output = torch.randn_like(torch.nn.functional.conv2d(x, wt, None, **args))
+
+    y, gx, gw, gb, sal = _run_packed(backend, x, wt, b, in_idx, out_idx, args, grad_output,
+                                     layout)
+    ref = masked_dense(x, wt, b, in_idx, out_idx, grad_output, **args)
+    packed_in, packed_out = layout
+    cpu_in, cpu_out = in_idx.cpu(), out_idx.cpu()
+    tol = close_kwargs(dtype)
+    torch.testing.assert_close(y.double().cpu(), ref.output[:, cpu_out] if packed_out
+                               else ref.output, **tol)
+    torch.testing.assert_close(gx.double().cpu(), ref.grad_input[:, cpu_in] if packed_in
+                               else ref.grad_input, **tol)
+    torch.testing.assert_close(gw.double().cpu(), ref.grad_weight, **tol)
+    if b is not None:
+        torch.testing.assert_close(gb.double().cpu(), ref.grad_bias, **tol)
+    torch.testing.assert_close(sal.double().cpu(), ref.saliency, **tol)
+
+
+# Depthwise convs pack too: a channel group's depthwise member reads and writes
+# the group's active channels. Packed input needs in_idx equal to out_idx (the same
+# tensor, as a ChannelPlan passes, or an equal copy); a packed output alone takes
+# any input list. Odd sizes, every conv argument.
+DEPTHWISE_CASES = [
+    ConvCase(2, 9, 9, 8, 7, groups=9, name="depthwise 3x3"),
+    ConvCase(3, 13, 13, 9, 11, stride=2, bias=False, groups=13, name="stride 2, no bias"),
+    ConvCase(1, 7, 7, 10, 6, kernel=5, padding=4, dilation=2, groups=7, name="5x5 dilated"),
+]
+DEPTHWISE_LAYOUTS = [(lists, layout) for lists in ("same tensor", "equal copy", "other input list")
+                     for layout in LAYOUTS if lists != "other input list" or not layout[0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("lists, layout", DEPTHWISE_LAYOUTS,
+                         ids=lambda v: v if isinstance(v, str) else
+                         f"in{'P' if v[0] else 'F'}-out{'P' if v[1] else 'F'}")
+@pytest.mark.parametrize("fraction", [0.5, 0.2, 1.0])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=str)
+def test_packed_depthwise_matches_masked_dense(backend, case, fraction, lists, layout, dtype):
+    x, wt, b = case.tensors(dtype, backend.device)
+    out_idx = _sorted_index(case.out_channels, fraction, backend.device)
+    in_idx = {"same tensor": out_idx, "equal copy": out_idx.clone(),
+              "other input list": _sorted_index(case.in_channels, 0.6, backend.device)}[lists]
     args = case.conv_args()
     grad_output = torch.randn_like(torch.nn.functional.conv2d(x, wt, None, **args))
 
@@ -85,7 +128,8 @@ def _small(device):
     ("unsorted_in", "ascending"),
     ("unsorted_out", "ascending"),
     ("wrong_packed_width", "packed input has 6 channels but in_idx lists 3"),
-    ("grouped", "groups == 1"),
+    ("grouped", "groups == 1 or a depthwise conv"),
+    ("depthwise_other_lists", "in_idx equal to out_idx"),
 ])
 def test_packed_layout_bad_input(backend, case, message):
     x, w = _small(backend.device)
@@ -97,6 +141,10 @@ def test_packed_layout_bad_input(backend, case, message):
         call = lambda: backend.conv(x, w, None, idx(0, 1), idx(2, 0), packed_output=True)  # noqa: E731
     elif case == "wrong_packed_width":
         call = lambda: backend.conv(x, w, None, idx(0, 1, 2), idx(0, 1), packed_input=True)  # noqa: E731
+    elif case == "depthwise_other_lists":
+        wd = torch.randn(6, 1, 3, 3, device=backend.device)
+        call = lambda: backend.conv(x[:, [0, 2]], wd, None, idx(0, 2), idx(0, 3),  # noqa: E731
+                                    groups=6, packed_input=True)
     else:
         wg = torch.randn(4, 3, 3, 3, device=backend.device)
         call = lambda: backend.conv(x, wg, None, idx(0, 1), idx(0, 1), groups=2,  # noqa: E731

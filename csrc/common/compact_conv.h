@@ -53,24 +53,18 @@ struct GradOutputPass {
   at::Tensor saliency;
 };
 
-// Depthwise: every output channel reads only its own input channel (channel
-// multiplier 1), so the conv over the active output planes is itself a
-// depthwise conv, of out.count channels.
-inline bool is_depthwise(const at::Tensor& weight, int64_t groups) {
-  return groups > 1 && weight.size(0) == groups && weight.size(1) == 1;
-}
-
 // For a depthwise conv over the active output planes: which of those planes'
 // inputs are active, as a [1, K, 1, 1] 0/1 factor for the gathered input (an
 // active output whose input is inactive sees a zero plane, as the masked dense
 // conv would give it). None where every one is known active without reading a
 // device list: all inputs active, or the input list is the output list (the
 // same tensor, which a ChannelPlan hands a depthwise conv of one group; on the
-// CPU also equal contents, which there cost no device sync).
+// CPU also equal contents, which there cost no device sync). A packed input
+// has the output list as its input list (check_channel_indices).
 inline c10::optional<at::Tensor> depthwise_input_keep(const ChannelIndex& in,
-                                                      const ChannelIndex& out,
-                                                      int64_t channels, at::ScalarType dtype) {
-  if (in.is_all) return c10::nullopt;
+                                                      const ChannelIndex& out, int64_t channels,
+                                                      at::ScalarType dtype, bool packed_input) {
+  if (in.is_all || packed_input) return c10::nullopt;
   if (in.count == out.count &&
       (in.idx.data_ptr() == out.idx.data_ptr() || (in.idx.is_cpu() && at::equal(in.idx, out.idx)))) {
     return c10::nullopt;
@@ -101,15 +95,16 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
                                           : c10::nullopt;
 
   if (is_depthwise(w, groups) && !out.is_all) {
-    at::Tensor x_c = Planes::gather_channels(x, out.idx);
-    const auto keep = depthwise_input_keep(in, out, weight.size(0), x.scalar_type());
+    at::Tensor x_c = packed_input ? x : Planes::gather_channels(x, out.idx);
+    const auto keep =
+        depthwise_input_keep(in, out, weight.size(0), x.scalar_type(), packed_input);
     if (keep) x_c = x_c * *keep;
     c10::optional<at::Tensor> b_c = b;
     if (b.has_value()) b_c = b->index_select(0, out.idx);
     at::Tensor y_c = at::convolution(x_c, w.index_select(0, out.idx), b_c, stride, padding,
                                      dilation, false, {0, 0}, out.count)
                          .contiguous();
-    return Planes::scatter_channels(y_c, out.idx, weight.size(0));
+    return packed_output ? y_c : Planes::scatter_channels(y_c, out.idx, weight.size(0));
   }
   if (groups > 1) {
     at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
@@ -162,21 +157,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
   if ((want_gi || want_gw) && depthwise) {
     // The narrow depthwise conv's gradients, on the active output planes only;
     // inputs outside those planes feed no active output and get zero.
-    const auto keep = depthwise_input_keep(in, out, weight.size(0), x.scalar_type());
+    const auto keep =
+        depthwise_input_keep(in, out, weight.size(0), x.scalar_type(), packed_input);
     at::Tensor x_c;
-    if (want_gw) {
+    if (packed_input) {
+      x_c = x;
+    } else if (want_gw) {
       x_c = Planes::gather_channels(x, out.idx);
       if (keep) x_c = x_c * *keep;
     } else {
       x_c = at::empty({x.size(0), out.count, x.size(2), x.size(3)}, x.options());
     }
-    auto grads = at::convolution_backward(pass.compact, x_c, w.index_select(0, out.idx),
+    const at::Tensor g_c = packed_output ? g : pass.compact;
+    auto grads = at::convolution_backward(g_c, x_c, w.index_select(0, out.idx),
                                           c10::nullopt, stride, padding, dilation, false,
                                           {0, 0}, out.count, {want_gi, want_gw, false});
     if (want_gi) {
       at::Tensor gi_c = std::get<0>(grads).contiguous();
       if (keep) gi_c = gi_c * *keep;
-      grad_input = Planes::scatter_channels(gi_c, out.idx, input.size(1));
+      grad_input = packed_input ? gi_c : Planes::scatter_channels(gi_c, out.idx, input.size(1));
     }
     if (want_gw) grad_weight = at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
   } else if (want_gi || want_gw) {

@@ -66,8 +66,16 @@ ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& 
   ChannelIndices result{check_channel_index(in_idx, in_channels, input.device(), "in_idx"),
                         check_channel_index(out_idx, weight.size(0), input.device(), "out_idx")};
   if (packed_input || packed_output) {
-    TORCH_CHECK(groups == 1, op_name, ": packed channel layouts need groups == 1, got groups=",
-                groups);
+    TORCH_CHECK(groups == 1 || is_depthwise(weight, groups), op_name,
+                ": packed channel layouts need groups == 1 or a depthwise conv (groups == "
+                "in_channels == out_channels), got groups=", groups, " and weight of shape ",
+                weight.sizes());
+  }
+  if (packed_input && groups > 1) {
+    // The packed planes are the inputs of the active outputs only if both lists agree.
+    TORCH_CHECK(same_list(result.in, result.out), op_name,
+                ": a depthwise conv with packed_input needs in_idx equal to out_idx (each "
+                "active output reads its own input plane)");
   }
   if (packed_input) {
     TORCH_CHECK(input.size(1) == result.in.count, op_name, ": packed input has ",

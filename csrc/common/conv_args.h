@@ -40,6 +40,20 @@ ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& 
                                      const at::Tensor& out_idx, bool packed_input,
                                      bool packed_output, const char* op_name);
 
+// Depthwise: every output channel reads only its own input channel (channel
+// multiplier 1, groups == in == out channels).
+inline bool is_depthwise(const at::Tensor& weight, int64_t groups) {
+  return groups > 1 && weight.size(0) == groups && weight.size(1) == 1;
+}
+
+// Whether two checked lists are the same list: the same tensor (what a
+// ChannelPlan hands a depthwise conv of one group, checked without a device
+// read), else equal contents (a device read on a GPU).
+inline bool same_list(const ChannelIndex& a, const ChannelIndex& b) {
+  return a.count == b.count &&
+         (a.idx.const_data_ptr() == b.idx.const_data_ptr() || at::equal(a.idx, b.idx));
+}
+
 // Channels of the output (and grad_output) tensor in the requested layout.
 inline int64_t output_channels(const at::Tensor& weight, const ChannelIndex& out,
                                bool packed_output) {

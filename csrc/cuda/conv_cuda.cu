@@ -26,7 +26,7 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                         const c10::optional<at::Tensor>& saliency_probe, bool packed_input,
                         bool packed_output) {
-  auto* impl = cuda_conv_impl() == CudaConvImpl::kIgemm ? &channel_sparse_conv2d
+  auto* impl = cuda_conv_impl() == CudaConvImpl::kIgemm ? &igemm_channel_sparse_conv2d
                                                         : &compact_channel_sparse_conv2d;
   return impl(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
               saliency_probe, packed_input, packed_output);
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
-  auto* impl = cuda_conv_impl() == CudaConvImpl::kIgemm ? &channel_sparse_conv2d_backward
+  auto* impl = cuda_conv_impl() == CudaConvImpl::kIgemm ? &igemm_channel_sparse_conv2d_backward
                                                         : &compact_channel_sparse_conv2d_backward;
   return impl(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
               groups, output_mask, packed_input, packed_output);

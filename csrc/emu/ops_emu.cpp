@@ -18,8 +18,8 @@ TORCH_LIBRARY(dce_emu, m) {
 }
 
 TORCH_LIBRARY_IMPL(dce_emu, CPU, m) {
-  m.impl("channel_sparse_conv2d", &dce::kernels::channel_sparse_conv2d);
-  m.impl("channel_sparse_conv2d_backward", &dce::kernels::channel_sparse_conv2d_backward);
+  m.impl("channel_sparse_conv2d", &dce::kernels::igemm_channel_sparse_conv2d);
+  m.impl("channel_sparse_conv2d_backward", &dce::kernels::igemm_channel_sparse_conv2d_backward);
 }
 
 TORCH_LIBRARY(dce_emu_cudnn, m) {

@@ -171,8 +171,38 @@ compact_channel_sparse_conv2d_backward(
                                              packed_input, packed_output);
 }
 
+// The igemm implementation as the ops' kernels: its launchers (conv_host.h)
+// pack only groups == 1, so a packed depthwise conv takes the composition.
+inline at::Tensor igemm_channel_sparse_conv2d(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const c10::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output) {
+  auto* impl = groups > 1 && (packed_input || packed_output) ? &compact_channel_sparse_conv2d
+                                                             : &channel_sparse_conv2d;
+  return impl(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
+              saliency_probe, packed_input, packed_output);
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+igemm_channel_sparse_conv2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+  auto* impl = groups > 1 && (packed_input || packed_output)
+                   ? &compact_channel_sparse_conv2d_backward
+                   : &channel_sparse_conv2d_backward;
+  return impl(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
+              groups, output_mask, packed_input, packed_output);
+}
+
 static_assert(std::is_same_v<decltype(compact_channel_sparse_conv2d),
                              schema::ChannelSparseConv2dFn>);
+static_assert(std::is_same_v<decltype(igemm_channel_sparse_conv2d),
+                             schema::ChannelSparseConv2dFn>);
+static_assert(std::is_same_v<decltype(igemm_channel_sparse_conv2d_backward),
+                             schema::ChannelSparseConv2dBackwardFn>);
 static_assert(std::is_same_v<decltype(compact_channel_sparse_conv2d_backward),
                              schema::ChannelSparseConv2dBackwardFn>);
 

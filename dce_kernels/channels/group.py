@@ -88,12 +88,14 @@ class ChannelGroup:
     def can_pack(self) -> bool:
         """Whether the group's activations may be packed: its layers are the sole
         readers and read exactly its channels (one producer, no Linear, no
-        offsets, convs of groups == 1, norms and consumers as wide as the group)."""
+        offsets, consumers of groups == 1, norms, consumers and depthwise convs as
+        wide as the group)."""
         c = self.num_channels
         return (self.sole_readers and self.readers_known and not self.linears and not self.tied
-                and not self.depthwise and not self.offsets
+                and not self.offsets
                 and isinstance(self.producer, ChannelSparseConv2d) and self.producer.groups == 1
                 and all(conv.groups == 1 and conv.in_channels == c for conv in self.consumers)
+                and all(conv.in_channels == c for conv in self.depthwise)
                 and all(bn.num_features == c for bn in self.norms))
 
     def validate(self) -> None:

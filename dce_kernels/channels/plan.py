@@ -89,6 +89,8 @@ class ChannelPlan:
             g.producer.packed_output = on
             for conv in g.consumers:
                 conv.packed_input = on
+            for conv in g.depthwise:  # reads and writes the group's channels: one list
+                conv.packed_input = conv.packed_output = on
             for bn in g.norms:
                 bn.packed = on
             for lin in g.linears:
@@ -113,7 +115,9 @@ class ChannelPlan:
 
         ok = [g.sole_readers and g.readers_known and not g.tied
               and all(isinstance(lin, ChannelSparseLinear) for lin in g.linears)
-              and not g.depthwise and isinstance(g.producer, ChannelSparseConv2d)
+              and all(d.in_channels == g.num_channels and g.offset(d) == 0
+                      for d in g.depthwise)
+              and isinstance(g.producer, ChannelSparseConv2d)
               and g.producer.groups == 1 and all(c.groups == 1 for c in g.consumers)
               for g in self.groups]
         for (_, index), u in self._indices.items():
