@@ -17,9 +17,9 @@ Per model (untrained, float32, batch x 3 x size x size, 10 classes):
 
 * FLOPs (torch.utils.flop_counter, convs and matmuls) of one forward and of one
   forward + backward, dense original vs converted with a random selection at p.
-  Depthwise convs whose active inputs are their outputs count their active
-  planes (what they run); other groups > 1 convs count at full width, since they
-  run the masked dense path.
+  Depthwise convs with some outputs inactive count their active planes (the
+  narrower depthwise conv they run); other groups > 1 convs count at full width,
+  since they run the masked dense path.
 * Step time: a full training step (forward, cross-entropy, backward, SGD step)
   of the original vs the converted model at p, the latter including what DCE
   adds per step (CUCB select, ChannelPlan.apply, MaskedOptimizer, selector
