@@ -37,16 +37,21 @@ class _LayerIndex:
                 raise ValueError(f"{what}: two channel groups claim the same channels")
             covered[off:off + widths[g]] = True
         self.fixed = (~covered).nonzero().squeeze(1)
+        self.entries.sort(key=lambda entry: entry[1])
 
-    def active(self, selection: Sequence[torch.Tensor]) -> torch.Tensor:
+    def active(self, selection: Sequence[torch.Tensor], shifted) -> torch.Tensor:
+        """The layer's active channels for sorted group selections; ``shifted(g, off)``
+        is ``selection[g] + off``, which the readers of one concatenation share."""
         if len(self.entries) == 1 and self.entries[0][1] == 0 and self.fixed.numel() == 0:
             return selection[self.entries[0][0]]  # the common case: one group, whole layer
+        parts = [shifted(g, off) for g, off in self.entries]
+        if self.fixed.numel() == 0:
+            # Disjoint ranges in offset order, each sorted: so is their concatenation.
+            return torch.cat(parts)
         device = selection[0].device
         if device not in self._fixed_on:
             self._fixed_on[device] = self.fixed.to(device)
-        parts = [self._fixed_on[device]]
-        parts += [selection[g] + off for g, off in self.entries]
-        return torch.sort(torch.cat(parts)).values
+        return torch.sort(torch.cat([self._fixed_on[device]] + parts)).values
 
 
 class ChannelPlan:
@@ -212,9 +217,16 @@ class ChannelPlan:
         else:
             selection = [idx.to(device) for idx in selection]
 
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+
+        def shifted(g, off):
+            if (g, off) not in cache:
+                cache[(g, off)] = selection[g] + off if off else selection[g]
+            return cache[(g, off)]
+
         def active(layer, index):
             u = self._indices.get((id(layer), index))
-            return None if u is None else u.active(selection)
+            return None if u is None else u.active(selection, shifted)
 
         def checked(idx, size, device):
             # Group selections are checked above, and a union of them is sorted
