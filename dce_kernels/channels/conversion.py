@@ -46,8 +46,8 @@ from typing import Any, Iterable, Optional
 import torch.fx
 from torch import nn
 
-from ..nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
-                  ChannelSparseNormAct)
+from ..nn import (CHANNEL_SPARSE_NORMS, ChannelSparseBatchNorm2d, ChannelSparseConv2d,
+                  ChannelSparseLayerNorm, ChannelSparseLinear, ChannelSparseNormAct)
 from .group import SPEC_ATTR, recorded_spec
 from .trace import (_augmented_assignment, is_convertible_conv, is_convertible_linear,
                     link_graphs, link_without_graph, trace_modes)
@@ -132,9 +132,11 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
         spec = link_without_graph(model, exclude)
         traced = False
         norm_after: dict[str, tuple[str, ...]] = {}
+        layer_norms: dict[str, int] = {}
     else:
         linked = link_graphs(model, graphs, exclude)
         spec, inplace_after, norm_after = linked.spec, linked.inplace_after, linked.norm_after
+        layer_norms = linked.layer_norms
         traced = True
 
     modules = dict(model.named_modules())
@@ -160,10 +162,12 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             replacements[id(m)] = ChannelSparseLinear.from_dense(m)
     for name in sorted(to_norm):
         m = modules[name]
-        if id(m) in replacements or isinstance(m, ChannelSparseBatchNorm2d):
+        if id(m) in replacements or isinstance(m, CHANNEL_SPARSE_NORMS):
             continue
         if type(m) is nn.BatchNorm2d:
             replacements[id(m)] = _sparse_norm(m)
+        elif isinstance(m, nn.LayerNorm):  # over the channels, in the dim the trace showed
+            replacements[id(m)] = ChannelSparseLayerNorm.from_module(m, layer_norms[name])
         else:  # a subclass calling F.batch_norm, then the children the trace showed
             replacements[id(m)] = ChannelSparseNormAct.from_module(m, norm_after[name])
     _swap(model, replacements)

@@ -60,7 +60,8 @@ class Member:
     """A layer that reads (or, for depthwise convs, also writes) a space at an offset."""
 
     layer: str
-    role: str  # the ChannelGroup field it joins: "consumers", "depthwise", "norms", "linears"
+    role: str  # the ChannelGroup field it joins: "consumers", "depthwise", "norms", "linears",
+    # "scales" (then ``layer`` is the dotted name of a parameter or buffer)
     space: int
     offset: int
     total: int = 0  # for linears: channels of the flattened map
@@ -125,7 +126,7 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
             continue
         convs = sorted(convs, key=a.order.index)
         members: dict[str, list[str]] = {"norms": [], "consumers": [], "linears": [],
-                                         "depthwise": []}
+                                         "depthwise": [], "scales": []}
         offsets: dict[str, int] = {}
         linear_channels: dict[str, int] = {}
         for m in a.members:
