@@ -14,7 +14,8 @@ tied through a residual add all keep the same channel list, so both inputs of
 the add shrink alike; a layer after a concatenation keeps the union of the
 offset-shifted selections, in order, which is exactly the concatenation of the
 compacted inputs; a depthwise conv keeps its active channels as a narrower
-depthwise conv.
+depthwise conv; a LayerNorm over channels becomes its own class over the active
+channels, and a per-channel scale (layer scale) keeps their entries.
 
 ``export_compact`` writes it as a ``state_dict`` and as a ``torch.export``
 program (``.pt2``), which ``torch.export.load`` runs without dce_kernels, or

@@ -559,8 +559,14 @@ def cucb_steps_touch_only_active_blocks(model, plan, steps, batch, check_salienc
 def randomize_norms(model):
     # Default BatchNorms (weight 1, bias 0) map a zero channel to zero: a
     # BatchNorm left dense by mistake would go unnoticed. Random ones do not.
+    # LayerNorms get random affine parameters too (a mistake in which channels'
+    # weight applies is invisible with all weights 1).
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.5, 0.5)
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)

@@ -3,8 +3,9 @@
 ``convert`` traces the model with torch.fx, works out which channels depend on
 which (:mod:`dce_kernels.channels.trace` says how), replaces every *eligible* ``nn.Conv2d`` by a
 :class:`~dce_kernels.nn.ChannelSparseConv2d` and every ``nn.BatchNorm2d`` that
-sees selectable channels by a :class:`~dce_kernels.nn.ChannelSparseBatchNorm2d`,
-and records the channel groups on the model, where
+sees selectable channels by a :class:`~dce_kernels.nn.ChannelSparseBatchNorm2d`
+(an ``nn.LayerNorm`` over such channels by a
+:class:`~dce_kernels.nn.ChannelSparseLayerNorm`), and records the channel groups on the model, where
 :func:`dce_kernels.channels.plan_for` finds them. Like
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` it changes the model in place
 (``copy=True`` converts a deep copy instead) and the new layers *share* the old

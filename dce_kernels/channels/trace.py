@@ -7,6 +7,16 @@ analysis follows every tensor's list of spaces through the graph):
   pooling, dropout, interpolation, scaling by a number) pass the spaces
   through. A BatchNorm follows the spaces it normalizes (it becomes channel-sparse
   so that inactive channels stay exactly zero).
+* ``x.permute(0, 2, 3, 1)`` moves the channels last (and ``permute(0, 3, 1, 2)``
+  back): there channel-wise ops and LayerNorms over the channels may read them.
+  A LayerNorm over the channels (``F.layer_norm`` as the whole forward of an
+  ``nn.LayerNorm``, with or without the permute pair inside, as timm's
+  LayerNorm2d) follows the spaces like a BatchNorm; it becomes channel-sparse,
+  normalizing over the active channels only, as the compact model will.
+* A product with a parameter or buffer of one entry per channel, shaped to
+  broadcast along the channels only (layer scale: ``x * gamma.reshape(1, -1, 1, 1)``)
+  keeps zeros zero; the scale follows its group (the compact model keeps its
+  active entries).
 * Residual adds **tie** their two inputs' spaces into one group: the tied
   producers always activate the same channels, so a sum has exactly the group's
   channels. Why tying rather than a union of the two inputs' channels: with a
