@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
+from dce_kernels import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
+                         convert)
 from dce_kernels.channels import (ChannelPlan, GroupSpec, conversion_notes, plan_for,
                                  sequential_groups)
 from dce_kernels.channels.group import recorded_spec
@@ -491,9 +492,10 @@ class ConvNeXtLike(nn.Module):
     depthwise conv -> LayerNorm over channels -> 1x1 conv MLP (GELU) -> layer scale
     -> residual add; a downsample (LayerNorm, 2x2 conv) and a head (pool,
     LayerNorm, flatten, Linear). The blocks write the norm and the scale in the
-    ways timm and others do: LayerNorm2d and ``x.mul(gamma.reshape(1, -1, 1, 1))``;
-    permute + nn.LayerNorm + permute back, a [C] scale on the channels-last tensor
-    and a division by a [C, 1, 1] buffer; ``gamma[:, None, None] * x``. Norms and
+    ways timm and others do: LayerNorm2d, 1x1 convs and ``x.mul(gamma.reshape(1, -1,
+    1, 1))``; permute + nn.LayerNorm + an MLP of nn.Linear on the channels-last
+    tensor (timm's ``conv_mlp=False``), a [C] scale there, permute back and a
+    division by a [C, 1, 1] buffer; ``gamma[:, None, None] * x``. Norms and
     scales are random (a default LayerNorm or a scale of 1e-6 would hide mistakes)."""
 
     def __init__(self):
@@ -506,7 +508,7 @@ class ConvNeXtLike(nn.Module):
         self.gamma1 = nn.Parameter(_uniform(6))
         self.dw2 = nn.Conv2d(6, 6, 3, padding=1, groups=6)
         self.norm2 = nn.LayerNorm(6, eps=1e-6)
-        self.fc2a, self.fc2b = nn.Conv2d(6, 11, 1), nn.Conv2d(11, 6, 1)
+        self.fc2a, self.fc2b = nn.Linear(6, 11), nn.Linear(11, 6)
         self.gamma2 = nn.Parameter(_uniform(6))
         self.register_buffer("scale2", _uniform(6, 1, 1))
         self.down_norm = LayerNorm2d(6)
@@ -527,9 +529,8 @@ class ConvNeXtLike(nn.Module):
         x = self.stem_norm(self.stem(x))
         h = self.fc1b(F.gelu(self.fc1a(self.norm1(self.dw1(x)))))
         x = x + h.mul(self.gamma1.reshape(1, -1, 1, 1))
-        h = self.norm2(self.dw2(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        h = self.fc2b(F.gelu(self.fc2a(h)))
-        h = (h.permute(0, 2, 3, 1) * self.gamma2).permute(0, 3, 1, 2) / self.scale2
+        h = self.fc2b(F.gelu(self.fc2a(self.norm2(self.dw2(x).permute(0, 2, 3, 1)))))
+        h = (h * self.gamma2).permute(0, 3, 1, 2) / self.scale2
         x = h + x
         x = self.down(self.down_norm(x))
         h = self.fc3b(F.gelu(self.fc3a(self.norm3(self.dw3(x)))))
@@ -553,13 +554,18 @@ def test_convnext_norms_and_layer_scales_follow_their_groups():
     assert stream.scales == [(model, "gamma1"), (model, "gamma2"), (model, "scale2")]
     assert by_name["down"].scales == [(model, "gamma3")]
     assert by_name["down"].linears == [model.fc]
+    # The channels-last MLP's Linears: the first reads the stream's channels, its
+    # hidden units are a group read by the second, which is tied to the stream.
+    assert stream.linears == [model.fc2a] and by_name["fc2a"].linears == [model.fc2b]
+    assert isinstance(model.fc2b, ChannelSparseLinear)
     for name, dim in (("stem_norm", 1), ("norm1", 1), ("norm2", -1), ("head_norm", 1)):
         layer = getattr(model, name)
         assert isinstance(layer, ChannelSparseLayerNorm) and layer.channel_dim == dim
     assert model.norm1.dense_type is LayerNorm2d and model.norm2.dense_type is nn.LayerNorm
-    # The model's own code multiplies by full-width scales: those groups stay full width.
+    # The model's own code multiplies by full-width scales: those groups stay full
+    # width; so do a Linear's hidden units (as a classifier's).
     packable = {plan.groups[i].name for i in plan.packable_groups()}
-    assert packable == {"fc1a", "fc2a", "fc3a"}
+    assert packable == {"fc1a", "fc3a"}
     # A converted model converts to the same groups (its sparse LayerNorms are leaves).
     assert recorded_spec(convert(copy.deepcopy(model))) == recorded_spec(model)
 
@@ -609,7 +615,8 @@ class NotChannelWise(nn.Module):
         self.over_w = nn.LayerNorm(5)                     # over W of a (N, C, H, W) tensor
         self.along_w = nn.Parameter(_uniform(5))          # broadcasts along W
         self.not_a_norm = nn.Parameter(_uniform(5))       # F.layer_norm on a bare weight
-        self.mlp = nn.Linear(5, 5)                        # a Linear over channels last
+        self.mlp = nn.Linear(5, 5)                        # its features read by a conv
+        self.after = nn.Conv2d(5, 5, 1)
 
     def forward(self, x):  # x: (N, 3, 5, 5)
         c = self.c
@@ -617,19 +624,21 @@ class NotChannelWise(nn.Module):
         b = c[1](x) * self.along_w
         d = F.layer_norm(c[2](x).permute(0, 2, 3, 1), (5,), self.not_a_norm)
         e = c[3](x).permute(0, 1, 3, 2)
-        f = self.mlp(c[4](x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        f = self.after(self.mlp(c[4](x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
         return a + b + d.permute(0, 3, 1, 2) + e + f + c[5](x)
 
 
 def test_near_misses_of_norms_and_scales_keep_channels_full():
     model = convert(NotChannelWise())
     notes = conversion_notes(model)
-    assert set(notes) == {f"c.{i}" for i in range(6)}
+    assert set(notes) == {"c.0", "c.1", "c.2", "c.3", "c.5", "mlp", "after"}
     assert "LayerNorm is not known" in notes["c.0"]
     assert "multiplies by a tensor of unknown channels" in notes["c.1"]
     assert "layer_norm on tensors that are not a LayerNorm's own" in notes["c.2"]
     assert "permute(0, 1, 3, 2)" in notes["c.3"]
-    assert "mlp: Linear on a channels-last tensor" in notes["c.4"]
+    # c.4 is selectable (the Linear over its channels follows them); the Linear's own
+    # output features, read by a conv, stay full.
+    assert "mlp: a Linear's output features are read by convs" in notes["mlp"]
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         assert model(x).shape == (2, 5, 5, 5)

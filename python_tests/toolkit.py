@@ -386,6 +386,12 @@ def _functional_norm_mask(y, name):
     return y if twin is None else y * channel_mask(twin.active_idx, y)
 
 
+def _dim_mask(idx, like, dim):
+    """channel_mask along ``dim`` (1: channels; -1: a Linear's features)."""
+    mask = channel_mask(idx, like.movedim(dim, 1))
+    return mask.movedim(1, dim)
+
+
 def masked_layer_norm(x, weight, bias, eps, idx):
     """LayerNorm over the last dim of ``x`` whose mean and variance run over the
     entries ``idx`` only, written out (no F.layer_norm); the others output zero."""
@@ -464,9 +470,11 @@ class MaskedReference:
                     lambda m, args, y, twin=twin: masked_layer_norm(
                         args[0], m.weight, m.bias, m.eps, twin.active_idx)))
             elif isinstance(layer, nn.Linear) and hasattr(twin, "out_idx"):
-                # A channel-sparse Linear: its input and output features, as a conv's channels.
-                self.handles.append(layer.register_forward_pre_hook(self._conv_in(name, twin)))
-                self.handles.append(layer.register_forward_hook(self._conv_out(twin)))
+                # A channel-sparse Linear: its input and output features (the last dim,
+                # also of a channels-last map), as a conv's channels.
+                self.handles.append(layer.register_forward_pre_hook(
+                    self._conv_in(name, twin, dim=-1)))
+                self.handles.append(layer.register_forward_hook(self._conv_out(twin, dim=-1)))
         for name, twin in sparse.items():
             if hasattr(twin, "active_idx") and not isinstance(
                     dict(reference.named_modules()).get(name), (nn.BatchNorm2d, nn.LayerNorm)):
@@ -485,22 +493,22 @@ class MaskedReference:
             if skipped.abs().max() != 0:
                 self.violations.append(name)
 
-    def _conv_in(self, name, twin):
+    def _conv_in(self, name, twin, dim=1):
         def hook(module, args):
             x = args[0]
-            self._check_zero(name, x, twin.in_idx, 1)
-            return (x * channel_mask(twin.in_idx, x),)
+            self._check_zero(name, x, twin.in_idx, dim)
+            return (x * _dim_mask(twin.in_idx, x, dim),)
         return hook
 
-    def _conv_out(self, twin):
-        return lambda module, args, y: y * channel_mask(twin.out_idx, y)
+    def _conv_out(self, twin, dim=1):
+        return lambda module, args, y: y * _dim_mask(twin.out_idx, y, dim)
 
     def _norm_out(self, twin):
         return lambda module, args, y: y * channel_mask(twin.active_idx, y)
 
     def _linear_in(self, name, cols):
         def hook(module, args):
-            self._check_zero(name, args[0], cols, 1)
+            self._check_zero(name, args[0], cols, -1)  # features: the last dim
         return hook
 
     def remove(self) -> None:

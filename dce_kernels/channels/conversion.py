@@ -147,7 +147,10 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     for g in spec.groups:
         producer = modules[g.producer]
         (to_linear if isinstance(producer, nn.Linear) else to_conv).add(g.producer)
-        to_conv.update([*g.tied, *g.consumers, *g.depthwise])
+        # A tied Linear (over the channels of a channels-last map) is a Linear still.
+        to_linear.update(n for n in g.tied if isinstance(modules[n], nn.Linear))
+        to_conv.update([*(n for n in g.tied if not isinstance(modules[n], nn.Linear)),
+                        *g.consumers, *g.depthwise])
         to_norm.update(g.norms)
         # Exactly nn.Linear (not a subclass with a forward of its own): it computes
         # only the active columns; other Linears stay plain and read them all.

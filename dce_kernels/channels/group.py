@@ -15,7 +15,7 @@ __all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "SPEC_ATTR", "recorded_sp
 
 # The roles of a group's layers besides its producer (the ChannelGroup fields
 # that list them) and the layer class each role holds.
-MEMBER_ROLES = {"tied": ChannelSparseConv2d, "norms": CHANNEL_SPARSE_NORMS,
+MEMBER_ROLES = {"tied": (ChannelSparseConv2d, ChannelSparseLinear), "norms": CHANNEL_SPARSE_NORMS,
                 "consumers": ChannelSparseConv2d, "linears": nn.Linear,
                 "depthwise": ChannelSparseConv2d}
 # What may produce a group: a conv's output channels or a Linear's output features.
@@ -38,7 +38,8 @@ class ChannelGroup:
 
     * ``tied``: further convs whose output channels are the group's channels
       (their outputs are added to the producer's, e.g. residual branches): they
-      activate the same output channels.
+      activate the same output channels. A Linear over the channels of a
+      channels-last map (ConvNeXt's MLP) may be tied too, as a 1x1 conv.
     * ``depthwise``: depthwise convs (``groups == in_channels == out_channels``)
       that carry the group's channels: their input *and* output channels follow.
     * ``offsets``: for a layer in ``norms``, ``consumers``, ``linears`` or
@@ -67,7 +68,7 @@ class ChannelGroup:
     consumers: list[ChannelSparseConv2d] = field(default_factory=list)
     linears: list[nn.Linear] = field(default_factory=list)
     name: str = ""
-    tied: list[ChannelSparseConv2d] = field(default_factory=list)
+    tied: list[Union[ChannelSparseConv2d, ChannelSparseLinear]] = field(default_factory=list)
     depthwise: list[ChannelSparseConv2d] = field(default_factory=list)
     offsets: dict[nn.Module, int] = field(default_factory=dict)
     linear_channels: dict[nn.Linear, int] = field(default_factory=dict)
@@ -126,8 +127,9 @@ class ChannelGroup:
                 raise ValueError(f"group {self.name!r}: offsets must be non-negative "
                                  f"integers, got {off}")
         for conv in self.tied:
-            if conv.out_channels != c:
-                raise ValueError(f"group {self.name!r}: tied conv has {conv.out_channels} "
+            width = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+            if width != c:
+                raise ValueError(f"group {self.name!r}: tied {type(conv).__name__} has {width} "
                                  f"output channels, the producer {c}")
         for bn in self.norms:
             if bn.num_features < self.offset(bn) + c:

@@ -732,6 +732,13 @@ class _Analyzer:
                 and isinstance(x, _Last) and tuple(m.normalized_shape) == (self._channels(
                     x.layout),) and getattr(m, "channel_dim", -1) == -1 and m.weight is not None:
             self._note_layer_norm(node, node.target, -1, x)
+        elif is_convertible_linear(m) and isinstance(x, _Last):
+            # Over the channels of a channels-last map, as a 1x1 conv (ConvNeXt's MLP
+            # without conv_mlp): its columns follow them one to one, and its output
+            # features are channels of a map again, which a sum may tie.
+            self._record(node.target, "linears", x.layout, self._channels(x.layout))
+            self.a.map_linears.add(node.target)
+            self.value[node] = _Last((self._space_of_conv(node.target, m),))
         elif isinstance(m, ChannelSparseLayerNorm) and x is None:
             self.a.opaque_calls.add(node.target)
             self.value[node] = None
