@@ -129,6 +129,39 @@ def test_training_steps_then_compact_and_onnx(converted, tmp_path):
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_convnext_with_linear_mlps_over_channels_last():
+    """ConvNeXt built with conv_mlp=False (as convnext_tiny and larger): permute, timm's
+    LayerNorm, nn.Linear MLP, permute back. Every conv and Linear follows the groups."""
+    torch.manual_seed(1)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10,
+                              conv_mlp=False).double()
+    randomize_norms(model)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    model.train()
+    reference = capture_original(model)
+    original = copy.deepcopy(model)
+    convert(model)
+    assert conversion_notes(model) == {}
+    linears = [m for n, m in model.named_modules() if ".mlp.fc" in n]
+    assert linears and all(type(m).__name__ == "ChannelSparseLinear" for m in linears)
+    plan = plan_for(model)
+    x = _x(2, 3, 32, 32)
+    model.eval(), original.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=TOL, atol=TOL)
+    model.train()
+    plan.apply(random_selection(plan.num_channels, generator=torch.Generator().manual_seed(3)))
+    assert check_against_reference(model, reference, plan, x, atol=TOL) == []
+    model.eval()
+    compact = compact_model(model, plan).eval()
+    assert sum(p.numel() for p in compact.parameters()) == active_parameter_count(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=TOL, atol=TOL)
+
+
 def test_dce_train_model_hook_builds_timm_models():
     from dce_kernels.experiments.models import build_model
 

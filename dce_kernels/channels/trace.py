@@ -45,7 +45,9 @@ analysis follows every tensor's list of spaces through the graph):
   channel-wise ops, scaling and another Linear (whose columns then follow them
   one to one) may read them; anything else, and the model's output (the
   logits), keeps them full. Sums of Linear outputs are not tied (they keep
-  their spaces full).
+  their spaces full). A Linear on a channels-last map (ConvNeXt's MLP) is a 1x1
+  conv instead: its columns follow the channels one to one, and its outputs are
+  channels of a map, which sums tie like a conv's.
 * Anything the analysis does not understand (an unknown op or module, slicing,
   reshapes, the model's outputs) keeps every space that flows into it full:
   correct, just not selected. The stem conv reads all of the image's channels;
