@@ -7,11 +7,13 @@ RepVGG (three branches summed, a BatchNorm as the identity branch) and ConvNeXt
 Per model, on one converted instance: all channels active equals the original
 (outputs in eval and train, input gradients); random selections equal the masked
 original graph (toolkit.MaskedReference, which masks functional batch_norm outputs
-too and runs functional layer_norm over the active channels only) and skip only channels that are exactly zero there; CUCB training steps leave
-inactive weights untouched; compact_model equals the sparse model in eval and keeps
+too and runs functional layer_norm over the active channels only) and skip only
+channels that are exactly zero there; CUCB training steps leave inactive weights
+untouched; compact_model equals the sparse model in eval and keeps
 timm's own layer classes; the compact model's ONNX file gives its logits in
 onnxruntime. bench/convert_models.py measures more families (EfficientNet,
-DenseNet, GhostNet) without the float64 reference."""
+DenseNet, GhostNet) without the float64 reference. ConvNeXt with conv_mlp=False
+(nn.Linear MLPs over channels-last maps, as convnext_tiny) gets a test of its own."""
 import copy
 
 import pytest

@@ -133,7 +133,7 @@ class ChannelGroup:
                                  f"output channels, the producer {c}")
         for bn in self.norms:
             if bn.num_features < self.offset(bn) + c:
-                raise ValueError(f"group {self.name!r}: BatchNorm has {bn.num_features} "
+                raise ValueError(f"group {self.name!r}: {type(bn).__name__} has {bn.num_features} "
                                  f"channels, its conv {c} (at offset {self.offset(bn)})")
         for conv in self.consumers:
             if conv.in_channels < self.offset(conv) + c or conv.groups != 1:
