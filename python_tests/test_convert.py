@@ -568,6 +568,11 @@ def test_convnext_norms_and_layer_scales_follow_their_groups():
     assert packable == {"fc1a", "fc3a"}
     # A converted model converts to the same groups (its sparse LayerNorms are leaves).
     assert recorded_spec(convert(copy.deepcopy(model))) == recorded_spec(model)
+    # The scales are recorded by name: a pickled copy's plan holds the copy's own.
+    clone = pickle.loads(pickle.dumps(model))
+    scales = {g.name: g.scales for g in plan_for(clone).groups}["stem"]
+    assert scales == [(clone, "gamma1"), (clone, "gamma2"), (clone, "scale2")]
+    assert scales[0][0] is clone and clone.gamma1 is not model.gamma1
 
 
 def test_layer_scale_trains_and_exports_only_its_active_entries():
