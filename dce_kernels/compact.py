@@ -14,7 +14,8 @@ tied through a residual add all keep the same channel list, so both inputs of
 the add shrink alike; a layer after a concatenation keeps the union of the
 offset-shifted selections, in order, which is exactly the concatenation of the
 compacted inputs; a depthwise conv keeps its active channels as a narrower
-depthwise conv.
+depthwise conv; a LayerNorm over channels becomes its own class over the active
+channels, and a per-channel scale (layer scale) keeps their entries.
 
 ``export_compact`` writes it as a ``state_dict`` and as a ``torch.export``
 program (``.pt2``), which ``torch.export.load`` runs without dce_kernels, or
@@ -33,8 +34,8 @@ from torch import nn
 from .atomic import write_atomic
 from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
-from .nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
-                 ChannelSparseNormAct)
+from .nn import (CHANNEL_SPARSE_NORMS, ChannelSparseBatchNorm2d, ChannelSparseConv2d,
+                 ChannelSparseLayerNorm, ChannelSparseLinear, ChannelSparseNormAct)
 
 __all__ = ["compact_model", "export_compact", "export_paths", "load_exported"]
 
@@ -115,6 +116,34 @@ def _plain_norm(bn: ChannelSparseBatchNorm2d) -> nn.BatchNorm2d:
     return plain
 
 
+def _plain_layer_norm(ln: ChannelSparseLayerNorm) -> nn.LayerNorm:
+    """The LayerNorm's own class again (``dense_type``: nn.LayerNorm, timm's
+    LayerNorm2d), over the active channels only: what the sparse layer computes."""
+    idx = ln.active_idx
+    state = copy.deepcopy(ln).__dict__
+    state["_buffers"].pop("active_idx")
+    for attr in ("dense_type", "channel_dim", "packed"):
+        state.pop(attr)
+    plain = ln.dense_type.__new__(ln.dense_type)
+    plain.__dict__.update(state)
+    plain.normalized_shape = (idx.numel(),)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(ln, name) is not None:
+                setattr(plain, name, nn.Parameter(getattr(ln, name).index_select(0, idx).clone()))
+    return plain
+
+
+def _sliced_scale(scale: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The entries ``idx`` of a per-channel scale, in its own shape ([C] ->
+    [k], [1, C, 1, 1] -> [1, k, 1, 1])."""
+    dim = max(range(scale.dim()), key=lambda d: scale.shape[d]) if scale.dim() else 0
+    shape = [1] * scale.dim()
+    if shape:
+        shape[dim] = idx.numel()
+    return scale.detach().reshape(-1).index_select(0, idx).reshape(shape).clone()
+
+
 def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
     """A copy of ``model`` with only the active channels, of plain torch layers."""
     if not isinstance(plan, ChannelPlan):
@@ -139,6 +168,15 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
         with torch.no_grad():
             target.weight = nn.Parameter(lin.weight.index_select(1, cols).clone())
         target.in_features = cols.numel()
+    # Per-channel scales (layer scale) keep the entries of the active channels.
+    for owner, attr, idx in plan.scale_channels():
+        target = compact.get_submodule(names[id(owner)])
+        scale = getattr(owner, attr)
+        sliced = _sliced_scale(scale, idx)
+        if isinstance(scale, nn.Parameter):
+            setattr(target, attr, nn.Parameter(sliced, requires_grad=scale.requires_grad))
+        else:
+            setattr(target, attr, sliced)
     for name, module in list(model.named_modules()):
         if isinstance(module, ChannelSparseConv2d):
             plain = _plain_conv(module)
@@ -146,6 +184,8 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
             plain = _plain_linear(module)
         elif isinstance(module, ChannelSparseBatchNorm2d):
             plain = _plain_norm(module)
+        elif isinstance(module, ChannelSparseLayerNorm):
+            plain = _plain_layer_norm(module)
         else:
             continue
         parent_name, _, attr = name.rpartition(".")
@@ -178,7 +218,7 @@ def export_compact(compact: nn.Module, example_input: torch.Tensor, directory: s
     (``<stem>.onnx``: input ``"input"``, output ``"logits"``). The batch size
     is dynamic in both."""
     export_paths(directory, stem, format)  # refuses an unknown format before any work
-    if any(isinstance(m, (ChannelSparseConv2d, ChannelSparseLinear, ChannelSparseBatchNorm2d))
+    if any(isinstance(m, (ChannelSparseConv2d, ChannelSparseLinear) + CHANNEL_SPARSE_NORMS)
            for m in compact.modules()):
         raise ValueError("export_compact expects compact_model's result; this model still "
                          "has channel-sparse layers")

@@ -11,7 +11,7 @@ from .ops import channel_sparse_conv2d
 from .sparse_linear import channel_sparse_linear
 
 __all__ = ["ChannelSparseConv2d", "ChannelSparseLinear", "ChannelSparseBatchNorm2d",
-           "ChannelSparseNormAct"]
+           "ChannelSparseNormAct", "ChannelSparseLayerNorm", "CHANNEL_SPARSE_NORMS"]
 
 _Index = Optional[Union[torch.Tensor, Sequence[int]]]
 
@@ -445,3 +445,113 @@ class ChannelSparseNormAct(ChannelSparseBatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{self.dense_type.__name__}, " + super().extra_repr()
+
+
+class ChannelSparseLayerNorm(nn.LayerNorm):
+    """A LayerNorm over the channels of a tensor that normalizes over a list of
+    active channels only.
+
+    A LayerNorm over channels mixes them: its mean and variance run over all of
+    them. Here they run over the active channels alone, exactly as the compact
+    model's LayerNorm, which holds only the active channels (with their weight
+    and bias), computes them; inactive channels output zero and get no gradient.
+    With every channel active it is the LayerNorm it was made from.
+
+    ``channel_dim``: where the channels are. ``-1``: the last dim (``nn.LayerNorm(C)``
+    on a channels-last (N, H, W, C) tensor; what the constructor, ``nn.LayerNorm``'s
+    own, makes). ``1``: a (N, C, H, W) tensor, permuted to channels last, normalized
+    and permuted back (timm's ``LayerNorm2d``). :meth:`from_module` makes one from
+    an ``nn.LayerNorm`` or a subclass whose forward is one of those two (what
+    :func:`dce_kernels.convert` establishes from the trace), sharing its parameters;
+    ``dense_type`` is that module's class, which runs the all-active forward and
+    which :func:`dce_kernels.compact_model` exports again.
+
+    With ``packed`` (set by a :class:`~dce_kernels.channels.ChannelPlan`) input
+    and output hold only the active channels, in ascending order.
+    """
+
+    dense_type: type
+    channel_dim: int
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_sparse(nn.LayerNorm, -1)
+
+    def _init_sparse(self, dense_type: type, channel_dim: int) -> None:
+        if len(self.normalized_shape) != 1:
+            raise ValueError("ChannelSparseLayerNorm normalizes over one dim (the channels), "
+                             f"got normalized_shape={tuple(self.normalized_shape)}")
+        if channel_dim not in (1, -1):
+            raise ValueError(f"channel_dim must be 1 (N, C, H, W) or -1 (channels last), "
+                             f"got {channel_dim}")
+        self.dense_type = dense_type
+        self.channel_dim = channel_dim
+        self.packed = False
+        device = self.weight.device if self.weight is not None else None
+        # Non-persistent: state_dict keys stay exactly the LayerNorm's.
+        self.register_buffer("active_idx", torch.arange(self.num_features, device=device),
+                             persistent=False)
+
+    @classmethod
+    def from_module(cls, ln: nn.LayerNorm, channel_dim: int) -> "ChannelSparseLayerNorm":
+        """The channel-sparse twin of ``ln`` (its parameters, attributes and
+        children shared, not copied), whose forward normalizes over ``channel_dim``."""
+        if not isinstance(ln, nn.LayerNorm):
+            raise TypeError(f"expected an nn.LayerNorm or a subclass, got {type(ln).__name__}")
+        layer = cls.__new__(cls)
+        state = dict(ln.__dict__)
+        # Own registries (so that registering active_idx leaves ``ln`` alone), same entries.
+        for key, value in state.items():
+            if key.startswith("_") and isinstance(value, dict):
+                state[key] = type(value)(value)
+        layer.__dict__.update(state)
+        layer._init_sparse(type(ln), channel_dim)
+        return layer
+
+    @property
+    def num_features(self) -> int:
+        return self.normalized_shape[0]
+
+    def set_active(self, idx: _Index = None) -> None:
+        """Activates the given channels; None means all."""
+        self._use_channels(_as_index(idx, self.num_features, self.active_idx.device, "idx"))
+
+    def _use_channels(self, idx: torch.Tensor) -> None:
+        # A list already in _as_index's form (see ChannelSparseConv2d._use_channels).
+        self._buffers["active_idx"] = idx
+
+    @property
+    def active_channels(self) -> int:
+        return self.active_idx.numel()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.active_idx.numel() == self.num_features and not self.packed:
+            return self.dense_type.forward(self, input)
+        idx = self.active_idx
+        x = input if self.channel_dim == -1 else input.movedim(1, -1)
+        if self.packed:
+            if x.shape[-1] != idx.numel():
+                raise ValueError(f"packed input has {x.shape[-1]} channels, but "
+                                 f"{idx.numel()} are active")
+            active = x
+        else:
+            if x.shape[-1] != self.num_features:
+                raise ValueError(f"input has {x.shape[-1]} channels in dim {self.channel_dim}, "
+                                 f"the LayerNorm {self.num_features}")
+            active = x.index_select(-1, idx)
+        weight = self.weight.index_select(0, idx) if self.weight is not None else None
+        bias = self.bias.index_select(0, idx) if self.bias is not None else None
+        out = F.layer_norm(active, (idx.numel(),), weight, bias, self.eps)
+        if not self.packed:
+            out = x.new_zeros(x.shape).index_copy(-1, idx, out)
+        return out if self.channel_dim == -1 else out.movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.dense_type.__name__}, " + super().extra_repr()
+                + f", channel_dim={self.channel_dim}, active={self.active_channels}"
+                + (", packed" if self.packed else ""))
+
+
+# The channel-sparse norms: what the ``norms`` of a channel group hold (``active_idx``,
+# ``set_active``, ``packed``, ``num_features``, per-channel ``weight`` and ``bias``).
+CHANNEL_SPARSE_NORMS = (ChannelSparseBatchNorm2d, ChannelSparseLayerNorm)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
+from dce_kernels import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
+                         convert)
 from dce_kernels.channels import (ChannelPlan, GroupSpec, conversion_notes, plan_for,
                                  sequential_groups)
 from dce_kernels.channels.group import recorded_spec
@@ -215,7 +216,7 @@ def _packed_equals_unpacked(model, plan, convs):
 
 
 @pytest.mark.parametrize("make", ["Residual", "Dense", "DenseBlock", "Opaque", "Shared",
-                                  "Activations"])
+                                  "Activations", "ConvNeXtLike"])
 def test_random_selection_matches_masked_reference_and_exports(make):
     make = globals()[make]
     torch.manual_seed(3)
@@ -224,7 +225,8 @@ def test_random_selection_matches_masked_reference_and_exports(make):
     ref = capture_original(model)
     original = copy.deepcopy(model)
     convert(model)
-    x = torch.randn(3, next(model.parameters()).shape[1], 9, 11, dtype=torch.float64)
+    in_channels = next(p for p in model.parameters() if p.dim() == 4).shape[1]
+    x = torch.randn(3, in_channels, 9, 11, dtype=torch.float64)
     plan = plan_for(model)
     # All channels: the original model, outputs and gradients.
     assert check_against_reference(model, ref, plan, x) == []
@@ -468,3 +470,180 @@ def test_bad_input_gets_clear_errors():
     model.a1 = nn.Conv2d(6, 5, 3, padding=1)  # changed after conversion
     with pytest.raises(ValueError, match="'a1' is a Conv2d"):
         plan_for(model)
+
+
+# -- ConvNeXt: LayerNorms over channels and layer scale --------------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """A LayerNorm over the channels of (N, C, H, W) tensors, as timm writes it."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _uniform(*shape):
+    return torch.empty(*shape).uniform_(0.5, 1.5)
+
+
+class ConvNeXtLike(nn.Module):
+    """ConvNeXt's shape: a patchify stem with a LayerNorm over channels; blocks of
+    depthwise conv -> LayerNorm over channels -> 1x1 conv MLP (GELU) -> layer scale
+    -> residual add; a downsample (LayerNorm, 2x2 conv) and a head (pool,
+    LayerNorm, flatten, Linear). The blocks write the norm and the scale in the
+    ways timm and others do: LayerNorm2d, 1x1 convs and ``x.mul(gamma.reshape(1, -1,
+    1, 1))``; permute + nn.LayerNorm + an MLP of nn.Linear on the channels-last
+    tensor (timm's ``conv_mlp=False``), a [C] scale there, permute back and a
+    division by a [C, 1, 1] buffer; ``gamma[:, None, None] * x``. Norms and
+    scales are random (a default LayerNorm or a scale of 1e-6 would hide mistakes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 2, stride=2)
+        self.stem_norm = LayerNorm2d(6)
+        self.dw1 = nn.Conv2d(6, 6, 5, padding=2, groups=6)
+        self.norm1 = LayerNorm2d(6)
+        self.fc1a, self.fc1b = nn.Conv2d(6, 13, 1), nn.Conv2d(13, 6, 1)
+        self.gamma1 = nn.Parameter(_uniform(6))
+        self.dw2 = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.norm2 = nn.LayerNorm(6, eps=1e-6)
+        self.fc2a, self.fc2b = nn.Linear(6, 11), nn.Linear(11, 6)
+        self.gamma2 = nn.Parameter(_uniform(6))
+        self.register_buffer("scale2", _uniform(6, 1, 1))
+        self.down_norm = LayerNorm2d(6)
+        self.down = nn.Conv2d(6, 9, 2, stride=2)
+        self.dw3 = nn.Conv2d(9, 9, 3, padding=1, groups=9)
+        self.norm3 = LayerNorm2d(9)
+        self.fc3a, self.fc3b = nn.Conv2d(9, 7, 1), nn.Conv2d(7, 9, 1)
+        self.gamma3 = nn.Parameter(_uniform(9))
+        self.head_norm = LayerNorm2d(9)
+        self.fc = nn.Linear(9, 4)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        h = self.fc1b(F.gelu(self.fc1a(self.norm1(self.dw1(x)))))
+        x = x + h.mul(self.gamma1.reshape(1, -1, 1, 1))
+        h = self.fc2b(F.gelu(self.fc2a(self.norm2(self.dw2(x).permute(0, 2, 3, 1)))))
+        h = (h * self.gamma2).permute(0, 3, 1, 2) / self.scale2
+        x = h + x
+        x = self.down(self.down_norm(x))
+        h = self.fc3b(F.gelu(self.fc3a(self.norm3(self.dw3(x)))))
+        x = x + self.gamma3[:, None, None] * h
+        x = self.head_norm(F.adaptive_avg_pool2d(x, 1))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_convnext_norms_and_layer_scales_follow_their_groups():
+    from dce_kernels import ChannelSparseLayerNorm
+
+    model = convert(ConvNeXtLike())
+    assert conversion_notes(model) == {}
+    plan = plan_for(model)
+    by_name = {g.name: g for g in plan.groups}
+    assert set(by_name) == {"stem", "fc1a", "fc2a", "down", "fc3a"}
+    stream = by_name["stem"]
+    assert stream.tied == [model.fc1b, model.fc2b]
+    assert stream.depthwise == [model.dw1, model.dw2]
+    assert stream.norms == [model.stem_norm, model.norm1, model.norm2, model.down_norm]
+    assert stream.scales == [(model, "gamma1"), (model, "gamma2"), (model, "scale2")]
+    assert by_name["down"].scales == [(model, "gamma3")]
+    assert by_name["down"].linears == [model.fc]
+    # The channels-last MLP's Linears: the first reads the stream's channels, its
+    # hidden units are a group read by the second, which is tied to the stream.
+    assert stream.linears == [model.fc2a] and by_name["fc2a"].linears == [model.fc2b]
+    assert isinstance(model.fc2b, ChannelSparseLinear)
+    for name, dim in (("stem_norm", 1), ("norm1", 1), ("norm2", -1), ("head_norm", 1)):
+        layer = getattr(model, name)
+        assert isinstance(layer, ChannelSparseLayerNorm) and layer.channel_dim == dim
+    assert model.norm1.dense_type is LayerNorm2d and model.norm2.dense_type is nn.LayerNorm
+    # The model's own code multiplies by full-width scales: those groups stay full
+    # width; so do a Linear's hidden units (as a classifier's).
+    packable = {plan.groups[i].name for i in plan.packable_groups()}
+    assert packable == {"fc1a", "fc3a"}
+    # A converted model converts to the same groups (its sparse LayerNorms are leaves).
+    assert recorded_spec(convert(copy.deepcopy(model))) == recorded_spec(model)
+    # The scales are recorded by name: a pickled copy's plan holds the copy's own.
+    clone = pickle.loads(pickle.dumps(model))
+    scales = {g.name: g.scales for g in plan_for(clone).groups}["stem"]
+    assert scales == [(clone, "gamma1"), (clone, "gamma2"), (clone, "scale2")]
+    assert scales[0][0] is clone and clone.gamma1 is not model.gamma1
+
+
+def test_layer_scale_trains_and_exports_only_its_active_entries():
+    from dce_kernels import MaskedOptimizer
+
+    torch.manual_seed(4)
+    model = convert(ConvNeXtLike().double())
+    plan = plan_for(model)
+    selection = random_selection(plan.num_channels, generator=torch.Generator().manual_seed(1))
+    plan.apply(selection)
+    active = selection[[g.name for g in plan.groups].index("stem")].sort().values
+    inactive = torch.tensor([i for i in range(6) if i not in active.tolist()])
+    before = model.gamma1.detach().clone()
+    opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                          weight_decay=0.1), plan.active_blocks)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(2, 3, 9, 11, dtype=torch.float64)).square().sum().backward()
+        assert model.gamma1.grad[inactive].eq(0).all()
+        opt.step()
+    # Weight decay and momentum would move every entry of a plain step.
+    assert torch.equal(model.gamma1.detach()[inactive], before[inactive])
+    assert not torch.equal(model.gamma1.detach()[active], before[active])
+    model.eval()
+    compact = compact_model(model, plan).eval()
+    assert compact.gamma1.shape == (active.numel(),) and compact.scale2.shape == (
+        active.numel(), 1, 1)
+    assert torch.equal(compact.gamma1.detach(), model.gamma1.detach()[active])
+    assert isinstance(compact.gamma1, nn.Parameter) and not isinstance(compact.scale2,
+                                                                       nn.Parameter)
+    assert type(compact.norm1) is LayerNorm2d and type(compact.norm2) is nn.LayerNorm
+    assert compact.norm1.normalized_shape == (active.numel(),)
+    with torch.no_grad():
+        x = torch.randn(3, 3, 9, 11, dtype=torch.float64)
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+class NotChannelWise(nn.Module):
+    """Near misses of a LayerNorm over channels and of a per-channel scale: each
+    conv's channels must stay full."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.ModuleList(nn.Conv2d(3, 5, 1) for _ in range(6))
+        self.over_w = nn.LayerNorm(5)                     # over W of a (N, C, H, W) tensor
+        self.along_w = nn.Parameter(_uniform(5))          # broadcasts along W
+        self.not_a_norm = nn.Parameter(_uniform(5))       # F.layer_norm on a bare weight
+        self.mlp = nn.Linear(5, 5)                        # its features read by a conv
+        self.after = nn.Conv2d(5, 5, 1)
+
+    def forward(self, x):  # x: (N, 3, 5, 5)
+        c = self.c
+        a = self.over_w(c[0](x))
+        b = c[1](x) * self.along_w
+        d = F.layer_norm(c[2](x).permute(0, 2, 3, 1), (5,), self.not_a_norm)
+        e = c[3](x).permute(0, 1, 3, 2)
+        f = self.after(self.mlp(c[4](x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return a + b + d.permute(0, 3, 1, 2) + e + f + c[5](x)
+
+
+def test_near_misses_of_norms_and_scales_keep_channels_full():
+    model = convert(NotChannelWise())
+    notes = conversion_notes(model)
+    assert set(notes) == {"c.0", "c.1", "c.2", "c.3", "c.5", "mlp", "after"}
+    assert "LayerNorm is not known" in notes["c.0"]
+    assert "multiplies by a tensor of unknown channels" in notes["c.1"]
+    assert "layer_norm on tensors that are not a LayerNorm's own" in notes["c.2"]
+    assert "permute(0, 1, 3, 2)" in notes["c.3"]
+    # c.4 is selectable (the Linear over its channels follows them); the Linear's own
+    # output features, read by a conv, stay full.
+    assert "mlp: a Linear's output features are read by convs" in notes["mlp"]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 5, 5)

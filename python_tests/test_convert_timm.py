@@ -1,22 +1,25 @@
 """dce_kernels.convert on timm families (untrained, 32x32 inputs, float64): RegNet
 (BatchNormAct2d's functional F.batch_norm; grouped convs stay full), MobileNetV3
-(squeeze-and-excitation gates with hard sigmoid, depthwise convs, timm's Linear)
-and RepVGG (three branches summed, a BatchNorm as the identity branch).
+(squeeze-and-excitation gates with hard sigmoid, depthwise convs, timm's Linear),
+RepVGG (three branches summed, a BatchNorm as the identity branch) and ConvNeXt
+(LayerNorm2d over channels, layer scale, depthwise 7x7 convs, 1x1 conv MLPs).
 
 Per model, on one converted instance: all channels active equals the original
 (outputs in eval and train, input gradients); random selections equal the masked
 original graph (toolkit.MaskedReference, which masks functional batch_norm outputs
-too) and skip only channels that are exactly zero there; CUCB training steps leave
-inactive weights untouched; compact_model equals the sparse model in eval and keeps
+too and runs functional layer_norm over the active channels only) and skip only
+channels that are exactly zero there; CUCB training steps leave inactive weights
+untouched; compact_model equals the sparse model in eval and keeps
 timm's own layer classes; the compact model's ONNX file gives its logits in
 onnxruntime. bench/convert_models.py measures more families (EfficientNet,
-DenseNet, GhostNet, ConvNeXt) without the float64 reference."""
+DenseNet, GhostNet) without the float64 reference. ConvNeXt with conv_mlp=False
+(nn.Linear MLPs over channels-last maps, as convnext_tiny) gets a test of its own."""
 import copy
 
 import pytest
 import torch
 
-from dce_kernels import ChannelSparseNormAct, convert
+from dce_kernels import ChannelSparseLayerNorm, ChannelSparseNormAct, convert
 from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model, export_compact
 from toolkit import (active_parameter_count, capture_original, check_against_reference,
@@ -25,7 +28,8 @@ from toolkit import (active_parameter_count, capture_original, check_against_ref
 timm = pytest.importorskip("timm")
 
 # What stays full, by the first words of the reason (every other conv is selectable).
-KEPT_FULL = {"regnetx_002": "grouped conv", "mobilenetv3_small_050": None, "repvgg_a0": None}
+KEPT_FULL = {"regnetx_002": "grouped conv", "mobilenetv3_small_050": None, "repvgg_a0": None,
+             "convnext_atto": None}
 # Sparse and masked reductions round differently, and batch statistics over 3 images at
 # RegNet's 1x1 last stage amplify that: ~1e-10 of the outputs, ~1e-8 of the gradients.
 TOL = 1e-7
@@ -37,6 +41,10 @@ def converted(request):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).double()
     randomize_norms(model)  # BatchNormAct2d is a BatchNorm2d: random affine and statistics
+    with torch.no_grad():  # ConvNeXt's layer scale starts at 1e-6, which would hide its blocks
+        for pname, p in model.named_parameters():
+            if pname.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
     model.train()
     reference = capture_original(model)
     original = copy.deepcopy(model)
@@ -55,7 +63,8 @@ def test_groups_found_and_what_stays_full(converted):
         assert notes == {}
     else:
         assert notes and all(KEPT_FULL[name] in why for why in notes.values())
-    assert any(isinstance(m, ChannelSparseNormAct) for m in model.modules())
+    norm = ChannelSparseLayerNorm if name.startswith("convnext") else ChannelSparseNormAct
+    assert any(isinstance(m, norm) for m in model.modules())
     sparse = sum(type(m).__name__ == "ChannelSparseConv2d" for m in model.modules())
     assert sparse >= 0.6 * sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
@@ -120,6 +129,39 @@ def test_training_steps_then_compact_and_onnx(converted, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), compact(images),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_convnext_with_linear_mlps_over_channels_last():
+    """ConvNeXt built with conv_mlp=False (as convnext_tiny and larger): permute, timm's
+    LayerNorm, nn.Linear MLP, permute back. Every conv and Linear follows the groups."""
+    torch.manual_seed(1)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10,
+                              conv_mlp=False).double()
+    randomize_norms(model)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    model.train()
+    reference = capture_original(model)
+    original = copy.deepcopy(model)
+    convert(model)
+    assert conversion_notes(model) == {}
+    linears = [m for n, m in model.named_modules() if ".mlp.fc" in n]
+    assert linears and all(type(m).__name__ == "ChannelSparseLinear" for m in linears)
+    plan = plan_for(model)
+    x = _x(2, 3, 32, 32)
+    model.eval(), original.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=TOL, atol=TOL)
+    model.train()
+    plan.apply(random_selection(plan.num_channels, generator=torch.Generator().manual_seed(3)))
+    assert check_against_reference(model, reference, plan, x, atol=TOL) == []
+    model.eval()
+    compact = compact_model(model, plan).eval()
+    assert sum(p.numel() for p in compact.parameters()) == active_parameter_count(model, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=TOL, atol=TOL)
 
 
 def test_dce_train_model_hook_builds_timm_models():

@@ -26,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 import dce_kernels
-from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear
+from dce_kernels import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLayerNorm,
+                         ChannelSparseLinear)
 from dce_kernels.optim import ActiveBlock
 
 Size = Union[int, tuple]
@@ -385,15 +386,53 @@ def _functional_norm_mask(y, name):
     return y if twin is None else y * channel_mask(twin.active_idx, y)
 
 
+def _dim_mask(idx, like, dim):
+    """channel_mask along ``dim`` (1: channels; -1: a Linear's features)."""
+    mask = channel_mask(idx, like.movedim(dim, 1))
+    return mask.movedim(1, dim)
+
+
+def masked_layer_norm(x, weight, bias, eps, idx):
+    """LayerNorm over the last dim of ``x`` whose mean and variance run over the
+    entries ``idx`` only, written out (no F.layer_norm); the others output zero."""
+    mask = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+    mask[idx.long().to(x.device)] = 1
+    count = mask.sum()
+    mean = (x * mask).sum(-1, keepdim=True) / count
+    var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y * mask
+
+
+def _functional_layer_norm_mask(x, normalized_shape, weight=None, bias=None, eps=1e-5,
+                                name=""):
+    twin = _FUNCTIONAL_NORM_MASKS.get(name)
+    if twin is None:
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    return masked_layer_norm(x, weight, bias, eps, twin.active_idx)
+
+
 def capture_original(model: nn.Module) -> torch.fx.GraphModule:
     """The model's graph over its current (original) layers, shared, not copied:
     conversion shares the parameter tensors, so this reference shares them too but
     none of dce_kernels' code. A ``F.batch_norm`` on a module's own weight (timm's
     BatchNormAct2d) gets a hook node after it, named by that module, where
-    MaskedReference masks its outputs as it masks nn.BatchNorm2d's. The graph is
-    traced in the model's current mode (functional norms keep it)."""
+    MaskedReference masks its outputs as it masks nn.BatchNorm2d's. A ``F.layer_norm``
+    on a module's own weight (timm's LayerNorm2d) runs, while a MaskedReference is
+    active, over that module's twin's active channels only (``masked_layer_norm``).
+    The graph is traced in the model's current mode (functional norms keep it)."""
     gm = torch.fx.symbolic_trace(model)
     for node in list(gm.graph.nodes):
+        weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None) \
+            if node.op == "call_function" else None
+        if (getattr(node.target, "__name__", "") == "layer_norm"
+                and isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            node.target = _functional_layer_norm_mask
+            node.kwargs = {**node.kwargs, "name": weight.target.rpartition(".")[0]}
         weight = node.kwargs.get("weight") if node.op == "call_function" else None
         if (getattr(node.target, "__name__", "") == "batch_norm"
                 and isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
@@ -425,13 +464,20 @@ class MaskedReference:
                 self.handles.append(layer.register_forward_hook(self._conv_out(twin)))
             elif isinstance(layer, nn.BatchNorm2d) and hasattr(twin, "active_idx"):
                 self.handles.append(layer.register_forward_hook(self._norm_out(twin)))
+            elif isinstance(layer, nn.LayerNorm) and hasattr(twin, "active_idx"):
+                # An nn.LayerNorm leaf (channels last): over the active channels only.
+                self.handles.append(layer.register_forward_hook(
+                    lambda m, args, y, twin=twin: masked_layer_norm(
+                        args[0], m.weight, m.bias, m.eps, twin.active_idx)))
             elif isinstance(layer, nn.Linear) and hasattr(twin, "out_idx"):
-                # A channel-sparse Linear: its input and output features, as a conv's channels.
-                self.handles.append(layer.register_forward_pre_hook(self._conv_in(name, twin)))
-                self.handles.append(layer.register_forward_hook(self._conv_out(twin)))
+                # A channel-sparse Linear: its input and output features (the last dim,
+                # also of a channels-last map), as a conv's channels.
+                self.handles.append(layer.register_forward_pre_hook(
+                    self._conv_in(name, twin, dim=-1)))
+                self.handles.append(layer.register_forward_hook(self._conv_out(twin, dim=-1)))
         for name, twin in sparse.items():
             if hasattr(twin, "active_idx") and not isinstance(
-                    dict(reference.named_modules()).get(name), nn.BatchNorm2d):
+                    dict(reference.named_modules()).get(name), (nn.BatchNorm2d, nn.LayerNorm)):
                 _FUNCTIONAL_NORM_MASKS[name] = twin
         names = {id(m): n for n, m in converted.named_modules()}
         for lin, cols in linear_columns:
@@ -447,22 +493,22 @@ class MaskedReference:
             if skipped.abs().max() != 0:
                 self.violations.append(name)
 
-    def _conv_in(self, name, twin):
+    def _conv_in(self, name, twin, dim=1):
         def hook(module, args):
             x = args[0]
-            self._check_zero(name, x, twin.in_idx, 1)
-            return (x * channel_mask(twin.in_idx, x),)
+            self._check_zero(name, x, twin.in_idx, dim)
+            return (x * _dim_mask(twin.in_idx, x, dim),)
         return hook
 
-    def _conv_out(self, twin):
-        return lambda module, args, y: y * channel_mask(twin.out_idx, y)
+    def _conv_out(self, twin, dim=1):
+        return lambda module, args, y: y * _dim_mask(twin.out_idx, y, dim)
 
     def _norm_out(self, twin):
         return lambda module, args, y: y * channel_mask(twin.active_idx, y)
 
     def _linear_in(self, name, cols):
         def hook(module, args):
-            self._check_zero(name, args[0], cols, 1)
+            self._check_zero(name, args[0], cols, -1)  # features: the last dim
         return hook
 
     def remove(self) -> None:
@@ -521,8 +567,14 @@ def cucb_steps_touch_only_active_blocks(model, plan, steps, batch, check_salienc
 def randomize_norms(model):
     # Default BatchNorms (weight 1, bias 0) map a zero channel to zero: a
     # BatchNorm left dense by mistake would go unnoticed. Random ones do not.
+    # LayerNorms get random affine parameters too (a mistake in which channels'
+    # weight applies is invisible with all weights 1).
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.5, 0.5)
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
@@ -593,6 +645,8 @@ def active_parameter_count(model: nn.Module, plan) -> int:
     """The parameters of the active channels, counted from each sparse layer's index
     lists (no dce_kernels code): what the compact model of ``plan``'s selection holds."""
     columns = {id(lin): cols for lin, cols in plan.linear_columns()}
+    # Per-channel scales (layer scale): the entries of the active channels.
+    scales = {id(getattr(owner, attr)): idx.numel() for owner, attr, idx in plan.scale_channels()}
     total, seen = 0, set()
     for module in model.modules():
         if isinstance(module, ChannelSparseConv2d):
@@ -606,6 +660,9 @@ def active_parameter_count(model: nn.Module, plan) -> int:
             total += module.out_idx.numel() if module.bias is not None else 0
         elif isinstance(module, ChannelSparseBatchNorm2d):
             total += 2 * module.active_idx.numel() if module.affine else 0
+        elif isinstance(module, ChannelSparseLayerNorm):
+            total += module.active_idx.numel() * sum(
+                p is not None for p in (module.weight, module.bias))
         elif isinstance(module, ChannelSparseLinear):
             total += module.out_idx.numel() * module.in_idx.numel()
             total += module.out_idx.numel() if module.bias is not None else 0
@@ -615,7 +672,7 @@ def active_parameter_count(model: nn.Module, plan) -> int:
         else:
             fresh = [p for p in module.parameters(recurse=False) if id(p) not in seen]
             seen.update(id(p) for p in fresh)
-            total += sum(p.numel() for p in fresh)
+            total += sum(scales.get(id(p), p.numel()) for p in fresh)
     return total
 
 

@@ -3,8 +3,9 @@
 ``convert`` traces the model with torch.fx, works out which channels depend on
 which (:mod:`dce_kernels.channels.trace` says how), replaces every *eligible* ``nn.Conv2d`` by a
 :class:`~dce_kernels.nn.ChannelSparseConv2d` and every ``nn.BatchNorm2d`` that
-sees selectable channels by a :class:`~dce_kernels.nn.ChannelSparseBatchNorm2d`,
-and records the channel groups on the model, where
+sees selectable channels by a :class:`~dce_kernels.nn.ChannelSparseBatchNorm2d`
+(an ``nn.LayerNorm`` over such channels by a
+:class:`~dce_kernels.nn.ChannelSparseLayerNorm`), and records the channel groups on the model, where
 :func:`dce_kernels.channels.plan_for` finds them. Like
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` it changes the model in place
 (``copy=True`` converts a deep copy instead) and the new layers *share* the old
@@ -46,8 +47,8 @@ from typing import Any, Iterable, Optional
 import torch.fx
 from torch import nn
 
-from ..nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
-                  ChannelSparseNormAct)
+from ..nn import (CHANNEL_SPARSE_NORMS, ChannelSparseBatchNorm2d, ChannelSparseConv2d,
+                  ChannelSparseLayerNorm, ChannelSparseLinear, ChannelSparseNormAct)
 from .group import SPEC_ATTR, recorded_spec
 from .trace import (_augmented_assignment, is_convertible_conv, is_convertible_linear,
                     link_graphs, link_without_graph, trace_modes)
@@ -132,9 +133,11 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
         spec = link_without_graph(model, exclude)
         traced = False
         norm_after: dict[str, tuple[str, ...]] = {}
+        layer_norms: dict[str, int] = {}
     else:
         linked = link_graphs(model, graphs, exclude)
         spec, inplace_after, norm_after = linked.spec, linked.inplace_after, linked.norm_after
+        layer_norms = linked.layer_norms
         traced = True
 
     modules = dict(model.named_modules())
@@ -144,7 +147,10 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     for g in spec.groups:
         producer = modules[g.producer]
         (to_linear if isinstance(producer, nn.Linear) else to_conv).add(g.producer)
-        to_conv.update([*g.tied, *g.consumers, *g.depthwise])
+        # A tied Linear (over the channels of a channels-last map) is a Linear still.
+        to_linear.update(n for n in g.tied if isinstance(modules[n], nn.Linear))
+        to_conv.update([*(n for n in g.tied if not isinstance(modules[n], nn.Linear)),
+                        *g.consumers, *g.depthwise])
         to_norm.update(g.norms)
         # Exactly nn.Linear (not a subclass with a forward of its own): it computes
         # only the active columns; other Linears stay plain and read them all.
@@ -160,10 +166,12 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             replacements[id(m)] = ChannelSparseLinear.from_dense(m)
     for name in sorted(to_norm):
         m = modules[name]
-        if id(m) in replacements or isinstance(m, ChannelSparseBatchNorm2d):
+        if id(m) in replacements or isinstance(m, CHANNEL_SPARSE_NORMS):
             continue
         if type(m) is nn.BatchNorm2d:
             replacements[id(m)] = _sparse_norm(m)
+        elif isinstance(m, nn.LayerNorm):  # over the channels, in the dim the trace showed
+            replacements[id(m)] = ChannelSparseLayerNorm.from_module(m, layer_norms[name])
         else:  # a subclass calling F.batch_norm, then the children the trace showed
             replacements[id(m)] = ChannelSparseNormAct.from_module(m, norm_after[name])
     _swap(model, replacements)

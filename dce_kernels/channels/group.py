@@ -6,14 +6,16 @@ from typing import Optional, Union
 
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear
+import torch
+
+from ..nn import CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear
 
 __all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "SPEC_ATTR", "recorded_spec",
            "converted_groups"]
 
 # The roles of a group's layers besides its producer (the ChannelGroup fields
 # that list them) and the layer class each role holds.
-MEMBER_ROLES = {"tied": ChannelSparseConv2d, "norms": ChannelSparseBatchNorm2d,
+MEMBER_ROLES = {"tied": (ChannelSparseConv2d, ChannelSparseLinear), "norms": CHANNEL_SPARSE_NORMS,
                 "consumers": ChannelSparseConv2d, "linears": nn.Linear,
                 "depthwise": ChannelSparseConv2d}
 # What may produce a group: a conv's output channels or a Linear's output features.
@@ -36,7 +38,8 @@ class ChannelGroup:
 
     * ``tied``: further convs whose output channels are the group's channels
       (their outputs are added to the producer's, e.g. residual branches): they
-      activate the same output channels.
+      activate the same output channels. A Linear over the channels of a
+      channels-last map (ConvNeXt's MLP) may be tied too, as a 1x1 conv.
     * ``depthwise``: depthwise convs (``groups == in_channels == out_channels``)
       that carry the group's channels: their input *and* output channels follow.
     * ``offsets``: for a layer in ``norms``, ``consumers``, ``linears`` or
@@ -48,6 +51,11 @@ class ChannelGroup:
     * ``readers_known``: False when the layers after the producer are unknown
       (a model torch.fx could not trace): the selection still applies to the
       producers, but no compact model can be exported from a partial selection.
+    * ``scales``: per-channel scales of the group's channels (ConvNeXt's layer
+      scale, ``x * gamma.reshape(1, -1, 1, 1)``), as ``(module, attribute)``
+      pairs naming a parameter or buffer with one entry per channel of the
+      group: its entries follow the group (the compact model keeps the active
+      ones, an optimizer steps only those).
     * ``sole_readers``: the group's layers (through channel-wise ops) are the
       only readers of the producer's output, as a linker that has seen every
       reader establishes. Only then may a :class:`ChannelPlan` pass the group's
@@ -56,16 +64,17 @@ class ChannelGroup:
     """
 
     producer: Union[ChannelSparseConv2d, ChannelSparseLinear]
-    norms: list[ChannelSparseBatchNorm2d] = field(default_factory=list)
+    norms: list[nn.Module] = field(default_factory=list)  # of CHANNEL_SPARSE_NORMS
     consumers: list[ChannelSparseConv2d] = field(default_factory=list)
     linears: list[nn.Linear] = field(default_factory=list)
     name: str = ""
-    tied: list[ChannelSparseConv2d] = field(default_factory=list)
+    tied: list[Union[ChannelSparseConv2d, ChannelSparseLinear]] = field(default_factory=list)
     depthwise: list[ChannelSparseConv2d] = field(default_factory=list)
     offsets: dict[nn.Module, int] = field(default_factory=dict)
     linear_channels: dict[nn.Linear, int] = field(default_factory=dict)
     readers_known: bool = True
     sole_readers: bool = False
+    scales: list[tuple[nn.Module, str]] = field(default_factory=list)
 
     @property
     def num_channels(self) -> int:
@@ -88,11 +97,12 @@ class ChannelGroup:
     def can_pack(self) -> bool:
         """Whether the group's activations may be packed: its layers are the sole
         readers and read exactly its channels (one producer, no Linear, no
-        offsets, consumers of groups == 1, norms, consumers and depthwise convs as
-        wide as the group)."""
+        offsets, no scales (the model's own code multiplies by all of them),
+        consumers of groups == 1, norms, consumers and depthwise convs as wide as
+        the group)."""
         c = self.num_channels
         return (self.sole_readers and self.readers_known and not self.linears and not self.tied
-                and not self.offsets
+                and not self.offsets and not self.scales
                 and isinstance(self.producer, ChannelSparseConv2d) and self.producer.groups == 1
                 and all(conv.groups == 1 and conv.in_channels == c for conv in self.consumers)
                 and all(conv.in_channels == c for conv in self.depthwise)
@@ -117,12 +127,13 @@ class ChannelGroup:
                 raise ValueError(f"group {self.name!r}: offsets must be non-negative "
                                  f"integers, got {off}")
         for conv in self.tied:
-            if conv.out_channels != c:
-                raise ValueError(f"group {self.name!r}: tied conv has {conv.out_channels} "
+            width = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+            if width != c:
+                raise ValueError(f"group {self.name!r}: tied {type(conv).__name__} has {width} "
                                  f"output channels, the producer {c}")
         for bn in self.norms:
             if bn.num_features < self.offset(bn) + c:
-                raise ValueError(f"group {self.name!r}: BatchNorm has {bn.num_features} "
+                raise ValueError(f"group {self.name!r}: {type(bn).__name__} has {bn.num_features} "
                                  f"channels, its conv {c} (at offset {self.offset(bn)})")
         for conv in self.consumers:
             if conv.in_channels < self.offset(conv) + c or conv.groups != 1:
@@ -136,6 +147,13 @@ class ChannelGroup:
                                  "groups == in_channels == out_channels covering the group's "
                                  f"{c} channels, got in={conv.in_channels}, "
                                  f"out={conv.out_channels}, groups={conv.groups}")
+        for owner, attr in self.scales:
+            scale = getattr(owner, attr, None)
+            if not torch.is_tensor(scale) or scale.numel() != c \
+                    or sum(n != 1 for n in scale.shape) > 1:
+                raise ValueError(f"group {self.name!r}: scale {attr!r} of a "
+                                 f"{type(owner).__name__} must be a tensor of {c} entries along "
+                                 f"one dim, got {getattr(scale, 'shape', scale)}")
         for lin in self.linears:
             total = self.total_channels(lin)
             if total < self.offset(lin) + c or lin.in_features % total:
@@ -161,6 +179,7 @@ class GroupSpec:
     linear_channels: tuple[tuple[str, int], ...] = ()
     readers_known: bool = True
     sole_readers: bool = False
+    scales: tuple[str, ...] = ()  # dotted names of parameters or buffers
 
     @classmethod
     def from_group(cls, group: ChannelGroup, model: nn.Module) -> GroupSpec:
@@ -178,6 +197,7 @@ class GroupSpec:
                    linear_channels=tuple((name_of(m), int(c))
                                          for m, c in group.linear_channels.items()),
                    readers_known=group.readers_known, sole_readers=group.sole_readers,
+                   scales=tuple(_dotted(name_of(owner), attr) for owner, attr in group.scales),
                    **{role: tuple(map(name_of, getattr(group, role))) for role in MEMBER_ROLES})
 
     def resolve(self, model: nn.Module) -> ChannelGroup:
@@ -198,11 +218,23 @@ class GroupSpec:
         members = {role: [get(n, kind) for n in getattr(self, role)]
                    for role, kind in MEMBER_ROLES.items()}
         by_name = {n: m for role in members for n, m in zip(getattr(self, role), members[role])}
+        scales = []
+        for dotted in self.scales:
+            owner_name, _, attr = dotted.rpartition(".")
+            owner = get(owner_name, nn.Module) if owner_name else model
+            if not torch.is_tensor(getattr(owner, attr, None)):
+                raise ValueError(f"converted model: the scale {dotted!r} of its channel groups "
+                                 "is gone (was the model changed after convert?)")
+            scales.append((owner, attr))
         return ChannelGroup(get(self.producer, PRODUCER_TYPES), name=self.name,
                             offsets={by_name[n]: off for n, off in self.offsets},
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
                             readers_known=self.readers_known, sole_readers=self.sole_readers,
-                            **members)
+                            scales=scales, **members)
+
+
+def _dotted(owner: str, attr: str) -> str:
+    return f"{owner}.{attr}" if owner else attr
 
 
 # Where a linker records a model's groups (a ChannelSpec) on the model itself.

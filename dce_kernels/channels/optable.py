@@ -34,6 +34,17 @@ GATE_NAMES = {"sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_
 # parameters of a BatchNorm2d (subclasses such as timm's BatchNormAct2d call it
 # in their own forward).
 NORM_FUNCTIONS = {"batch_norm"}
+# Normalize over the last dim, which mixes its entries: F.layer_norm on the weight and
+# bias of an nn.LayerNorm over the channels, in channels-last tensors (timm's
+# LayerNorm2d permutes there and back in its own forward). It gets a channel-sparse
+# version that normalizes over the active channels only.
+LAYER_NORM_FUNCTIONS = {"layer_norm"}
+# Move the channels of a (N, C, H, W) tensor last, (0, 2, 3, 1), and back, (0, 3, 1, 2).
+PERMUTE_NAMES = {"permute"}
+# Shape a parameter or buffer of one entry per channel (ConvNeXt's layer scale
+# gamma) so that it broadcasts along the channels only; the product keeps zeros zero.
+SCALE_SHAPE_NAMES = {"reshape", "view", "unsqueeze", "getitem", "to", "float", "double",
+                     "half"}
 # F.linear on an nn.Linear's own weight (timm's Linear calls it in its forward): that Linear.
 LINEAR_FUNCTIONS = {"linear"}
 # Tensor methods that change only the dtype or device.

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear, _as_index
+from ..nn import CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear, _as_index
 from ..optim import ActiveBlock
 from .group import ChannelGroup, converted_groups
 from .sequential import sequential_groups
@@ -72,10 +72,11 @@ class ChannelPlan:
         if len(set(map(id, producers))) != len(producers):
             raise ValueError("a conv produces more than one channel group")
         self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
-        self.norms = [m for m in model.modules() if isinstance(m, ChannelSparseBatchNorm2d)]
+        self.norms = [m for m in model.modules() if isinstance(m, CHANNEL_SPARSE_NORMS)]
         self.sparse_linears = [m for m in model.modules() if isinstance(m, ChannelSparseLinear)]
         self._indices = self._collect_indices()
         self._linear_active: dict[int, tuple[nn.Linear, torch.Tensor, int]] = {}
+        self._scale_active: list[tuple[nn.Module, str, torch.Tensor]] = []
         # The applied selection on the layers' device, and its host copy once read.
         self._selection: Optional[list[torch.Tensor]] = None
         self._selection_host: Optional[list[torch.Tensor]] = None
@@ -118,7 +119,7 @@ class ChannelPlan:
                 i = parent[i]
             return i
 
-        ok = [g.sole_readers and g.readers_known and not g.tied
+        ok = [g.sole_readers and g.readers_known and not g.tied and not g.scales
               and all(isinstance(lin, ChannelSparseLinear) for lin in g.linears)
               and all(d.in_channels == g.num_channels and g.offset(d) == 0
                       for d in g.depthwise)
@@ -167,6 +168,8 @@ class ChannelPlan:
                 cover(bn, "active_idx", bn.num_features, i, g.offset(bn))
             for lin in g.linears:
                 cover(lin, "in_channels", g.total_channels(lin), i, g.offset(lin))
+            for owner, attr in g.scales:
+                cover(owner, _SCALE + attr, g.num_channels, i, 0)
         widths = self.num_channels
         names = {id(m): n for n, m in self.model.named_modules()}
         for (layer_id, index), u in indices.items():
@@ -197,6 +200,7 @@ class ChannelPlan:
         if selection is None:
             self._selection = None
             self._linear_active = {}
+            self._scale_active = []
             for conv in self.convs:
                 conv.set_active()
             for bn in self.norms:
@@ -251,6 +255,8 @@ class ChannelPlan:
             lin._use_channels(checked(active(lin, "out_idx"), lin.out_features, device),
                               checked(cols, lin.in_features, device),
                               1 if read is None else lin.in_features // read[2])
+        self._scale_active = [(owner, attr, active(owner, _SCALE + attr))
+                              for g in self.groups for owner, attr in g.scales]
         self._selection = [g.producer.out_idx for g in self.groups]
 
     def saliency(self) -> list[torch.Tensor]:
@@ -278,6 +284,11 @@ class ChannelPlan:
         group's channels, for the applied selection."""
         return [(lin, linear_features(ch, lin.in_features, total))
                 for lin, ch, total in self._linear_active.values()]
+
+    def scale_channels(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """``(module, attribute, active channels)`` of every per-channel scale of
+        a group (its entries to keep), for the applied selection."""
+        return list(self._scale_active)
 
     def active_blocks(self) -> list[ActiveBlock]:
         """The trainable block of every parameter that has inactive channels:
@@ -313,7 +324,16 @@ class ChannelPlan:
             blocks.append(ActiveBlock(lin.weight, rows=rows, cols=cols,
                                       view=(lin.out_features, total, lin.in_features // total)))
             add(lin.bias, rows)
+        for owner, attr, active in self._scale_active:
+            scale = getattr(owner, attr)
+            if isinstance(scale, nn.Parameter) and active.numel() < scale.numel():
+                # One entry per channel, whatever the shape ([C], [1, C, 1, 1]).
+                blocks.append(ActiveBlock(scale, rows=active, view=(scale.numel(),)))
         return blocks
+
+
+# The key of a scale's channel index among a module's indices: "scale:" + attribute.
+_SCALE = "scale:"
 
 
 def linear_features(channels: torch.Tensor, in_features: int, num_channels: int) -> torch.Tensor:

@@ -60,7 +60,8 @@ class Member:
     """A layer that reads (or, for depthwise convs, also writes) a space at an offset."""
 
     layer: str
-    role: str  # the ChannelGroup field it joins: "consumers", "depthwise", "norms", "linears"
+    role: str  # the ChannelGroup field it joins: "consumers", "depthwise", "norms", "linears",
+    # "scales" (then ``layer`` is the dotted name of a parameter or buffer)
     space: int
     offset: int
     total: int = 0  # for linears: channels of the flattened map
@@ -77,6 +78,9 @@ class Analysis:
     order: list[str] = field(default_factory=list)  # conv names in the order they run
     linear_spaces: set[int] = field(default_factory=set)  # the spaces of Linears' outputs
     linear_producers: set[str] = field(default_factory=set)  # the Linears that have one
+    # Linears over the channels of channels-last maps (their outputs are spaces that
+    # sums may tie, as a 1x1 conv's)
+    map_linears: set[str] = field(default_factory=set)
 
 
 def _keep_conflicts_full(a: Analysis) -> None:
@@ -123,9 +127,11 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
     for root, convs in classes.items():
         if root in sp.reason:
             continue
-        convs = sorted(convs, key=a.order.index)
+        linears = a.linear_producers | a.map_linears
+        # A conv produces the group if one does (a Linear over a map may be tied to it).
+        convs = sorted(convs, key=lambda n: (n in linears, a.order.index(n)))
         members: dict[str, list[str]] = {"norms": [], "consumers": [], "linears": [],
-                                         "depthwise": []}
+                                         "depthwise": [], "scales": []}
         offsets: dict[str, int] = {}
         linear_channels: dict[str, int] = {}
         for m in a.members:
@@ -138,6 +144,11 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
                 offsets[m.layer] = m.offset
             if m.role == "linears":
                 linear_channels[m.layer] = m.total
+        if convs[0] in linears and (len(convs) > 1 or any(
+                names for role, names in members.items() if role != "linears")):
+            sp.keep_full(root, f"{convs[0]}: a Linear's output features are read by convs, "
+                               "norms or scales, or added to another Linear's")
+            continue
         # Traced: every reader of the group is known (norms, channel-wise ops,
         # consumers), so ChannelPlan may pack it where can_pack allows.
         groups.append(GroupSpec(convs[0], name=convs[0], tied=tuple(convs[1:]),

@@ -7,6 +7,16 @@ analysis follows every tensor's list of spaces through the graph):
   pooling, dropout, interpolation, scaling by a number) pass the spaces
   through. A BatchNorm follows the spaces it normalizes (it becomes channel-sparse
   so that inactive channels stay exactly zero).
+* ``x.permute(0, 2, 3, 1)`` moves the channels last (and ``permute(0, 3, 1, 2)``
+  back): there channel-wise ops and LayerNorms over the channels may read them.
+  A LayerNorm over the channels (``F.layer_norm`` as the whole forward of an
+  ``nn.LayerNorm``, with or without the permute pair inside, as timm's
+  LayerNorm2d) follows the spaces like a BatchNorm; it becomes channel-sparse,
+  normalizing over the active channels only, as the compact model will.
+* A product with a parameter or buffer of one entry per channel, shaped to
+  broadcast along the channels only (layer scale: ``x * gamma.reshape(1, -1, 1, 1)``)
+  keeps zeros zero; the scale follows its group (the compact model keeps its
+  active entries).
 * Residual adds **tie** their two inputs' spaces into one group: the tied
   producers always activate the same channels, so a sum has exactly the group's
   channels. Why tying rather than a union of the two inputs' channels: with a
@@ -35,7 +45,9 @@ analysis follows every tensor's list of spaces through the graph):
   channel-wise ops, scaling and another Linear (whose columns then follow them
   one to one) may read them; anything else, and the model's output (the
   logits), keeps them full. Sums of Linear outputs are not tied (they keep
-  their spaces full).
+  their spaces full). A Linear on a channels-last map (ConvNeXt's MLP) is a 1x1
+  conv instead: its columns follow the channels one to one, and its outputs are
+  channels of a map, which sums tie like a conv's.
 * Anything the analysis does not understand (an unknown op or module, slicing,
   reshapes, the model's outputs) keeps every space that flows into it full:
   correct, just not selected. The stem conv reads all of the image's channels;
@@ -56,12 +68,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..nn import ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear
+from ..nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLayerNorm,
+                  ChannelSparseLinear)
 from .group import ChannelSpec, GroupSpec
 from .optable import (ADD_FUNCTIONS, ADD_METHODS, CAST_METHODS, CAT_NAMES, DIV_FUNCTIONS,
                       DIV_METHODS, ELEMENTWISE_MODULES, ELEMENTWISE_NAMES, GATE_MODULES,
-                      GATE_NAMES, LINEAR_FUNCTIONS, METADATA_NAMES, MUL_FUNCTIONS, MUL_METHODS, NORM_FUNCTIONS,
-                      RESHAPE_METHODS, SPATIAL_MODULES, SPATIAL_NAMES, SPATIAL_REDUCTIONS)
+                      GATE_NAMES, LAYER_NORM_FUNCTIONS, LINEAR_FUNCTIONS, METADATA_NAMES,
+                      MUL_FUNCTIONS, MUL_METHODS, NORM_FUNCTIONS, PERMUTE_NAMES,
+                      RESHAPE_METHODS, SCALE_SHAPE_NAMES, SPATIAL_MODULES, SPATIAL_NAMES,
+                      SPATIAL_REDUCTIONS)
 from .spaces import OUTPUT_REASON, Analysis, Member, spec_from_analysis
 
 __all__ = ["trace_modes", "link_graphs", "Linked", "link_without_graph", "is_convertible_conv",
@@ -79,7 +94,9 @@ def is_convertible_linear(m: nn.Module) -> bool:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return type(m) is nn.BatchNorm2d or isinstance(m, ChannelSparseBatchNorm2d)
+    """A norm of (N, C, H, W) tensors that follows its channels as a leaf module."""
+    return (type(m) is nn.BatchNorm2d or isinstance(m, ChannelSparseBatchNorm2d)
+            or (isinstance(m, ChannelSparseLayerNorm) and m.channel_dim == 1))
 
 
 def _is_depthwise(conv: nn.Conv2d) -> bool:
@@ -116,6 +133,9 @@ class Linked:
     spec: ChannelSpec
     inplace_after: list[tuple[str, torch.fx.Node]] = field(default_factory=list)
     norm_after: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # For each LayerNorm over channels: where its input has them (1: a (N, C, H, W)
+    # tensor its forward permutes, as timm's LayerNorm2d; -1: channels last).
+    layer_norms: dict[str, int] = field(default_factory=dict)
 
 
 def link_graphs(model: nn.Module, graphs: Iterable[torch.fx.Graph], exclude: tuple[str, ...]
@@ -124,7 +144,8 @@ def link_graphs(model: nn.Module, graphs: Iterable[torch.fx.Graph], exclude: tup
     analyzer = _Analyzer(dict(model.named_modules()), exclude)
     for graph in graphs:
         analyzer.run(graph)
-    return Linked(spec_from_analysis(analyzer.a), analyzer.inplace_after, analyzer.norm_after)
+    return Linked(spec_from_analysis(analyzer.a), analyzer.inplace_after, analyzer.norm_after,
+                  analyzer.layer_norms)
 
 
 def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
@@ -156,7 +177,8 @@ class _Tracer(torch.fx.Tracer):
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (ChannelSparseConv2d, ChannelSparseLinear, ChannelSparseBatchNorm2d)):
+        if isinstance(m, (ChannelSparseConv2d, ChannelSparseLinear, ChannelSparseBatchNorm2d,
+                          ChannelSparseLayerNorm)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -245,8 +267,17 @@ class _Gate:
     layout: Layout
 
 
+@dataclass(frozen=True)
+class _Last:
+    """A channels-last (N, H, W, C) tensor: ``x.permute(0, 2, 3, 1)`` of a
+    tensor of the channels of ``layout``. Only channel-wise ops, LayerNorms over
+    the channels, per-channel scales and the permute back may read it."""
+
+    layout: Layout
+
+
 def _layout(v) -> Layout:
-    return v.layout if isinstance(v, (_Flat, _Gate)) else (v or ())
+    return v.layout if isinstance(v, (_Flat, _Gate, _Last)) else (v or ())
 
 
 # Ops through which a tensor keeps sharing its input's memory: an in-place op on
@@ -281,6 +312,7 @@ class _Analyzer:
         self.inplace_after: list[tuple[str, torch.fx.Node]] = []
         self.value: dict[torch.fx.Node, Union[Layout, _Flat, _Gate, None]] = {}
         self.norm_after: dict[str, tuple[str, ...]] = {}
+        self.layer_norms: dict[str, int] = {}
         self._chains: dict[torch.fx.Node, Union[tuple[str, tuple[str, ...]], str]] = {}
 
     # -- helpers -------------------------------------------------------------------
@@ -398,6 +430,10 @@ class _Analyzer:
         if others:
             self._opaque(node, f"{node.target}: module called with several channel inputs")
             return
+        if isinstance(x, _Last) or (isinstance(m, ChannelSparseLayerNorm)
+                                    and m.channel_dim == -1):
+            self._module_on_last(node, m, x)
+            return
         if x is None and (is_convertible_conv(m) or _is_norm(m) or is_convertible_linear(m)):
             self.a.opaque_calls.add(node.target)
         if is_convertible_conv(m):
@@ -465,6 +501,9 @@ class _Analyzer:
             self._opaque(node, f"{node.name}: unknown function {name}")
             return
         x = self._val(node.args[0]) if node.args else None
+        if name in PERMUTE_NAMES or any(isinstance(v, _Last) for v in values):
+            self._channels_last(node, name, values)
+            return
         if any(isinstance(v, _Gate) for v in values) and not (
                 target in ADD_FUNCTIONS or target in MUL_FUNCTIONS or target in DIV_FUNCTIONS
                 or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in SPATIAL_NAMES
@@ -507,6 +546,9 @@ class _Analyzer:
             self.value[node] = None
             return
         x = self._val(node.args[0])
+        if name in PERMUTE_NAMES or any(isinstance(v, _Last) for v in values):
+            self._channels_last(node, name, values)
+            return
         if any(isinstance(v, _Gate) for v in values) and not (
                 name in ADD_METHODS or name in MUL_METHODS or name in DIV_METHODS
                 or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in CAST_METHODS
@@ -563,6 +605,10 @@ class _Analyzer:
         if va is not None and isinstance(b, (int, float)):
             self.value[node] = va  # scaling keeps zeros zero (and a gate a gate)
         elif not divide and vb is not None and isinstance(a, (int, float)):
+            self.value[node] = vb
+        elif va is not None and vb is None and self._per_channel_scale(b, va):
+            self.value[node] = va  # layer scale: zeros stay zero, the scale follows
+        elif not divide and vb is not None and va is None and self._per_channel_scale(a, vb):
             self.value[node] = vb
         elif not divide and va is not None and vb is not None:
             # x * y is zero where either is; tying keeps export consistent. A gate
@@ -639,6 +685,183 @@ class _Analyzer:
             return
         self._record(owner, "norms", x)
         self.value[node] = x
+
+    # -- channels last: LayerNorms over the channels, layer scale ------------------------
+
+    def _channels_last(self, node, name, values):
+        """A permute, or an op on a channels-last tensor (:class:`_Last`)."""
+        x = self._val(node.args[0]) if node.args else None
+        if name in PERMUTE_NAMES:
+            dims = _permute_dims(node)
+            if len(values) == 1 and isinstance(x, tuple) and dims == (0, 2, 3, 1):
+                self.value[node] = _Last(x)
+            elif len(values) == 1 and isinstance(x, _Last) and dims == (0, 3, 1, 2):
+                self.value[node] = x.layout
+            else:
+                self._opaque(node, f"{node.name}: permute{dims} is not known to keep "
+                                   "channels apart")
+            return
+        target = node.target
+        if name in METADATA_NAMES:
+            self.value[node] = None
+        elif name in LAYER_NORM_FUNCTIONS and node.op == "call_function":
+            self._layer_norm(node, x)
+        elif (target in MUL_FUNCTIONS or target in DIV_FUNCTIONS if node.op == "call_function"
+              else name in MUL_METHODS or name in DIV_METHODS):
+            divide = target in DIV_FUNCTIONS or name in DIV_METHODS
+            a = node.args[0] if node.args else None
+            b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+            va, vb = self._val(a), self._val(b)
+            if isinstance(va, _Last) and vb is None and (
+                    isinstance(b, (int, float)) or self._per_channel_scale(b, va)):
+                self.value[node] = va
+            elif not divide and isinstance(vb, _Last) and va is None and (
+                    isinstance(a, (int, float)) or self._per_channel_scale(a, vb)):
+                self.value[node] = vb
+            else:
+                self._opaque(node, f"{node.name}: multiplies a channels-last tensor by a "
+                                   "tensor of unknown channels")
+        elif len(values) == 1 and isinstance(x, _Last) and (
+                name in ELEMENTWISE_NAMES or (node.op == "call_method" and name in CAST_METHODS)):
+            self.value[node] = x
+        else:
+            self._opaque(node, f"{node.name}: {name} on a channels-last tensor")
+
+    def _module_on_last(self, node, m, x):
+        if type(m) in ELEMENTWISE_MODULES and isinstance(x, _Last):
+            self.value[node] = x
+        elif (type(m) is nn.LayerNorm or isinstance(m, ChannelSparseLayerNorm)) \
+                and isinstance(x, _Last) and tuple(m.normalized_shape) == (self._channels(
+                    x.layout),) and getattr(m, "channel_dim", -1) == -1 and m.weight is not None:
+            self._note_layer_norm(node, node.target, -1, x)
+        elif is_convertible_linear(m) and isinstance(x, _Last):
+            # Over the channels of a channels-last map, as a 1x1 conv (ConvNeXt's MLP
+            # without conv_mlp): its columns follow them one to one, and its output
+            # features are channels of a map again, which a sum may tie.
+            self._record(node.target, "linears", x.layout, self._channels(x.layout))
+            self.a.map_linears.add(node.target)
+            self.value[node] = _Last((self._space_of_conv(node.target, m),))
+        elif isinstance(m, ChannelSparseLayerNorm) and x is None:
+            self.a.opaque_calls.add(node.target)
+            self.value[node] = None
+        else:
+            what = "Linear" if isinstance(m, nn.Linear) else type(m).__name__
+            self._opaque(node, f"{node.target}: {what} on a channels-last tensor is not "
+                               "followed")
+
+    def _layer_norm(self, node, x):
+        """``F.layer_norm`` over the channels of a channels-last tensor, as the whole
+        forward of an nn.LayerNorm (see _layer_norm_owner)."""
+        owner = _layer_norm_owner(node, self.modules)
+        if isinstance(owner, str) or not isinstance(x, _Last):
+            why = owner if isinstance(owner, str) else "on a tensor of unknown channels"
+            self._opaque(node, f"{node.name}: layer_norm {why}")
+            return
+        name, channel_dim = owner
+        shape = _argument(node, 1, "normalized_shape")
+        if tuple(shape if isinstance(shape, (list, tuple)) else (shape,)) != (
+                self._channels(x.layout),):
+            self._opaque(node, f"{node.name}: layer_norm over {shape}, not over the channels")
+            return
+        self._note_layer_norm(node, name, channel_dim, x)
+
+    def _note_layer_norm(self, node, name, channel_dim, x):
+        if self.layer_norms.setdefault(name, channel_dim) != channel_dim:
+            self._opaque(node, f"{node.name}: {name} normalizes channels in different dims "
+                               "in training and in eval")
+            return
+        self._record(name, "norms", x.layout)
+        self.value[node] = x
+
+    def _per_channel_scale(self, arg, x) -> bool:
+        """Whether ``arg`` is a parameter or buffer of one entry per channel of
+        ``x`` (one group's), shaped to broadcast along its channels only
+        (``gamma.reshape(1, -1, 1, 1)``; on a channels-last tensor, ``gamma``):
+        then it is recorded as the group's scale."""
+        last = isinstance(x, _Last)
+        layout = _layout(x)
+        if not (last or isinstance(x, tuple)) or len(layout) != 1:
+            return False
+        steps, n = [], arg
+        while isinstance(n, torch.fx.Node) and n.op in ("call_method", "call_function"):
+            if _target_name(n.target) not in SCALE_SHAPE_NAMES or not n.args:
+                return False
+            found = []
+            torch.fx.node.map_arg((n.args[1:], n.kwargs), found.append)
+            if found:
+                return False  # shaped by values of the run: not a fixed layout
+            steps.append(n)
+            n = n.args[0]
+        if not isinstance(n, torch.fx.Node) or n.op != "get_attr":
+            return False
+        owner, _, attr = n.target.rpartition(".")
+        scale = getattr(self.modules.get(owner), attr, None)
+        if not torch.is_tensor(scale):
+            return False
+        with torch.no_grad():
+            value = scale.detach()
+            for step in reversed(steps):
+                if step.op == "call_method":
+                    value = getattr(value, step.target)(*step.args[1:], **step.kwargs)
+                else:
+                    value = step.target(value, *step.args[1:], **step.kwargs)
+        if value.dim() > 4:
+            return False
+        c = self._channels(layout)
+        shape = (1,) * (4 - value.dim()) + tuple(value.shape)
+        if shape != ((1, 1, 1, c) if last else (1, c, 1, 1)):
+            return False
+        self._record(n.target, "scales", layout)
+        return True
+
+
+def _permute_dims(node: torch.fx.Node):
+    """The dims of ``x.permute(...)`` / ``torch.permute(x, dims)``, as a tuple."""
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = rest[0]
+    elif not rest:
+        rest = node.kwargs.get("dims", ())
+    return tuple(rest)
+
+
+def _layer_norm_owner(node: torch.fx.Node, modules: dict[str, nn.Module]
+                      ) -> Union[tuple[str, int], str]:
+    """For ``F.layer_norm`` on the weight (and bias) of an nn.LayerNorm, in that
+    module's forward and with its eps, when that is all its forward does, or all
+    but a permute of a (N, C, H, W) input to channels last before it and back
+    after it (timm's LayerNorm2d): the module's name and where its input has the
+    channels (-1, 1). Else why not (a string): only then can a channel-sparse
+    LayerNorm replace the module."""
+    owners = set()
+    for index, attr in ((2, "weight"), (3, "bias")):
+        arg = _argument(node, index, attr)
+        if arg is None:
+            continue
+        if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr" \
+                or not arg.target.endswith("." + attr):
+            return "on tensors that are not a LayerNorm's own"
+        owners.add(arg.target.rpartition(".")[0])
+    if len(owners) != 1:
+        return "without the weight of one LayerNorm"
+    owner = owners.pop()
+    module = modules.get(owner)
+    if not isinstance(module, nn.LayerNorm) or owner not in _scope(node):
+        return f"outside the forward of the LayerNorm {owner}"
+    if _argument(node, 4, "eps", 1e-5) != module.eps:
+        return f"with another eps than {owner}'s"
+    inside = [n for n in node.graph.nodes if n.op != "get_attr" and owner in _scope(n)]
+    if inside == [node]:
+        return owner, -1
+    source = node.args[0]
+    if (len(inside) == 3 and inside[1] is node and inside[0] is source
+            and _target_name(source.target) in PERMUTE_NAMES
+            and _permute_dims(source) == (0, 2, 3, 1)
+            and list(node.users) == [inside[2]] and inside[2].args[0] is node
+            and _target_name(inside[2].target) in PERMUTE_NAMES
+            and _permute_dims(inside[2]) == (0, 3, 1, 2)):
+        return owner, 1
+    return f"in {owner}, whose forward does more than a layer norm over channels"
 
 
 # F.batch_norm's tensor arguments after the input, and the BatchNorm2d attribute
