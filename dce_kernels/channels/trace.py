@@ -47,6 +47,7 @@ together, so layers that run in one mode only (auxiliary heads) are linked too.
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from .optable import (ADD_FUNCTIONS, ADD_METHODS, CAST_METHODS, CAT_NAMES, DIV_F
                       GATE_NAMES, LINEAR_FUNCTIONS, METADATA_NAMES, MUL_FUNCTIONS, MUL_METHODS, NORM_FUNCTIONS,
                       RESHAPE_METHODS, SPATIAL_MODULES, SPATIAL_NAMES, SPATIAL_REDUCTIONS)
 from .spaces import OUTPUT_REASON, Analysis, Member, spec_from_analysis
+from .windows import Cut, chunk_cut, narrow_cut, slice_cut, split_cut
 
 __all__ = ["trace_modes", "link_graphs", "Linked", "link_without_graph", "is_convertible_conv",
            "is_convertible_linear"]
@@ -245,14 +247,66 @@ class _Gate:
     layout: Layout
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """The tuple ``split`` / ``chunk`` along the channels return: the layout of each
+    part (None: a part of no channels of ours). Only indexing it is understood."""
+
+    layouts: tuple[Optional[Layout], ...]
+
+
 def _layout(v) -> Layout:
+    if isinstance(v, _Parts):
+        return tuple(s for part in v.layouts for s in (part or ()))
     return v.layout if isinstance(v, (_Flat, _Gate)) else (v or ())
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _channel_slice(key: Any) -> Optional[slice]:
+    """The slice of dim 1 in ``x[key]`` when ``key`` slices only the channels
+    (``x[:, a:b]``, ``x[:, a:b, ...]``, ``x[:, a:b, :, :]``); else None."""
+    key = key if isinstance(key, tuple) else (key,)
+    full = slice(None)
+    if (len(key) < 2 or len(key) > 4 or not isinstance(key[0], slice) or key[0] != full
+            or not isinstance(key[1], slice)):
+        return None
+    if not all(k is Ellipsis or (isinstance(k, slice) and k == full) for k in key[2:]):
+        return None
+    return key[1]
+
+
+# What picks channels by position besides indexing (functions and tensor methods alike):
+# name -> how to read its arguments into a Cut, given the channels of its input.
+def _narrow(node: torch.fx.Node, channels: int) -> Optional[Cut]:
+    if _argument(node, 1, "dim") != 1:
+        return None
+    return narrow_cut(channels, _argument(node, 2, "start"), _argument(node, 3, "length"))
+
+
+def _split(node: torch.fx.Node, channels: int) -> Optional[Cut]:
+    if _argument(node, 2, "dim", 0) != 1:
+        return None
+    sizes = _argument(node, 1, "split_size", _argument(node, 1, "split_size_or_sections"))
+    return split_cut(channels, sizes)
+
+
+def _chunk(node: torch.fx.Node, channels: int) -> Optional[Cut]:
+    if _argument(node, 2, "dim", 0) != 1:
+        return None
+    return chunk_cut(channels, _argument(node, 1, "chunks"))
+
+
+_CUTS = {"narrow": _narrow, "split": _split, "chunk": _chunk}
 
 
 # Ops through which a tensor keeps sharing its input's memory: an in-place op on
 # their result modifies the input too.
 _ALIAS_METHODS = {"view", "reshape", "flatten", "contiguous", "to", "float", "double",
-                  "half", "view_as", "expand", "expand_as", "squeeze", "unsqueeze"}
+                  "half", "view_as", "expand", "expand_as", "squeeze", "unsqueeze",
+                  "narrow", "split", "chunk"}
 
 
 def _aliases(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -264,7 +318,8 @@ def _aliases(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
         return node.target in _ALIAS_METHODS
     if node.op == "call_function":
         return _target_name(node.target) in {"flatten", "reshape", "contiguous", "squeeze",
-                                             "unsqueeze"}
+                                             "unsqueeze", "getitem", "narrow", "split",
+                                             "chunk"}
     return False
 
 
@@ -389,6 +444,9 @@ class _Analyzer:
         m = self.modules[node.target]
         x = self._val(node.args[0]) if node.args else None
         others = self._layouts_in((node.args[1:], node.kwargs))
+        if isinstance(x, _Parts):
+            self._opaque(node, f"{node.target}: module called on the parts of a split")
+            return
         if isinstance(x, _Gate) and not isinstance(m, ELEMENTWISE_MODULES + GATE_MODULES
                                                    + SPATIAL_MODULES):
             # Only a product keeps a gate's inactive channels out: here they are read.
@@ -465,6 +523,12 @@ class _Analyzer:
             self._opaque(node, f"{node.name}: unknown function {name}")
             return
         x = self._val(node.args[0]) if node.args else None
+        if target is operator.getitem and node.args:
+            self._getitem(node, x)
+            return
+        if any(isinstance(v, _Parts) for v in values):
+            self._opaque(node, f"{node.name}: {name} on the parts of a split")
+            return
         if any(isinstance(v, _Gate) for v in values) and not (
                 target in ADD_FUNCTIONS or target in MUL_FUNCTIONS or target in DIV_FUNCTIONS
                 or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in SPATIAL_NAMES
@@ -478,6 +542,8 @@ class _Analyzer:
             self._binary_mul(node, divide=target in DIV_FUNCTIONS)
         elif name in CAT_NAMES:
             self._cat(node)
+        elif name in _CUTS:
+            self._cut_op(node, x, _CUTS[name])
         elif name == "flatten":
             self._flatten(node, x, _argument(node, 1, "start_dim", 0),
                           _argument(node, 2, "end_dim", -1))
@@ -507,6 +573,9 @@ class _Analyzer:
             self.value[node] = None
             return
         x = self._val(node.args[0])
+        if any(isinstance(v, _Parts) for v in values):
+            self._opaque(node, f"{node.name}: .{name}() on the parts of a split")
+            return
         if any(isinstance(v, _Gate) for v in values) and not (
                 name in ADD_METHODS or name in MUL_METHODS or name in DIV_METHODS
                 or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in CAST_METHODS
@@ -518,6 +587,8 @@ class _Analyzer:
             self.value[node] = None
         elif name in ADD_METHODS:
             self._binary_add(node)
+        elif name in _CUTS:
+            self._cut_op(node, x, _CUTS[name])
         elif name in MUL_METHODS or name in DIV_METHODS:
             self._binary_mul(node, divide=name in DIV_METHODS)
         elif name == "flatten":
@@ -588,6 +659,71 @@ class _Analyzer:
                                "of conv outputs")
             return
         self.value[node] = tuple(s for p in parts for s in p)
+
+    def _getitem(self, node, x):
+        """``parts[i]`` of a split, or ``x[:, a:b]``: a slice of the channels."""
+        index = node.args[1] if len(node.args) > 1 else None
+        if isinstance(x, _Parts):
+            if _is_int(index) and -len(x.layouts) <= index < len(x.layouts):
+                self.value[node] = x.layouts[index]
+            else:
+                self._opaque(node, f"{node.name}: indexes the parts of a split with {index!r}")
+            return
+        window = _channel_slice(index)
+        cut = None
+        if window is not None and x is not None and not isinstance(x, (_Flat, _Gate)):
+            cut = slice_cut(self._channels(x), window.start, window.stop, window.step)
+        if cut is None:
+            self._opaque(node, f"{node.name}: indexing that is not a slice of the channels "
+                               "with constant bounds and step 1")
+            return
+        self.value[node] = self._cut(node, x, cut)[0]
+
+    def _cut_op(self, node, x, read: Any):
+        """``narrow``, ``split`` or ``chunk`` (``read`` reads its arguments)."""
+        cut = None
+        if x is not None and not isinstance(x, (_Flat, _Gate)):
+            cut = read(node, self._channels(x))
+        if cut is None:
+            self._opaque(node, f"{node.name}: {_target_name(node.target)} that is not along "
+                               "the channels with constant sizes")
+            return
+        parts = self._cut(node, x, cut)
+        self.value[node] = parts[0] if _target_name(node.target) == "narrow" \
+            else _Parts(tuple(parts))
+
+    def _cut(self, node, x: Layout, cut: Cut) -> list[Optional[Layout]]:
+        """The layout of each part of ``cut``. The spaces the compact model needs
+        at fixed positions (see :mod:`.windows`) stay full; a space a part holds
+        only some channels of is full, so that piece becomes a full space of its own
+        (its channels are always read)."""
+        sp = self.a.spaces
+        spans, lo = [], 0
+        for s in x:
+            spans.append((s, lo, lo + sp.size[s]))
+            lo += sp.size[s]
+        reason = (f"{node.name}: {cut.what} of {cut.channels} channels cuts at fixed "
+                  f"positions, as the compact model will, so channels {cut.pinned_text()} "
+                  "stay")
+        for s, lo, hi in spans:
+            if cut.pinned(lo, hi):
+                sp.keep_full(s, reason)
+        parts = []
+        for part_lo, part_hi in cut.parts:
+            layout = []
+            for s, lo, hi in spans:
+                a, b = max(lo, part_lo), min(hi, part_hi)
+                if a >= b:
+                    continue
+                if (a, b) == (lo, hi):
+                    layout.append(s)
+                else:
+                    sp.keep_full(s, reason)  # cut positions are pinned: full already
+                    piece = sp.new(b - a)
+                    sp.keep_full(piece, reason)
+                    layout.append(piece)
+            parts.append(tuple(layout) or None)
+        return parts
 
     def _flatten(self, node, x, start_dim, end_dim):
         if x is not None and not isinstance(x, _Flat) and start_dim == 1 and end_dim == -1:
