@@ -41,7 +41,11 @@ class ChannelGroup:
       that carry the group's channels: their input *and* output channels follow.
     * ``offsets``: for a layer in ``norms``, ``consumers``, ``linears`` or
       ``depthwise`` that sees the group inside a wider tensor (after
-      ``torch.cat``), the index of the group's first channel there (absent: 0).
+      ``torch.cat``), the index of the group's first channel there (absent: 0),
+      or a tuple of such indices where it sees the group more than once
+      (GhostNet concatenates a conv's output with a depthwise conv of it); for
+      a conv in ``tied``, where the group's channels lie in its output, once or
+      more (a conv added to such a concatenation).
     * ``linear_channels``: for a Linear in ``linears``, the number of channels
       of the map it reads flattened (absent: ``num_channels``). Column ``j`` of
       the Linear reads channel ``j // (in_features // linear_channels)``.
@@ -79,7 +83,13 @@ class ChannelGroup:
         return [self.producer] + list(self.tied)
 
     def offset(self, layer: nn.Module) -> int:
-        return int(self.offsets.get(layer, 0))
+        """The first of :meth:`offsets_of`."""
+        return self.offsets_of(layer)[0]
+
+    def offsets_of(self, layer: nn.Module) -> tuple[int, ...]:
+        """Every index where ``layer`` sees the group's first channel."""
+        off = self.offsets.get(layer, 0)
+        return tuple(int(o) for o in off) if isinstance(off, (tuple, list)) else (int(off),)
 
     def total_channels(self, linear: nn.Linear) -> int:
         return int(self.linear_channels.get(linear, self.num_channels))
@@ -108,37 +118,44 @@ class ChannelGroup:
                              "by Linears (the linears role), not by convs or norms")
         c = self.num_channels
         members = (list(self.norms) + list(self.consumers) + list(self.linears)
-                   + list(self.depthwise))
+                   + list(self.depthwise) + list(self.tied))
         for layer, off in self.offsets.items():
             if not any(layer is m for m in members):
                 raise ValueError(f"group {self.name!r}: an offset is given for a "
                                  f"{type(layer).__name__} that is not in the group")
-            if int(off) != off or off < 0:
+            offs = off if isinstance(off, (tuple, list)) else (off,)
+            if not offs or any(int(o) != o or o < 0 for o in offs):
                 raise ValueError(f"group {self.name!r}: offsets must be non-negative "
                                  f"integers, got {off}")
+            if any(b - a < c for a, b in zip(sorted(offs), sorted(offs)[1:])):
+                raise ValueError(f"group {self.name!r}: the offsets {tuple(offs)} of a "
+                                 f"{type(layer).__name__} overlap (the group has {c} channels)")
         for conv in self.tied:
-            if conv.out_channels != c:
+            if conv.out_channels < max(self.offsets_of(conv)) + c or (
+                    conv not in self.offsets and conv.out_channels != c):
                 raise ValueError(f"group {self.name!r}: tied conv has {conv.out_channels} "
-                                 f"output channels, the producer {c}")
+                                 f"output channels, the producer {c} (at offsets "
+                                 f"{self.offsets_of(conv)})")
         for bn in self.norms:
-            if bn.num_features < self.offset(bn) + c:
+            if bn.num_features < max(self.offsets_of(bn)) + c:
                 raise ValueError(f"group {self.name!r}: BatchNorm has {bn.num_features} "
-                                 f"channels, its conv {c} (at offset {self.offset(bn)})")
+                                 f"channels, its conv {c} (at offset {max(self.offsets_of(bn))})")
         for conv in self.consumers:
-            if conv.in_channels < self.offset(conv) + c or conv.groups != 1:
+            if conv.in_channels < max(self.offsets_of(conv)) + c or conv.groups != 1:
                 raise ValueError(f"group {self.name!r}: consumer conv must have groups=1 and "
-                                 f"{c} input channels (from offset {self.offset(conv)}), got "
+                                 f"{c} input channels (from offset "
+                                 f"{max(self.offsets_of(conv))}), got "
                                  f"{conv.in_channels} (groups={conv.groups})")
         for conv in self.depthwise:
             if not (conv.groups == conv.in_channels == conv.out_channels) \
-                    or conv.in_channels < self.offset(conv) + c:
+                    or conv.in_channels < max(self.offsets_of(conv)) + c:
                 raise ValueError(f"group {self.name!r}: a depthwise member needs "
                                  "groups == in_channels == out_channels covering the group's "
                                  f"{c} channels, got in={conv.in_channels}, "
                                  f"out={conv.out_channels}, groups={conv.groups}")
         for lin in self.linears:
             total = self.total_channels(lin)
-            if total < self.offset(lin) + c or lin.in_features % total:
+            if total < max(self.offsets_of(lin)) + c or lin.in_features % total:
                 raise ValueError(f"group {self.name!r}: Linear in_features={lin.in_features} is "
                                  f"not a multiple of the {total} channels it reads")
 
@@ -148,7 +165,8 @@ class GroupSpec:
     """A :class:`ChannelGroup` as plain data: its layers by module name (and
     numbers), so that a deep copy or a pickle of the model it was made for
     resolves to the copy's own layers. Fields as in :class:`ChannelGroup`;
-    ``offsets`` and ``linear_channels`` are ``(module name, number)`` pairs."""
+    ``offsets`` and ``linear_channels`` are ``(module name, number)`` pairs (a
+    name in several ``offsets`` pairs: a layer that sees the group more than once)."""
 
     producer: str
     norms: tuple[str, ...] = ()
@@ -174,7 +192,8 @@ class GroupSpec:
             return names[id(layer)]
 
         return cls(name_of(group.producer), name=group.name,
-                   offsets=tuple((name_of(m), int(off)) for m, off in group.offsets.items()),
+                   offsets=tuple((name_of(m), off) for m in group.offsets
+                                 for off in group.offsets_of(m)),
                    linear_channels=tuple((name_of(m), int(c))
                                          for m, c in group.linear_channels.items()),
                    readers_known=group.readers_known, sole_readers=group.sole_readers,
@@ -198,8 +217,12 @@ class GroupSpec:
         members = {role: [get(n, kind) for n in getattr(self, role)]
                    for role, kind in MEMBER_ROLES.items()}
         by_name = {n: m for role in members for n, m in zip(getattr(self, role), members[role])}
+        offsets: dict[nn.Module, tuple[int, ...]] = {}
+        for n, off in self.offsets:
+            offsets[by_name[n]] = offsets.get(by_name[n], ()) + (off,)
         return ChannelGroup(get(self.producer, PRODUCER_TYPES), name=self.name,
-                            offsets={by_name[n]: off for n, off in self.offsets},
+                            offsets={m: offs[0] if len(offs) == 1 else offs
+                                     for m, offs in offsets.items()},
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
                             readers_known=self.readers_known, sole_readers=self.sole_readers,
                             **members)

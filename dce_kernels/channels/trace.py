@@ -323,6 +323,32 @@ def _aliases(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _align(sp, xs: Layout, ys: Layout):
+    """How two layouts of leaves line up channel by channel: ``(pairs, refinements)``,
+    the spaces to tie, and the spaces to refine first into the run of the other
+    side's spaces they line up with (a conv added to a concatenation); None if
+    they cannot be made to line up."""
+    xs, ys = list(xs), list(ys)
+    if sum(sp.size[s] for s in xs) != sum(sp.size[s] for s in ys):
+        return None
+    pairs, refinements, refined = [], [], set()
+    while xs and ys:
+        if sp.size[xs[0]] == sp.size[ys[0]]:
+            pairs.append((xs.pop(0), ys.pop(0)))
+            continue
+        big, small = (xs, ys) if sp.size[xs[0]] > sp.size[ys[0]] else (ys, xs)
+        space, run, width = big.pop(0), [], 0
+        while small and width < sp.size[space]:
+            run.append(small.pop(0))
+            width += sp.size[run[-1]]
+        if (width != sp.size[space] or not sp.refinable(space) or space in refined
+                or any(sp.find(s) == space for s in run)):
+            return None
+        refined.add(space)
+        refinements.append((space, tuple(run)))
+    return pairs, refinements
+
+
 class _Analyzer:
     """Walks fx graphs, computing every node's channel layout. Several graphs of
     one model (its training and eval forwards) share one analysis: one space per
@@ -362,16 +388,19 @@ class _Analyzer:
 
     def _tie(self, x, y, node: torch.fx.Node):
         sp = self.a.spaces
-        lx, ly = _layout(x), _layout(y)
+        lx, ly = sp.leaves(_layout(x)), sp.leaves(_layout(y))
         if any(s in self.a.linear_spaces for s in lx + ly):
             self._keep_full([x, y], f"{node.name}: combines a Linear's output features with "
                                     "another tensor")
             return x
-        if (isinstance(x, _Flat) != isinstance(y, _Flat) or len(lx) != len(ly)
-                or any(sp.size[a] != sp.size[b] for a, b in zip(lx, ly))):
+        aligned = None if isinstance(x, _Flat) != isinstance(y, _Flat) else _align(sp, lx, ly)
+        if aligned is None:
             self._keep_full([x, y], f"{node.name}: adds tensors whose channels do not line up")
             return x
-        for a, b in zip(lx, ly):
+        pairs, refinements = aligned
+        for space, parts in refinements:
+            sp.refine(space, parts)
+        for a, b in pairs:
             sp.union(a, b)
         return x
 
@@ -699,7 +728,7 @@ class _Analyzer:
         (its channels are always read)."""
         sp = self.a.spaces
         spans, lo = [], 0
-        for s in x:
+        for s in sp.leaves(x):
             spans.append((s, lo, lo + sp.size[s]))
             lo += sp.size[s]
         reason = (f"{node.name}: {cut.what} of {cut.channels} channels cuts at fixed "
