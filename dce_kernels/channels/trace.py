@@ -20,7 +20,20 @@ analysis follows every tensor's list of spaces through the graph):
   opaque tensor, a scalar, channel counts that differ) keeps its spaces full.
 * Concatenation along channels lays the spaces side by side: a layer after it
   sees each group at an *offset*, and its active channels are the union of the
-  offset-shifted selections (DenseNet).
+  offset-shifted selections (DenseNet). A layer may see one group at several
+  offsets (GhostNet's ``cat([x1, cheap(x1)])``, whose depthwise ``cheap`` carries
+  x1's group). A conv added to (or gating) such a concatenation has the
+  concatenation's groups as its channels: its space is *refined* into them
+  and the conv is tied to each at its offset (GhostNet's shortcut and its
+  squeeze-and-excitation expand conv).
+* Slicing ``x[:, a:b]``, ``narrow``, ``split`` and ``chunk`` along the channels,
+  with constant bounds, read the groups inside each part at shifted offsets
+  (:mod:`.windows`). The compact model runs the same code with the same
+  constants on fewer channels, so the groups before a position the op cuts at
+  (after it, for a negative bound) stay full; a stop past the end needs
+  nothing (GhostNet's ``out[:, :self.out_chs]``). Channels of a group outside a
+  part are not read by its readers; the compact model produces them and the
+  op drops them alike.
 * A depthwise conv (``groups == in_channels == out_channels``) carries its input
   spaces to its output: its input *and* output channels follow them (active
   outputs imply the active inputs of the same group). Other grouped convs read
@@ -36,8 +49,9 @@ analysis follows every tensor's list of spaces through the graph):
   one to one) may read them; anything else, and the model's output (the
   logits), keeps them full. Sums of Linear outputs are not tied (they keep
   their spaces full).
-* Anything the analysis does not understand (an unknown op or module, slicing,
-  reshapes, the model's outputs) keeps every space that flows into it full:
+* Anything the analysis does not understand (an unknown op or module, slicing
+  with a step or along another dim, reshapes, the model's outputs) keeps every
+  space that flows into it full:
   correct, just not selected. The stem conv reads all of the image's channels;
   its output channels are selectable.
 
