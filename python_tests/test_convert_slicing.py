@@ -319,3 +319,23 @@ def test_cuts_of_unknown_form_are_refused():
     assert slice_cut(10, True, None, None) is None
     assert split_cut(10, 0) is None and chunk_cut(10, 0) is None
     assert narrow_cut(10, 0, -1) is None
+
+
+def test_groups_seen_twice_survive_a_pickle_and_bad_offsets_are_refused():
+    import pickle
+
+    from dce_kernels.channels import ChannelGroup
+    from dce_kernels.channels.group import recorded_spec
+
+    model = convert(GhostBlock().double())
+    copied = pickle.loads(pickle.dumps(model))
+    for a, b in zip(plan_for(model).groups, plan_for(copied).groups):
+        for layer_a, layer_b in zip(a.tied + a.depthwise + a.norms + a.consumers,
+                                    b.tied + b.depthwise + b.norms + b.consumers):
+            assert a.offsets_of(layer_a) == b.offsets_of(layer_b)
+    assert recorded_spec(copied) == recorded_spec(model)
+    g = next(grp for grp in plan_for(model).groups if grp.name == "g1.primary")
+    with pytest.raises(ValueError, match="overlap"):
+        ChannelGroup(g.producer, depthwise=[model.dw], offsets={model.dw: (0, 3)}).validate()
+    with pytest.raises(ValueError, match="tied conv has 10 output channels"):
+        ChannelGroup(g.producer, tied=[model.expand]).validate()
