@@ -218,9 +218,9 @@ def test_ghost_module_groups_follow_the_concatenation_twice():
     assert ghost1.offsets_of(model.dwn) == (0, 5) and ghost1.consumers == [
         model.reduce, model.g2.primary]
     # The gate's conv multiplies the concatenation: its outputs are the group twice.
-    assert ghost1.tied == [model.expand] and ghost1.offsets_of(model.expand) == (0, 5)
+    assert ghost1.tied == [model.expand] and ghost1.output_offsets(model.expand) == (0, 5)
     ghost2 = g["g2.primary"]
-    assert ghost2.tied == [model.shortcut] and ghost2.offsets_of(model.shortcut) == (0, 5)
+    assert ghost2.tied == [model.shortcut] and ghost2.output_offsets(model.shortcut) == (0, 5)
     assert ghost2.offsets_of(model.g3.primary) == (0, 5)
     # 5 + 5 sliced to 9 cuts the copy: that group stays full, with the reason.
     notes = conversion_notes(model)
@@ -333,9 +333,37 @@ def test_groups_seen_twice_survive_a_pickle_and_bad_offsets_are_refused():
         for layer_a, layer_b in zip(a.tied + a.depthwise + a.norms + a.consumers,
                                     b.tied + b.depthwise + b.norms + b.consumers):
             assert a.offsets_of(layer_a) == b.offsets_of(layer_b)
+            assert a.output_offsets(layer_a) == b.output_offsets(layer_b)
     assert recorded_spec(copied) == recorded_spec(model)
     g = next(grp for grp in plan_for(model).groups if grp.name == "g1.primary")
     with pytest.raises(ValueError, match="overlap"):
         ChannelGroup(g.producer, depthwise=[model.dw], offsets={model.dw: (0, 3)}).validate()
     with pytest.raises(ValueError, match="tied conv has 10 output channels"):
         ChannelGroup(g.producer, tied=[model.expand]).validate()
+
+
+class ReadsHereWritesThere(nn.Module):
+    """A conv that reads group b at offset 3 (after a concatenation) and is tied to b
+    at its own output's offset 0 (added to b)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 5, 3, padding=1)
+        self.a = nn.Conv2d(5, 3, 1)
+        self.b = nn.Conv2d(5, 4, 3, padding=1)
+        self.mix = nn.Conv2d(7, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        b = self.b(s)
+        y = b + self.mix(F.relu(torch.cat([self.a(s), b], 1)))
+        return self.head(F.relu(y))
+
+
+def test_a_conv_may_read_a_group_at_one_offset_and_write_it_at_another():
+    torch.manual_seed(2)
+    model, plan = _equals_reference_and_exports(ReadsHereWritesThere().double(), X)
+    g = {grp.name: grp for grp in plan.groups}["b"]
+    assert g.tied == [model.mix] and g.offsets_of(model.mix) == (3,)
+    assert g.output_offsets(model.mix) == (0,)

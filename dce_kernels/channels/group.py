@@ -43,9 +43,12 @@ class ChannelGroup:
       ``depthwise`` that sees the group inside a wider tensor (after
       ``torch.cat``), the index of the group's first channel there (absent: 0),
       or a tuple of such indices where it sees the group more than once
-      (GhostNet concatenates a conv's output with a depthwise conv of it); for
-      a conv in ``tied``, where the group's channels lie in its output, once or
-      more (a conv added to such a concatenation).
+      (GhostNet concatenates a conv's output with a depthwise conv of it).
+    * ``tied_offsets``: for a conv in ``tied`` whose output is wider than the
+      group, the indices where the group's channels lie in its output, once or
+      more (a conv added to such a concatenation, GhostNet's shortcut; absent:
+      the conv's output is exactly the group). Apart from ``offsets``: a conv
+      may read the group at one place and write it at another.
     * ``linear_channels``: for a Linear in ``linears``, the number of channels
       of the map it reads flattened (absent: ``num_channels``). Column ``j`` of
       the Linear reads channel ``j // (in_features // linear_channels)``.
@@ -70,6 +73,7 @@ class ChannelGroup:
     linear_channels: dict[nn.Linear, int] = field(default_factory=dict)
     readers_known: bool = True
     sole_readers: bool = False
+    tied_offsets: dict[nn.Module, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_channels(self) -> int:
@@ -88,8 +92,11 @@ class ChannelGroup:
 
     def offsets_of(self, layer: nn.Module) -> tuple[int, ...]:
         """Every index where ``layer`` sees the group's first channel."""
-        off = self.offsets.get(layer, 0)
-        return tuple(int(o) for o in off) if isinstance(off, (tuple, list)) else (int(off),)
+        return _as_offsets(self.offsets.get(layer, 0))
+
+    def output_offsets(self, conv: nn.Module) -> tuple[int, ...]:
+        """Every index of a tied conv's output where the group's channels begin."""
+        return _as_offsets(self.tied_offsets.get(conv, 0))
 
     def total_channels(self, linear: nn.Linear) -> int:
         return int(self.linear_channels.get(linear, self.num_channels))
@@ -118,9 +125,9 @@ class ChannelGroup:
                              "by Linears (the linears role), not by convs or norms")
         c = self.num_channels
         members = (list(self.norms) + list(self.consumers) + list(self.linears)
-                   + list(self.depthwise) + list(self.tied))
-        for layer, off in self.offsets.items():
-            if not any(layer is m for m in members):
+                   + list(self.depthwise))
+        for layer, off in list(self.offsets.items()) + list(self.tied_offsets.items()):
+            if not any(layer is m for m in members + list(self.tied)):
                 raise ValueError(f"group {self.name!r}: an offset is given for a "
                                  f"{type(layer).__name__} that is not in the group")
             offs = off if isinstance(off, (tuple, list)) else (off,)
@@ -131,11 +138,11 @@ class ChannelGroup:
                 raise ValueError(f"group {self.name!r}: the offsets {tuple(offs)} of a "
                                  f"{type(layer).__name__} overlap (the group has {c} channels)")
         for conv in self.tied:
-            if conv.out_channels < max(self.offsets_of(conv)) + c or (
-                    conv not in self.offsets and conv.out_channels != c):
+            if conv.out_channels < max(self.output_offsets(conv)) + c or (
+                    conv not in self.tied_offsets and conv.out_channels != c):
                 raise ValueError(f"group {self.name!r}: tied conv has {conv.out_channels} "
                                  f"output channels, the producer {c} (at offsets "
-                                 f"{self.offsets_of(conv)})")
+                                 f"{self.output_offsets(conv)})")
         for bn in self.norms:
             if bn.num_features < max(self.offsets_of(bn)) + c:
                 raise ValueError(f"group {self.name!r}: BatchNorm has {bn.num_features} "
@@ -179,6 +186,7 @@ class GroupSpec:
     linear_channels: tuple[tuple[str, int], ...] = ()
     readers_known: bool = True
     sole_readers: bool = False
+    tied_offsets: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_group(cls, group: ChannelGroup, model: nn.Module) -> GroupSpec:
@@ -194,6 +202,8 @@ class GroupSpec:
         return cls(name_of(group.producer), name=group.name,
                    offsets=tuple((name_of(m), off) for m in group.offsets
                                  for off in group.offsets_of(m)),
+                   tied_offsets=tuple((name_of(m), off) for m in group.tied_offsets
+                                      for off in group.output_offsets(m)),
                    linear_channels=tuple((name_of(m), int(c))
                                          for m, c in group.linear_channels.items()),
                    readers_known=group.readers_known, sole_readers=group.sole_readers,
@@ -217,15 +227,23 @@ class GroupSpec:
         members = {role: [get(n, kind) for n in getattr(self, role)]
                    for role, kind in MEMBER_ROLES.items()}
         by_name = {n: m for role in members for n, m in zip(getattr(self, role), members[role])}
-        offsets: dict[nn.Module, tuple[int, ...]] = {}
-        for n, off in self.offsets:
-            offsets[by_name[n]] = offsets.get(by_name[n], ()) + (off,)
+        def collect(pairs):
+            offsets: dict[nn.Module, tuple[int, ...]] = {}
+            for n, off in pairs:
+                offsets[by_name[n]] = offsets.get(by_name[n], ()) + (off,)
+            return offsets
+
         return ChannelGroup(get(self.producer, PRODUCER_TYPES), name=self.name,
                             offsets={m: offs[0] if len(offs) == 1 else offs
-                                     for m, offs in offsets.items()},
+                                     for m, offs in collect(self.offsets).items()},
+                            tied_offsets=collect(self.tied_offsets),
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
                             readers_known=self.readers_known, sole_readers=self.sole_readers,
                             **members)
+
+
+def _as_offsets(off) -> tuple[int, ...]:
+    return tuple(int(o) for o in off) if isinstance(off, (tuple, list)) else (int(off),)
 
 
 # Where a linker records a model's groups (a ChannelSpec) on the model itself.

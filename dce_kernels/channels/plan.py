@@ -65,7 +65,7 @@ class ChannelPlan:
             g.validate()
         # A tied conv may hold several groups at offsets (their channels must not
         # overlap: _LayerIndex.finish); otherwise a conv produces one group.
-        producers = [p for g in self.groups for p in g.producers if p not in g.offsets]
+        producers = [p for g in self.groups for p in g.producers if p not in g.tied_offsets]
         if len(set(map(id, producers))) != len(producers):
             raise ValueError("a conv produces more than one channel group")
         self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
@@ -155,7 +155,7 @@ class ChannelPlan:
         for i, g in enumerate(self.groups):
             cover(g.producer, "out_idx", g.num_channels, i, 0)
             for conv in g.tied:
-                for off in g.offsets_of(conv):
+                for off in g.output_offsets(conv):
                     cover(conv, "out_idx", conv.out_channels, i, off)
             for conv in g.consumers:
                 for off in g.offsets_of(conv):
@@ -261,7 +261,10 @@ class ChannelPlan:
                 out.append(g.producer.saliency)
                 continue
             total = g.producer.saliency.clone()
-            for conv in g.tied + g.depthwise:  # each copy of the group's channels
+            for conv in g.tied:  # each copy of the group's channels
+                for off in g.output_offsets(conv):
+                    total += conv.saliency[off:off + g.num_channels]
+            for conv in g.depthwise:
                 for off in g.offsets_of(conv):
                     total += conv.saliency[off:off + g.num_channels]
             out.append(total)

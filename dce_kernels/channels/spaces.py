@@ -195,18 +195,17 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
             offsets.setdefault(m.layer, set()).add(m.offset)
             if m.role == "linears":
                 linear_channels[m.layer] = m.total
-        tied = convs[1:]
+        tied, tied_offsets = convs[1:], []
         for conv, offs in sorted(at_offsets.get(root, {}).items(),
                                  key=lambda item: a.order.index(item[0])):
             tied.append(conv)
-            offsets[conv] = set(offs)
-        # A tied conv at offsets is always listed: its output is wider than the group.
+            tied_offsets.extend((conv, off) for off in sorted(offs))
         pairs = tuple((layer, off) for layer, offs in offsets.items() for off in sorted(offs)
-                      if offs != {0} or layer in tied[len(convs) - 1:])
+                      if offs != {0})
         # Traced: every reader of the group is known (norms, channel-wise ops,
         # consumers), so ChannelPlan may pack it where can_pack allows.
         groups.append(GroupSpec(convs[0], name=convs[0], tied=tuple(tied),
-                                offsets=pairs,
+                                offsets=pairs, tied_offsets=tuple(tied_offsets),
                                 linear_channels=tuple(linear_channels.items()),
                                 readers_known=True, sole_readers=True,
                                 **{role: tuple(names) for role, names in members.items()}))
