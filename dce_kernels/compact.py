@@ -13,9 +13,13 @@ Converted models (:func:`dce_kernels.convert`) export the same way: producers
 tied through a residual add all keep the same channel list, so both inputs of
 the add shrink alike; a layer after a concatenation keeps the union of the
 offset-shifted selections, in order, which is exactly the concatenation of the
-compacted inputs; a depthwise conv keeps its active channels as a narrower
-depthwise conv; a LayerNorm over channels becomes its own class over the active
-channels, and a per-channel scale (layer scale) keeps their entries.
+compacted inputs (a group seen twice, GhostNet's ``cat([x1, cheap(x1)])``, at both
+offsets, and a conv tied to such a concatenation likewise); a depthwise conv
+keeps its active channels as a narrower depthwise conv; a LayerNorm over channels
+becomes its own class over the active channels, and a per-channel scale (layer
+scale) keeps their entries. Slices, ``narrow`` and ``split`` run with the model's
+own constants: convert keeps the channels before every position they cut at, so
+they pick the same channels here.
 
 ``export_compact`` writes it as a ``state_dict`` and as a ``torch.export``
 program (``.pt2``), which ``torch.export.load`` runs without dce_kernels, or

@@ -246,8 +246,9 @@ def test_random_selection_matches_masked_reference_and_exports(make):
 
 
 class Opaque(nn.Module):
-    """Ops the analysis cannot see through: channel slicing, sigmoid gating, an
-    add of a number; the model's own output is a conv's."""
+    """Ops that keep channels full: a slice that cuts a group (the compact model
+    cuts at the same position), a sigmoid gate read by a conv; the model's own
+    output is a conv's."""
 
     def __init__(self):
         super().__init__()
@@ -259,7 +260,7 @@ class Opaque(nn.Module):
 
     def forward(self, x):
         h = self.c2(F.relu(self.c1(x)))
-        h = self.c3(h[:, :4])                   # slicing: c2's channels stay
+        h = self.c3(h[:, :4])                   # cuts c2's 8 channels: they stay
         h = self.c4(torch.sigmoid(h) + 1)       # sigmoid: c3's channels stay
         return self.c5(F.relu(h))               # c4 is selectable; c5 is the output
 
@@ -270,7 +271,7 @@ def test_ops_it_cannot_see_through_keep_channels_full():
     assert [g.name for g in plan.groups] == ["c1", "c4"]
     notes = conversion_notes(model)
     assert set(notes) == {"c2", "c3", "c5"}
-    assert "output" in notes["c5"] and "getitem" in notes["c2"]
+    assert "output" in notes["c5"] and "x[:, :4] of 8 channels cuts" in notes["c2"]
     assert type(model.c2) is ChannelSparseConv2d  # reads c1's group
     assert type(model.c3) is nn.Conv2d            # nothing to select around it
 

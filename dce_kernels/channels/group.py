@@ -44,7 +44,14 @@ class ChannelGroup:
       that carry the group's channels: their input *and* output channels follow.
     * ``offsets``: for a layer in ``norms``, ``consumers``, ``linears`` or
       ``depthwise`` that sees the group inside a wider tensor (after
-      ``torch.cat``), the index of the group's first channel there (absent: 0).
+      ``torch.cat``), the index of the group's first channel there (absent: 0),
+      or a tuple of such indices where it sees the group more than once
+      (GhostNet concatenates a conv's output with a depthwise conv of it).
+    * ``tied_offsets``: for a conv in ``tied`` whose output is wider than the
+      group, the indices where the group's channels lie in its output, once or
+      more (a conv added to such a concatenation, GhostNet's shortcut; absent:
+      the conv's output is exactly the group). Apart from ``offsets``: a conv
+      may read the group at one place and write it at another.
     * ``linear_channels``: for a Linear in ``linears``, the number of channels
       of the map it reads flattened (absent: ``num_channels``). Column ``j`` of
       the Linear reads channel ``j // (in_features // linear_channels)``.
@@ -75,6 +82,7 @@ class ChannelGroup:
     readers_known: bool = True
     sole_readers: bool = False
     scales: list[tuple[nn.Module, str]] = field(default_factory=list)
+    tied_offsets: dict[nn.Module, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_channels(self) -> int:
@@ -88,7 +96,16 @@ class ChannelGroup:
         return [self.producer] + list(self.tied)
 
     def offset(self, layer: nn.Module) -> int:
-        return int(self.offsets.get(layer, 0))
+        """The first of :meth:`offsets_of`."""
+        return self.offsets_of(layer)[0]
+
+    def offsets_of(self, layer: nn.Module) -> tuple[int, ...]:
+        """Every index where ``layer`` sees the group's first channel."""
+        return _as_offsets(self.offsets.get(layer, 0))
+
+    def output_offsets(self, conv: nn.Module) -> tuple[int, ...]:
+        """Every index of a tied conv's output where the group's channels begin."""
+        return _as_offsets(self.tied_offsets.get(conv, 0))
 
     def total_channels(self, linear: nn.Linear) -> int:
         return int(self.linear_channels.get(linear, self.num_channels))
@@ -119,30 +136,37 @@ class ChannelGroup:
         c = self.num_channels
         members = (list(self.norms) + list(self.consumers) + list(self.linears)
                    + list(self.depthwise))
-        for layer, off in self.offsets.items():
-            if not any(layer is m for m in members):
+        for layer, off in list(self.offsets.items()) + list(self.tied_offsets.items()):
+            if not any(layer is m for m in members + list(self.tied)):
                 raise ValueError(f"group {self.name!r}: an offset is given for a "
                                  f"{type(layer).__name__} that is not in the group")
-            if int(off) != off or off < 0:
+            offs = off if isinstance(off, (tuple, list)) else (off,)
+            if not offs or any(int(o) != o or o < 0 for o in offs):
                 raise ValueError(f"group {self.name!r}: offsets must be non-negative "
                                  f"integers, got {off}")
+            if any(b - a < c for a, b in zip(sorted(offs), sorted(offs)[1:])):
+                raise ValueError(f"group {self.name!r}: the offsets {tuple(offs)} of a "
+                                 f"{type(layer).__name__} overlap (the group has {c} channels)")
         for conv in self.tied:
             width = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-            if width != c:
+            if width < max(self.output_offsets(conv)) + c or (
+                    conv not in self.tied_offsets and width != c):
                 raise ValueError(f"group {self.name!r}: tied {type(conv).__name__} has {width} "
-                                 f"output channels, the producer {c}")
+                                 f"output channels, the producer {c} (at offsets "
+                                 f"{self.output_offsets(conv)})")
         for bn in self.norms:
-            if bn.num_features < self.offset(bn) + c:
+            if bn.num_features < max(self.offsets_of(bn)) + c:
                 raise ValueError(f"group {self.name!r}: {type(bn).__name__} has {bn.num_features} "
-                                 f"channels, its conv {c} (at offset {self.offset(bn)})")
+                                 f"channels, its conv {c} (at offset {max(self.offsets_of(bn))})")
         for conv in self.consumers:
-            if conv.in_channels < self.offset(conv) + c or conv.groups != 1:
+            if conv.in_channels < max(self.offsets_of(conv)) + c or conv.groups != 1:
                 raise ValueError(f"group {self.name!r}: consumer conv must have groups=1 and "
-                                 f"{c} input channels (from offset {self.offset(conv)}), got "
+                                 f"{c} input channels (from offset "
+                                 f"{max(self.offsets_of(conv))}), got "
                                  f"{conv.in_channels} (groups={conv.groups})")
         for conv in self.depthwise:
             if not (conv.groups == conv.in_channels == conv.out_channels) \
-                    or conv.in_channels < self.offset(conv) + c:
+                    or conv.in_channels < max(self.offsets_of(conv)) + c:
                 raise ValueError(f"group {self.name!r}: a depthwise member needs "
                                  "groups == in_channels == out_channels covering the group's "
                                  f"{c} channels, got in={conv.in_channels}, "
@@ -156,7 +180,7 @@ class ChannelGroup:
                                  f"one dim, got {getattr(scale, 'shape', scale)}")
         for lin in self.linears:
             total = self.total_channels(lin)
-            if total < self.offset(lin) + c or lin.in_features % total:
+            if total < max(self.offsets_of(lin)) + c or lin.in_features % total:
                 raise ValueError(f"group {self.name!r}: Linear in_features={lin.in_features} is "
                                  f"not a multiple of the {total} channels it reads")
 
@@ -166,7 +190,8 @@ class GroupSpec:
     """A :class:`ChannelGroup` as plain data: its layers by module name (and
     numbers), so that a deep copy or a pickle of the model it was made for
     resolves to the copy's own layers. Fields as in :class:`ChannelGroup`;
-    ``offsets`` and ``linear_channels`` are ``(module name, number)`` pairs."""
+    ``offsets`` and ``linear_channels`` are ``(module name, number)`` pairs (a
+    name in several ``offsets`` pairs: a layer that sees the group more than once)."""
 
     producer: str
     norms: tuple[str, ...] = ()
@@ -180,6 +205,7 @@ class GroupSpec:
     readers_known: bool = True
     sole_readers: bool = False
     scales: tuple[str, ...] = ()  # dotted names of parameters or buffers
+    tied_offsets: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_group(cls, group: ChannelGroup, model: nn.Module) -> GroupSpec:
@@ -193,7 +219,10 @@ class GroupSpec:
             return names[id(layer)]
 
         return cls(name_of(group.producer), name=group.name,
-                   offsets=tuple((name_of(m), int(off)) for m, off in group.offsets.items()),
+                   offsets=tuple((name_of(m), off) for m in group.offsets
+                                 for off in group.offsets_of(m)),
+                   tied_offsets=tuple((name_of(m), off) for m in group.tied_offsets
+                                      for off in group.output_offsets(m)),
                    linear_channels=tuple((name_of(m), int(c))
                                          for m, c in group.linear_channels.items()),
                    readers_known=group.readers_known, sole_readers=group.sole_readers,
@@ -226,8 +255,17 @@ class GroupSpec:
                 raise ValueError(f"converted model: the scale {dotted!r} of its channel groups "
                                  "is gone (was the model changed after convert?)")
             scales.append((owner, attr))
+
+        def collect(pairs):
+            offsets: dict[nn.Module, tuple[int, ...]] = {}
+            for n, off in pairs:
+                offsets[by_name[n]] = offsets.get(by_name[n], ()) + (off,)
+            return offsets
+
         return ChannelGroup(get(self.producer, PRODUCER_TYPES), name=self.name,
-                            offsets={by_name[n]: off for n, off in self.offsets},
+                            offsets={m: offs[0] if len(offs) == 1 else offs
+                                     for m, offs in collect(self.offsets).items()},
+                            tied_offsets=collect(self.tied_offsets),
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
                             readers_known=self.readers_known, sole_readers=self.sole_readers,
                             scales=scales, **members)
@@ -235,6 +273,10 @@ class GroupSpec:
 
 def _dotted(owner: str, attr: str) -> str:
     return f"{owner}.{attr}" if owner else attr
+
+
+def _as_offsets(off) -> tuple[int, ...]:
+    return tuple(int(o) for o in off) if isinstance(off, (tuple, list)) else (int(off),)
 
 
 # Where a linker records a model's groups (a ChannelSpec) on the model itself.

@@ -68,7 +68,9 @@ class ChannelPlan:
         self.groups = list(groups)
         for g in self.groups:
             g.validate()
-        producers = [p for g in self.groups for p in g.producers]
+        # A tied conv may hold several groups at offsets (their channels must not
+        # overlap: _LayerIndex.finish); otherwise a conv produces one group.
+        producers = [p for g in self.groups for p in g.producers if p not in g.tied_offsets]
         if len(set(map(id, producers))) != len(producers):
             raise ValueError("a conv produces more than one channel group")
         self.convs = [m for m in model.modules() if isinstance(m, ChannelSparseConv2d)]
@@ -121,7 +123,7 @@ class ChannelPlan:
 
         ok = [g.sole_readers and g.readers_known and not g.tied and not g.scales
               and all(isinstance(lin, ChannelSparseLinear) for lin in g.linears)
-              and all(d.in_channels == g.num_channels and g.offset(d) == 0
+              and all(d.in_channels == g.num_channels and g.offsets_of(d) == (0,)
                       for d in g.depthwise)
               and isinstance(g.producer, ChannelSparseConv2d)
               and g.producer.groups == 1 and all(c.groups == 1 for c in g.consumers)
@@ -157,17 +159,24 @@ class ChannelPlan:
             indices[key].entries.append((g, off))
 
         for i, g in enumerate(self.groups):
-            for conv in g.producers:
-                cover(conv, "out_idx", g.num_channels, i, 0)
+            cover(g.producer, "out_idx", g.num_channels, i, 0)
+            for conv in g.tied:  # a conv, or a Linear over channels last (ConvNeXt)
+                width = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
+                for off in g.output_offsets(conv):
+                    cover(conv, "out_idx", width, i, off)
             for conv in g.consumers:
-                cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
+                for off in g.offsets_of(conv):
+                    cover(conv, "in_idx", conv.in_channels, i, off)
             for conv in g.depthwise:
-                cover(conv, "out_idx", conv.out_channels, i, g.offset(conv))
-                cover(conv, "in_idx", conv.in_channels, i, g.offset(conv))
+                for off in g.offsets_of(conv):
+                    cover(conv, "out_idx", conv.out_channels, i, off)
+                    cover(conv, "in_idx", conv.in_channels, i, off)
             for bn in g.norms:
-                cover(bn, "active_idx", bn.num_features, i, g.offset(bn))
+                for off in g.offsets_of(bn):
+                    cover(bn, "active_idx", bn.num_features, i, off)
             for lin in g.linears:
-                cover(lin, "in_channels", g.total_channels(lin), i, g.offset(lin))
+                for off in g.offsets_of(lin):
+                    cover(lin, "in_channels", g.total_channels(lin), i, off)
             for owner, attr in g.scales:
                 cover(owner, _SCALE + attr, g.num_channels, i, 0)
         widths = self.num_channels
@@ -271,11 +280,12 @@ class ChannelPlan:
                 out.append(g.producer.saliency)
                 continue
             total = g.producer.saliency.clone()
-            for conv in g.tied:
-                total += conv.saliency
+            for conv in g.tied:  # each copy of the group's channels
+                for off in g.output_offsets(conv):
+                    total += conv.saliency[off:off + g.num_channels]
             for conv in g.depthwise:
-                off = g.offset(conv)
-                total += conv.saliency[off:off + g.num_channels]
+                for off in g.offsets_of(conv):
+                    total += conv.saliency[off:off + g.num_channels]
             out.append(total)
         return out
 

@@ -30,7 +30,20 @@ analysis follows every tensor's list of spaces through the graph):
   opaque tensor, a scalar, channel counts that differ) keeps its spaces full.
 * Concatenation along channels lays the spaces side by side: a layer after it
   sees each group at an *offset*, and its active channels are the union of the
-  offset-shifted selections (DenseNet).
+  offset-shifted selections (DenseNet). A layer may see one group at several
+  offsets (GhostNet's ``cat([x1, cheap(x1)])``, whose depthwise ``cheap`` carries
+  x1's group). A conv added to (or gating) such a concatenation has the
+  concatenation's groups as its channels: its space is *refined* into them
+  and the conv is tied to each at its offset (GhostNet's shortcut and its
+  squeeze-and-excitation expand conv).
+* Slicing ``x[:, a:b]``, ``narrow``, ``split`` and ``chunk`` along the channels,
+  with constant bounds, read the groups inside each part at shifted offsets
+  (:mod:`.windows`). The compact model runs the same code with the same
+  constants on fewer channels, so the groups before a position the op cuts at
+  (after it, for a negative bound) stay full; a stop past the end needs
+  nothing (GhostNet's ``out[:, :self.out_chs]``). Channels of a group outside a
+  part are not read by its readers; the compact model produces them and the
+  op drops them alike.
 * A depthwise conv (``groups == in_channels == out_channels``) carries its input
   spaces to its output: its input *and* output channels follow them (active
   outputs imply the active inputs of the same group). Other grouped convs read
@@ -48,8 +61,9 @@ analysis follows every tensor's list of spaces through the graph):
   their spaces full). A Linear on a channels-last map (ConvNeXt's MLP) is a 1x1
   conv instead: its columns follow the channels one to one, and its outputs are
   channels of a map, which sums tie like a conv's.
-* Anything the analysis does not understand (an unknown op or module, slicing,
-  reshapes, the model's outputs) keeps every space that flows into it full:
+* Anything the analysis does not understand (an unknown op or module, slicing
+  with a step or along another dim, reshapes, the model's outputs) keeps every
+  space that flows into it full:
   correct, just not selected. The stem conv reads all of the image's channels;
   its output channels are selectable.
 
@@ -59,6 +73,7 @@ together, so layers that run in one mode only (auxiliary heads) are linked too.
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -78,6 +93,7 @@ from .optable import (ADD_FUNCTIONS, ADD_METHODS, CAST_METHODS, CAT_NAMES, DIV_F
                       RESHAPE_METHODS, SCALE_SHAPE_NAMES, SPATIAL_MODULES, SPATIAL_NAMES,
                       SPATIAL_REDUCTIONS)
 from .spaces import OUTPUT_REASON, Analysis, Member, spec_from_analysis
+from .windows import Cut, chunk_cut, narrow_cut, slice_cut, split_cut
 
 __all__ = ["trace_modes", "link_graphs", "Linked", "link_without_graph", "is_convertible_conv",
            "is_convertible_linear"]
@@ -276,14 +292,66 @@ class _Last:
     layout: Layout
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """The tuple ``split`` / ``chunk`` along the channels return: the layout of each
+    part (None: a part of no channels of ours). Only indexing it is understood."""
+
+    layouts: tuple[Optional[Layout], ...]
+
+
 def _layout(v) -> Layout:
+    if isinstance(v, _Parts):
+        return tuple(s for part in v.layouts for s in (part or ()))
     return v.layout if isinstance(v, (_Flat, _Gate, _Last)) else (v or ())
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _channel_slice(key: Any) -> Optional[slice]:
+    """The slice of dim 1 in ``x[key]`` when ``key`` slices only the channels
+    (``x[:, a:b]``, ``x[:, a:b, ...]``, ``x[:, a:b, :, :]``); else None."""
+    key = key if isinstance(key, tuple) else (key,)
+    full = slice(None)
+    if (len(key) < 2 or len(key) > 4 or not isinstance(key[0], slice) or key[0] != full
+            or not isinstance(key[1], slice)):
+        return None
+    if not all(k is Ellipsis or (isinstance(k, slice) and k == full) for k in key[2:]):
+        return None
+    return key[1]
+
+
+# What picks channels by position besides indexing (functions and tensor methods alike):
+# name -> how to read its arguments into a Cut, given the channels of its input.
+def _narrow(node: torch.fx.Node, channels: int) -> Optional[Cut]:
+    if _argument(node, 1, "dim") != 1:
+        return None
+    return narrow_cut(channels, _argument(node, 2, "start"), _argument(node, 3, "length"))
+
+
+def _split(node: torch.fx.Node, channels: int) -> Optional[Cut]:
+    if _argument(node, 2, "dim", 0) != 1:
+        return None
+    sizes = _argument(node, 1, "split_size", _argument(node, 1, "split_size_or_sections"))
+    return split_cut(channels, sizes)
+
+
+def _chunk(node: torch.fx.Node, channels: int) -> Optional[Cut]:
+    if _argument(node, 2, "dim", 0) != 1:
+        return None
+    return chunk_cut(channels, _argument(node, 1, "chunks"))
+
+
+_CUTS = {"narrow": _narrow, "split": _split, "chunk": _chunk}
 
 
 # Ops through which a tensor keeps sharing its input's memory: an in-place op on
 # their result modifies the input too.
 _ALIAS_METHODS = {"view", "reshape", "flatten", "contiguous", "to", "float", "double",
-                  "half", "view_as", "expand", "expand_as", "squeeze", "unsqueeze"}
+                  "half", "view_as", "expand", "expand_as", "squeeze", "unsqueeze",
+                  "narrow", "split", "chunk"}
 
 
 def _aliases(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -295,8 +363,35 @@ def _aliases(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
         return node.target in _ALIAS_METHODS
     if node.op == "call_function":
         return _target_name(node.target) in {"flatten", "reshape", "contiguous", "squeeze",
-                                             "unsqueeze"}
+                                             "unsqueeze", "getitem", "narrow", "split",
+                                             "chunk"}
     return False
+
+
+def _align(sp, xs: Layout, ys: Layout):
+    """How two layouts of leaves line up channel by channel: ``(pairs, refinements)``,
+    the spaces to tie, and the spaces to refine first into the run of the other
+    side's spaces they line up with (a conv added to a concatenation); None if
+    they cannot be made to line up."""
+    xs, ys = list(xs), list(ys)
+    if sum(sp.size[s] for s in xs) != sum(sp.size[s] for s in ys):
+        return None
+    pairs, refinements, refined = [], [], set()
+    while xs and ys:
+        if sp.size[xs[0]] == sp.size[ys[0]]:
+            pairs.append((xs.pop(0), ys.pop(0)))
+            continue
+        big, small = (xs, ys) if sp.size[xs[0]] > sp.size[ys[0]] else (ys, xs)
+        space, run, width = big.pop(0), [], 0
+        while small and width < sp.size[space]:
+            run.append(small.pop(0))
+            width += sp.size[run[-1]]
+        if (width != sp.size[space] or not sp.refinable(space) or space in refined
+                or any(sp.find(s) == space for s in run)):
+            return None
+        refined.add(space)
+        refinements.append((space, tuple(run)))
+    return pairs, refinements
 
 
 class _Analyzer:
@@ -339,16 +434,19 @@ class _Analyzer:
 
     def _tie(self, x, y, node: torch.fx.Node):
         sp = self.a.spaces
-        lx, ly = _layout(x), _layout(y)
+        lx, ly = sp.leaves(_layout(x)), sp.leaves(_layout(y))
         if any(s in self.a.linear_spaces for s in lx + ly):
             self._keep_full([x, y], f"{node.name}: combines a Linear's output features with "
                                     "another tensor")
             return x
-        if (isinstance(x, _Flat) != isinstance(y, _Flat) or len(lx) != len(ly)
-                or any(sp.size[a] != sp.size[b] for a, b in zip(lx, ly))):
+        aligned = None if isinstance(x, _Flat) != isinstance(y, _Flat) else _align(sp, lx, ly)
+        if aligned is None:
             self._keep_full([x, y], f"{node.name}: adds tensors whose channels do not line up")
             return x
-        for a, b in zip(lx, ly):
+        pairs, refinements = aligned
+        for space, parts in refinements:
+            sp.refine(space, parts)
+        for a, b in pairs:
             sp.union(a, b)
         return x
 
@@ -421,6 +519,9 @@ class _Analyzer:
         m = self.modules[node.target]
         x = self._val(node.args[0]) if node.args else None
         others = self._layouts_in((node.args[1:], node.kwargs))
+        if isinstance(x, _Parts):
+            self._opaque(node, f"{node.target}: module called on the parts of a split")
+            return
         if isinstance(x, _Gate) and not isinstance(m, ELEMENTWISE_MODULES + GATE_MODULES
                                                    + SPATIAL_MODULES):
             # Only a product keeps a gate's inactive channels out: here they are read.
@@ -504,6 +605,12 @@ class _Analyzer:
         if name in PERMUTE_NAMES or any(isinstance(v, _Last) for v in values):
             self._channels_last(node, name, values)
             return
+        if target is operator.getitem and node.args:
+            self._getitem(node, x)
+            return
+        if any(isinstance(v, _Parts) for v in values):
+            self._opaque(node, f"{node.name}: {name} on the parts of a split")
+            return
         if any(isinstance(v, _Gate) for v in values) and not (
                 target in ADD_FUNCTIONS or target in MUL_FUNCTIONS or target in DIV_FUNCTIONS
                 or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in SPATIAL_NAMES
@@ -517,6 +624,8 @@ class _Analyzer:
             self._binary_mul(node, divide=target in DIV_FUNCTIONS)
         elif name in CAT_NAMES:
             self._cat(node)
+        elif name in _CUTS:
+            self._cut_op(node, x, _CUTS[name])
         elif name == "flatten":
             self._flatten(node, x, _argument(node, 1, "start_dim", 0),
                           _argument(node, 2, "end_dim", -1))
@@ -549,6 +658,9 @@ class _Analyzer:
         if name in PERMUTE_NAMES or any(isinstance(v, _Last) for v in values):
             self._channels_last(node, name, values)
             return
+        if any(isinstance(v, _Parts) for v in values):
+            self._opaque(node, f"{node.name}: .{name}() on the parts of a split")
+            return
         if any(isinstance(v, _Gate) for v in values) and not (
                 name in ADD_METHODS or name in MUL_METHODS or name in DIV_METHODS
                 or name in ELEMENTWISE_NAMES or name in GATE_NAMES or name in CAST_METHODS
@@ -560,6 +672,8 @@ class _Analyzer:
             self.value[node] = None
         elif name in ADD_METHODS:
             self._binary_add(node)
+        elif name in _CUTS:
+            self._cut_op(node, x, _CUTS[name])
         elif name in MUL_METHODS or name in DIV_METHODS:
             self._binary_mul(node, divide=name in DIV_METHODS)
         elif name == "flatten":
@@ -634,6 +748,71 @@ class _Analyzer:
                                "of conv outputs")
             return
         self.value[node] = tuple(s for p in parts for s in p)
+
+    def _getitem(self, node, x):
+        """``parts[i]`` of a split, or ``x[:, a:b]``: a slice of the channels."""
+        index = node.args[1] if len(node.args) > 1 else None
+        if isinstance(x, _Parts):
+            if _is_int(index) and -len(x.layouts) <= index < len(x.layouts):
+                self.value[node] = x.layouts[index]
+            else:
+                self._opaque(node, f"{node.name}: indexes the parts of a split with {index!r}")
+            return
+        window = _channel_slice(index)
+        cut = None
+        if window is not None and x is not None and not isinstance(x, (_Flat, _Gate)):
+            cut = slice_cut(self._channels(x), window.start, window.stop, window.step)
+        if cut is None:
+            self._opaque(node, f"{node.name}: indexing that is not a slice of the channels "
+                               "with constant bounds and step 1")
+            return
+        self.value[node] = self._cut(node, x, cut)[0]
+
+    def _cut_op(self, node, x, read: Any):
+        """``narrow``, ``split`` or ``chunk`` (``read`` reads its arguments)."""
+        cut = None
+        if x is not None and not isinstance(x, (_Flat, _Gate)):
+            cut = read(node, self._channels(x))
+        if cut is None:
+            self._opaque(node, f"{node.name}: {_target_name(node.target)} that is not along "
+                               "the channels with constant sizes")
+            return
+        parts = self._cut(node, x, cut)
+        self.value[node] = parts[0] if _target_name(node.target) == "narrow" \
+            else _Parts(tuple(parts))
+
+    def _cut(self, node, x: Layout, cut: Cut) -> list[Optional[Layout]]:
+        """The layout of each part of ``cut``. The spaces the compact model needs
+        at fixed positions (see :mod:`.windows`) stay full; a space a part holds
+        only some channels of is full, so that piece becomes a full space of its own
+        (its channels are always read)."""
+        sp = self.a.spaces
+        spans, lo = [], 0
+        for s in sp.leaves(x):
+            spans.append((s, lo, lo + sp.size[s]))
+            lo += sp.size[s]
+        reason = (f"{node.name}: {cut.what} of {cut.channels} channels cuts at fixed "
+                  f"positions, as the compact model will, so channels {cut.pinned_text()} "
+                  "stay")
+        for s, lo, hi in spans:
+            if cut.pinned(lo, hi):
+                sp.keep_full(s, reason)
+        parts = []
+        for part_lo, part_hi in cut.parts:
+            layout = []
+            for s, lo, hi in spans:
+                a, b = max(lo, part_lo), min(hi, part_hi)
+                if a >= b:
+                    continue
+                if (a, b) == (lo, hi):
+                    layout.append(s)
+                else:
+                    sp.keep_full(s, reason)  # cut positions are pinned: full already
+                    piece = sp.new(b - a)
+                    sp.keep_full(piece, reason)
+                    layout.append(piece)
+            parts.append(tuple(layout) or None)
+        return parts
 
     def _flatten(self, node, x, start_dim, end_dim):
         if x is not None and not isinstance(x, _Flat) and start_dim == 1 and end_dim == -1:
