@@ -338,7 +338,7 @@ def test_groups_seen_twice_survive_a_pickle_and_bad_offsets_are_refused():
     g = next(grp for grp in plan_for(model).groups if grp.name == "g1.primary")
     with pytest.raises(ValueError, match="overlap"):
         ChannelGroup(g.producer, depthwise=[model.dw], offsets={model.dw: (0, 3)}).validate()
-    with pytest.raises(ValueError, match="tied conv has 10 output channels"):
+    with pytest.raises(ValueError, match="tied ChannelSparseConv2d has 10 output channels"):
         ChannelGroup(g.producer, tied=[model.expand]).validate()
 
 
