@@ -27,14 +27,9 @@ def _run_packed(backend, x, wt, b, in_idx, out_idx, args, grad_output, layout):
     return y, x_arg.grad, w_arg.grad, (b_arg.grad if b is not None else None), probe.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"in{'P' if l[0] else 'F'}-out{'P' if l[1] else 'F'}")
-@pytest.mark.parametrize("fractions", FRACTIONS, ids=lambda f: f"pin{f[0]}-pout{f[1]}")
-@pytest.mark.parametrize("case", OP_CASES, ids=str)
-def test_packed_layouts_match_masked_dense(backend, case, fractions, layout, dtype):
-    x, wt, b = case.tensors(dtype, backend.device)
-    in_idx = _sorted_index(x.shape[1], fractions[0], backend.device)
-    out_idx = _sorted_index(wt.shape[0], fractions[1], backend.device)
+def _check_against_masked_dense(backend, case, x, wt, b, in_idx, out_idx, layout, dtype):
+    """The packed call's output and every gradient against the full-width float64
+    masked dense reference, narrowed to the active channels where packed."""
     args = case.conv_args()
     grad_output = torch.randn_like(torch.nn.functional.conv2d(x, wt, None, **args))
 
@@ -52,6 +47,17 @@ def test_packed_layouts_match_masked_dense(backend, case, fractions, layout, dty
     if b is not None:
         torch.testing.assert_close(gb.double().cpu(), ref.grad_bias, **tol)
     torch.testing.assert_close(sal.double().cpu(), ref.saliency, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"in{'P' if l[0] else 'F'}-out{'P' if l[1] else 'F'}")
+@pytest.mark.parametrize("fractions", FRACTIONS, ids=lambda f: f"pin{f[0]}-pout{f[1]}")
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+def test_packed_layouts_match_masked_dense(backend, case, fractions, layout, dtype):
+    x, wt, b = case.tensors(dtype, backend.device)
+    in_idx = _sorted_index(x.shape[1], fractions[0], backend.device)
+    out_idx = _sorted_index(wt.shape[0], fractions[1], backend.device)
+    _check_against_masked_dense(backend, case, x, wt, b, in_idx, out_idx, layout, dtype)
 
 
 # Depthwise convs pack too: a channel group's depthwise member reads and writes
@@ -78,23 +84,7 @@ def test_packed_depthwise_matches_masked_dense(backend, case, fraction, lists, l
     out_idx = _sorted_index(case.out_channels, fraction, backend.device)
     in_idx = {"same tensor": out_idx, "equal copy": out_idx.clone(),
               "other input list": _sorted_index(case.in_channels, 0.6, backend.device)}[lists]
-    args = case.conv_args()
-    grad_output = torch.randn_like(torch.nn.functional.conv2d(x, wt, None, **args))
-
-    y, gx, gw, gb, sal = _run_packed(backend, x, wt, b, in_idx, out_idx, args, grad_output,
-                                     layout)
-    ref = masked_dense(x, wt, b, in_idx, out_idx, grad_output, **args)
-    packed_in, packed_out = layout
-    cpu_in, cpu_out = in_idx.cpu(), out_idx.cpu()
-    tol = close_kwargs(dtype)
-    torch.testing.assert_close(y.double().cpu(), ref.output[:, cpu_out] if packed_out
-                               else ref.output, **tol)
-    torch.testing.assert_close(gx.double().cpu(), ref.grad_input[:, cpu_in] if packed_in
-                               else ref.grad_input, **tol)
-    torch.testing.assert_close(gw.double().cpu(), ref.grad_weight, **tol)
-    if b is not None:
-        torch.testing.assert_close(gb.double().cpu(), ref.grad_bias, **tol)
-    torch.testing.assert_close(sal.double().cpu(), ref.saliency, **tol)
+    _check_against_masked_dense(backend, case, x, wt, b, in_idx, out_idx, layout, dtype)
 
 
 def test_packed_chain_equals_full_width_chain(backend):
