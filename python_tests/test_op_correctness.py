@@ -138,6 +138,64 @@ def test_grouped_convolution_matches_masked_dense(backend):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
 
 
+def balanced_index(channels: int, groups: int, per_group: int) -> torch.Tensor:
+    """Ascending channels, ``per_group`` random ones of each of ``groups`` equal runs."""
+    run = channels // groups
+    return torch.cat([torch.randperm(run)[:per_group].sort().values + g * run
+                      for g in range(groups)])
+
+
+# Grouped convs (not depthwise) whose lists hold equally many channels of every conv
+# group, ascending (what a channel group with blocks gives them), run as a narrower
+# grouped conv; the masked dense reference does not know that. Odd sizes, every arg.
+GROUPED_CASES = [
+    (ConvCase(2, 12, 9, 7, 7, groups=3, name="3 groups 3x3"), 3, 2),
+    (ConvCase(3, 10, 15, 9, 6, stride=2, bias=False, groups=5, name="stride 2, no bias"), 1, 2),
+    (ConvCase(1, 8, 8, 10, 9, kernel=(3, 1), padding=(2, 0), dilation=2, groups=2,
+              name="non-square dilated"), 3, 1),
+]
+
+
+@pytest.mark.parametrize("inputs", ["balanced", "all", "other channels"])
+@pytest.mark.parametrize("outputs", ["balanced", "all"])
+@pytest.mark.parametrize("case,per_in,per_out", GROUPED_CASES, ids=lambda c: str(c))
+def test_narrow_grouped_conv_matches_masked_dense(backend, case, per_in, per_out, inputs,
+                                                  outputs):
+    x, w, b = case.tensors(torch.float64, backend.device)
+    g_ = case.groups
+    out_idx = (balanced_index(case.out_channels, g_, per_out) if outputs == "balanced"
+               else torch.arange(case.out_channels)).to(backend.device)
+    in_idx = {"balanced": balanced_index(case.in_channels, g_, per_in),
+              "all": torch.arange(case.in_channels),
+              "other channels": random_index(case.in_channels, 0.6)}[inputs].to(backend.device)
+    args = case.conv_args()
+    g = torch.randn_like(torch.nn.functional.conv2d(x, w, None, **args))
+    y, gx, gw, gb, sal = _run(backend, x, w, b, in_idx, out_idx, args, g)
+    ref = masked_dense(x, w, b, in_idx, out_idx, g, **args)
+    for got, want in [(y, ref.output), (gx, ref.grad_input), (gw, ref.grad_weight),
+                      (gb, ref.grad_bias), (sal, ref.saliency)]:
+        if want is not None:
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_narrow_grouped_conv_never_reads_inactive_weights(backend):
+    """The narrow grouped path reads only the active block of the weight (a masked
+    dense conv would multiply the NaNs by zero and return NaN)."""
+    x, w, b = ConvCase(2, 12, 9, 6, 6, groups=3).tensors(torch.float64, backend.device)
+    in_idx = balanced_index(12, 3, 2).to(backend.device)
+    out_idx = balanced_index(9, 3, 1).to(backend.device)
+    ref = masked_dense(x, w, b, in_idx, out_idx, torch.ones(2, 9, 6, 6, dtype=torch.float64),
+                       padding=1, groups=3)
+    poisoned = torch.full_like(w, float("nan"))
+    run = 4  # input channels per conv group
+    for o in out_idx.tolist():
+        cols = [c - (o // 3) * run for c in in_idx.tolist() if c // run == o // 3]
+        poisoned[o, cols] = w[o, cols]
+    y = backend.conv(x, poisoned, b, in_idx, out_idx, padding=1, groups=3)
+    assert not torch.isnan(y).any()
+    torch.testing.assert_close(y.cpu(), ref.output, rtol=1e-10, atol=1e-10)
+
+
 # Depthwise convs with some outputs inactive run a narrower depthwise conv over the
 # active output planes: with the input list the output list (what a channel group
 # sets on its depthwise members: the same tensor or an equal copy), all inputs

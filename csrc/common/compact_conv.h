@@ -9,7 +9,9 @@
 // scatters are skipped, which leaves the narrow network's own work plus the
 // fused grad_output pass. A depthwise conv with some outputs inactive runs as
 // a narrower depthwise conv over its active planes (see depthwise_input_keep);
-// other groups > 1 take a masked dense path (correct, not faster than dense).
+// a grouped conv whose lists hold equally many channels of every conv group
+// (runs_narrow_grouped) as a narrower grouped conv (see grouped_columns); other
+// groups > 1 take a masked dense path (correct, not faster than dense).
 //
 // The memory passes come from a `Planes` backend, a struct of static
 // functions (the CPU loops in cpu/channel_planes.h; the kernels of
@@ -74,6 +76,47 @@ inline c10::optional<at::Tensor> depthwise_input_keep(const ChannelIndex& in,
   return member.index_select(0, out.idx).view({1, out.count, 1, 1});
 }
 
+// For a grouped conv that runs narrow: [K_out, m_in], row k the positions within
+// its conv group's weight columns (0 .. in_channels / groups) of the active
+// inputs of that group, for the k-th active output. Both lists are ascending
+// with equally many entries per conv group, so output k lies in conv group
+// k / out.per_group, whose active inputs are row k / out.per_group of in_idx
+// viewed as [groups, m_in].
+inline at::Tensor grouped_columns(const ChannelIndex& in, const ChannelIndex& out,
+                                  int64_t in_channels, int64_t groups) {
+  const at::Tensor starts =
+      at::arange(groups, in.idx.options()).mul_(in_channels / groups).unsqueeze(1);
+  const at::Tensor local = in.idx.view({groups, in.per_group}) - starts;
+  return local.repeat_interleave(out.per_group, 0);
+}
+
+// The narrow grouped conv's weight [K_out, m_in, kH, kW]: w[out_idx[k], columns[k]].
+inline at::Tensor gather_grouped_weight(const at::Tensor& w, const ChannelIndex& in,
+                                        const ChannelIndex& out, int64_t groups) {
+  const at::Tensor rows = out.is_all ? w : w.index_select(0, out.idx);
+  if (in.is_all) return rows;
+  const at::Tensor cols = grouped_columns(in, out, w.size(1) * groups, groups);
+  return rows.gather(1, cols.view({out.count, in.per_group, 1, 1})
+                            .expand({out.count, in.per_group, w.size(2), w.size(3)}));
+}
+
+// Its inverse for the weight gradient: the compact gradient at those places,
+// zeros elsewhere.
+inline at::Tensor scatter_grouped_weight(const at::Tensor& grad_c, const at::Tensor& w,
+                                         const ChannelIndex& in, const ChannelIndex& out,
+                                         int64_t groups) {
+  at::Tensor rows = grad_c;
+  if (!in.is_all) {
+    const at::Tensor cols = grouped_columns(in, out, w.size(1) * groups, groups);
+    rows = at::zeros({out.count, w.size(1), w.size(2), w.size(3)}, w.options())
+               .scatter_(1,
+                         cols.view({out.count, in.per_group, 1, 1})
+                             .expand({out.count, in.per_group, w.size(2), w.size(3)}),
+                         grad_c);
+  }
+  return out.is_all ? rows : at::zeros_like(w).index_copy_(0, out.idx, rows);
+}
+
 template <typename Planes>
 at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
@@ -105,6 +148,15 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
                                      dilation, false, {0, 0}, out.count)
                          .contiguous();
     return packed_output ? y_c : Planes::scatter_channels(y_c, out.idx, weight.size(0));
+  }
+  if (runs_narrow_grouped(w, groups, in, out)) {
+    const at::Tensor x_c = in.is_all ? x : Planes::gather_channels(x, in.idx);
+    c10::optional<at::Tensor> b_c = b;
+    if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
+    at::Tensor y_c = at::convolution(x_c, gather_grouped_weight(w, in, out, groups), b_c, stride,
+                                     padding, dilation, false, {0, 0}, groups)
+                         .contiguous();
+    return out.is_all ? y_c : Planes::scatter_channels(y_c, out.idx, weight.size(0));
   }
   if (groups > 1) {
     at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
@@ -144,11 +196,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
 
-  // groups == 1 or depthwise with a partial output list convolves the compact
-  // grad_output (gathered here unless it arrives packed); otherwise the pass only
-  // reduces (grouped: masked dense, so g is masked below).
+  // groups == 1, depthwise and narrow grouped convs with a partial output list
+  // convolve the compact grad_output (gathered here unless it arrives packed);
+  // otherwise the pass only reduces (grouped: masked dense, so g is masked below).
   const bool depthwise = is_depthwise(w, groups) && !out.is_all;
-  const bool compact_path = (groups == 1 || depthwise) && !out.is_all;
+  const bool narrow_grouped = runs_narrow_grouped(w, groups, in, out);
+  const bool compact_path = (groups == 1 || depthwise || narrow_grouped) && !out.is_all;
   const bool gather_g = compact_path && !packed_output;
   GradOutputPass pass = Planes::grad_output_pass(g, h, out.idx, weight.size(0), packed_output,
                                                  gather_g, want_gb);
@@ -178,6 +231,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
       grad_input = packed_input ? gi_c : Planes::scatter_channels(gi_c, out.idx, input.size(1));
     }
     if (want_gw) grad_weight = at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
+  } else if ((want_gi || want_gw) && narrow_grouped) {
+    const at::Tensor g_c = out.is_all ? g : pass.compact;
+    at::Tensor x_c;
+    if (in.is_all) {
+      x_c = x;
+    } else if (want_gw) {
+      x_c = Planes::gather_channels(x, in.idx);
+    } else {
+      x_c = at::empty({x.size(0), in.count, x.size(2), x.size(3)}, x.options());
+    }
+    auto grads = at::convolution_backward(g_c, x_c, gather_grouped_weight(w, in, out, groups),
+                                          c10::nullopt, stride, padding, dilation, false,
+                                          {0, 0}, groups, {want_gi, want_gw, false});
+    if (want_gi) {
+      grad_input = std::get<0>(grads).contiguous();
+      if (!in.is_all) grad_input = Planes::scatter_channels(grad_input, in.idx, input.size(1));
+    }
+    if (want_gw) {
+      grad_weight = scatter_grouped_weight(std::get<1>(grads).contiguous(), w, in, out, groups);
+    }
   } else if (want_gi || want_gw) {
     if (groups > 1) {
       at::Tensor gm = out.is_all ? g : Planes::mask_channels(g, out.idx);

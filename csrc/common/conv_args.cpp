@@ -53,6 +53,29 @@ ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
   return out;
 }
 
+namespace {
+
+// ChannelIndex::per_group of a checked list over `channels` split into `groups`
+// equal runs: an ascending list is balanced iff its k-th entry lies in run
+// k / (count / groups). A device list costs one reduction (as its other checks).
+int64_t balanced_per_group(const ChannelIndex& ci, int64_t channels, int64_t groups) {
+  if (!ci.ascending || ci.count % groups != 0) return 0;
+  const int64_t per = ci.count / groups;
+  const int64_t run = channels / groups;
+  if (ci.is_all) return per;
+  if (ci.idx.is_cpu()) {
+    const int64_t* p = ci.idx.const_data_ptr<int64_t>();
+    for (const auto k : c10::irange(ci.count)) {
+      if (p[k] / run != k / per) return 0;
+    }
+    return per;
+  }
+  const at::Tensor expected = at::arange(ci.count, ci.idx.options()).div_(per, "floor");
+  return at::equal(ci.idx.div(run, "floor"), expected) ? per : 0;
+}
+
+}  // namespace
+
 ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& weight,
                                      int64_t groups, const at::Tensor& in_idx,
                                      const at::Tensor& out_idx, bool packed_input,
@@ -65,6 +88,10 @@ ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& 
   }
   ChannelIndices result{check_channel_index(in_idx, in_channels, input.device(), "in_idx"),
                         check_channel_index(out_idx, weight.size(0), input.device(), "out_idx")};
+  if (is_grouped(weight, groups)) {
+    result.in.per_group = balanced_per_group(result.in, in_channels, groups);
+    result.out.per_group = balanced_per_group(result.out, weight.size(0), groups);
+  }
   if (packed_input || packed_output) {
     TORCH_CHECK(groups == 1 || is_depthwise(weight, groups), op_name,
                 ": packed channel layouts need groups == 1 or a depthwise conv (groups == "

@@ -19,6 +19,10 @@ struct ChannelIndex {
   int64_t count = 0;   // number of active channels
   bool is_all = false; // the list is exactly 0..C-1 in order: no gather needed
   bool ascending = false;
+  // For a grouped conv (not depthwise): how many channels of each conv group the
+  // list holds when it holds equally many of every one, in ascending order; else 0
+  // (check_channel_indices sets it; other convs leave it 0).
+  int64_t per_group = 0;
 };
 
 // Checks dtype, rank, device and emptiness of an index list; for CPU index
@@ -44,6 +48,22 @@ ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& 
 // multiplier 1, groups == in == out channels).
 inline bool is_depthwise(const at::Tensor& weight, int64_t groups) {
   return groups > 1 && weight.size(0) == groups && weight.size(1) == 1;
+}
+
+// A grouped conv that is not depthwise (1 < groups; each output reads the
+// in_channels / groups inputs of its own conv group).
+inline bool is_grouped(const at::Tensor& weight, int64_t groups) {
+  return groups > 1 && !is_depthwise(weight, groups);
+}
+
+// Whether a grouped conv runs as a narrower grouped conv over its active
+// channels: both lists hold equally many channels of every conv group, in
+// ascending order (ChannelIndex::per_group), so the compact weight is again one
+// of `groups` equal groups; with some channel inactive (else nothing to narrow).
+inline bool runs_narrow_grouped(const at::Tensor& weight, int64_t groups, const ChannelIndex& in,
+                                const ChannelIndex& out) {
+  return is_grouped(weight, groups) && in.per_group > 0 && out.per_group > 0 &&
+         !(in.is_all && out.is_all);
 }
 
 // Whether two checked lists are the same list: the same tensor (what a
