@@ -20,6 +20,15 @@ FLOPs; ``1`` by score per FLOP, which empties the expensive layers first.
 The compact network then costs what the uniform one costs per image, so the two
 compare at equal inference cost.
 
+Blocks. ``blocks[l] = b`` splits layer ``l``'s channels into ``b`` equal runs and
+every selection activates equally many channels in each run (a grouped conv reads
+or writes them: its compact form is again a grouped conv, which needs that). Its
+counts are multiples of ``b`` (at least ``b``): under ``budget="layer"`` the nearest
+one, ``b * max(1, round(fraction * C / b))``; under the global and FLOPs budgets the
+counts the budget gives, each rounded to the nearest multiple, so the total may miss
+the budget by up to ``b / 2`` channels a blocked layer. Each run then takes its top
+channels by score, as a layer would.
+
 Ties are broken uniformly at random by the selector's own seeded generator: in
 CUCB every never-tried channel has an infinite bound, and breaking those ties by
 index would always explore the low-numbered channels first. The generator's
@@ -193,12 +202,19 @@ class _Selector:
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
                  budget: str = "layer", seed: int = 0, reward: str = "max",
                  discount: float = 1.0, cost=None, flops_weight: float = 0.0,
-                 device: Union[str, torch.device] = "cpu") -> None:
+                 device: Union[str, torch.device] = "cpu",
+                 blocks: Optional[Sequence[int]] = None) -> None:
         num_channels = [int(c) for c in num_channels]
         if not num_channels:
             raise ValueError("a selector needs at least one layer")
         if any(c < 1 for c in num_channels):
             raise ValueError(f"every layer needs at least one channel, got {num_channels}")
+        blocks = [1] * len(num_channels) if blocks is None else list(blocks)
+        if len(blocks) != len(num_channels) or any(
+                int(b) != b or b < 1 or c % int(b) for b, c in zip(blocks, num_channels)):
+            raise ValueError(f"blocks must give each layer a number of equal runs that "
+                             f"divides its channels, got {blocks} for {num_channels}")
+        self.blocks = [int(b) for b in blocks]
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
         if isinstance(fraction, (int, float)):
@@ -235,6 +251,7 @@ class _Selector:
         self.seed = int(seed)
         self.device = torch.device(device)
         self.segments = _Segments(num_channels, self.device)
+        self.rows = self._row_segments()
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         # Statistics every selector keeps (CUCB needs them; for random selection
         # they are a record of how often each channel ran).
@@ -246,6 +263,20 @@ class _Selector:
         # entries of each layer were not finite then (see check_saliency).
         self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)
         self._bad_counts = torch.zeros(len(num_channels), dtype=torch.long, device=self.device)
+
+    def _row_segments(self) -> _Segments:
+        """The flat channels cut into the blocks' runs (each run a row of the per-row
+        top-k); without blocks, the layers themselves."""
+        if all(b == 1 for b in self.blocks):
+            return self.segments
+        return _Segments([c // b for c, b in zip(self.num_channels, self.blocks)
+                          for _ in range(b)], self.device)
+
+    def _block_counts(self, counts: Sequence[int]) -> list[int]:
+        """``counts`` rounded to the nearest multiple of each layer's blocks (at least
+        one channel a run, at most all): the identity without blocks."""
+        return [b * min(c // b, max(1, round(k / b)))
+                for k, b, c in zip(counts, self.blocks, self.num_channels)]
 
     def _zeros(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.zeros(self.segments.total, dtype=dtype, device=self.device)
@@ -293,6 +324,7 @@ class _Selector:
         self.generator = generator
         self.device = device
         self.segments = _Segments(self.num_channels, device)
+        self.rows = self._row_segments()
         for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
@@ -304,7 +336,8 @@ class _Selector:
 
     def active_counts(self) -> list[int]:
         """Per-layer channel counts under ``budget='layer'``."""
-        return [max(1, round(f * c)) for f, c in zip(self.fractions, self.num_channels)]
+        return self._block_counts([max(1, round(f * c))
+                                   for f, c in zip(self.fractions, self.num_channels)])
 
     def total_budget(self) -> int:
         total = sum(self.num_channels)
@@ -330,20 +363,28 @@ class _Selector:
              total: Optional[int] = None, flops: Optional[float] = None) -> _Choice:
         """Highest-scoring channels (``scores``: flat) within the budget (or within
         ``layer_counts`` / ``total`` channels, or ``flops``); random among equal scores."""
-        if self.budget == "flops":
-            return self._top_flops(scores, self.flops_budget() if flops is None else flops)
         if self.budget == "layer":
             return self._top_layers(scores, self.active_counts() if layer_counts is None
                                     else layer_counts)
-        return self._top_global(scores, self.total_budget() if total is None else total)
+        if self.budget == "flops":
+            choice = self._top_flops(scores, self.flops_budget() if flops is None else flops)
+        else:
+            choice = self._top_global(scores, self.total_budget() if total is None else total)
+        if self.rows is self.segments:
+            return choice
+        # The budget decided the counts; the blocks' runs share each equally.
+        return self._top_layers(scores, choice.counts)
 
     def _top_layers(self, scores: torch.Tensor, counts: list[int]) -> _Choice:
         """The top ``counts[l]`` of each layer by two per-row top-k's (several times
         cheaper than sorting): every channel above the layer's ``k``-th score is in; of
-        those equal to it, as many as are missing, the highest of uniform draws."""
-        seg = self.segments
-        k = seg.counts_tensor(counts)
-        widest_k = max(counts)
+        those equal to it, as many as are missing, the highest of uniform draws. With
+        blocks, the rows are the blocks' runs, each with its share of the count."""
+        counts = self._block_counts(counts)
+        seg = self.rows
+        row_counts = [k // b for k, b in zip(counts, self.blocks) for _ in range(b)]
+        k = seg.counts_tensor(row_counts)
+        widest_k = max(row_counts)
         # Order keys, and below every real key (-inf's included) the padding.
         key = seg.pad(_order_key(scores), torch.iinfo(torch.int64).min)
         kth = key.topk(widest_k, dim=1).values.gather(1, k - 1)
@@ -530,6 +571,8 @@ class _Selector:
     def _config(self) -> dict:
         config = {"kind": type(self).__name__, "num_channels": list(self.num_channels),
                   "fractions": list(self.fractions), "budget": self.budget}
+        if self.rows is not self.segments:  # absent without blocks: older checkpoints load
+            config["blocks"] = list(self.blocks)
         if self.cost is not None:
             config["cost"] = list(self.cost.fingerprint())
             config["flops_weight"] = self.flops_weight
@@ -598,7 +641,8 @@ class _Selector:
         if fraction is None:
             return self
         view = _Selector(self.num_channels, fraction, self.budget, self.seed, cost=self.cost,
-                         flops_weight=self.flops_weight, device=self.device)
+                         flops_weight=self.flops_weight, device=self.device,
+                         blocks=self.blocks)
         view.generator = self.generator
         return view
 
@@ -677,9 +721,10 @@ class CUCBSelector(_Selector):
                  tau: int = DEFAULT_TAU, budget: str = "layer", seed: int = 0,
                  reward: str = "max", discount: float = 1.0,
                  horizon: Optional[int] = None, cost=None, flops_weight: float = 0.0,
-                 device: Union[str, torch.device] = "cpu") -> None:
+                 device: Union[str, torch.device] = "cpu",
+                 blocks: Optional[Sequence[int]] = None) -> None:
         super().__init__(num_channels, fraction, budget, seed, reward, discount, cost,
-                         flops_weight, device)
+                         flops_weight, device, blocks)
         if int(tau) != tau or tau < 0:
             raise ValueError(f"tau must be a non-negative integer, got {tau}")
         if horizon is not None and (int(horizon) != horizon or horizon < 1):
@@ -751,9 +796,10 @@ class TaylorPruneSelector(_Selector):
     def __init__(self, num_channels: Sequence[int], fraction: _Fraction = 0.5,
                  budget: str = "layer", seed: int = 0, accumulate_from: int = 0,
                  cost=None, flops_weight: float = 0.0,
-                 device: Union[str, torch.device] = "cpu") -> None:
+                 device: Union[str, torch.device] = "cpu",
+                 blocks: Optional[Sequence[int]] = None) -> None:
         super().__init__(num_channels, fraction, budget, seed, cost=cost,
-                         flops_weight=flops_weight, device=device)
+                         flops_weight=flops_weight, device=device, blocks=blocks)
         if int(accumulate_from) != accumulate_from or accumulate_from < 0:
             raise ValueError(f"accumulate_from must be a non-negative number of steps, "
                              f"got {accumulate_from}")
@@ -828,9 +874,10 @@ class ShrinkSelector(_Selector):
                  horizon: int = 1, budget: str = "layer", seed: int = 0,
                  reward: str = "l2", discount: float = 1.0, order: str = "saliency",
                  cost=None, flops_weight: float = 0.0,
-                 device: Union[str, torch.device] = "cpu") -> None:
+                 device: Union[str, torch.device] = "cpu",
+                 blocks: Optional[Sequence[int]] = None) -> None:
         super().__init__(num_channels, fraction, budget, seed, reward, discount, cost,
-                         flops_weight, device)
+                         flops_weight, device, blocks)
         if order not in ("saliency", "random"):
             raise ValueError(f"order must be 'saliency' or 'random', got {order!r}")
         self.order = order
@@ -858,8 +905,9 @@ class ShrinkSelector(_Selector):
 
     def counts_at(self, t: int) -> tuple[list[int], int]:
         """Per-layer counts (layer budget) and the total (global budget) at step ``t``."""
-        layer = [max(k, round(self.active_fraction(t, f) * c))
-                 for k, f, c in zip(self.active_counts(), self.fractions, self.num_channels)]
+        layer = self._block_counts([max(k, round(self.active_fraction(t, f) * c)) for k, f, c
+                                    in zip(self.active_counts(), self.fractions,
+                                           self.num_channels)])
         total = max(self.total_budget(), round(self.active_fraction(t) * sum(self.num_channels)))
         return layer, total
 

@@ -699,3 +699,86 @@ def test_state_format_device_and_shapes_are_checked():
 
 
 import dce_kernels.selectors as dce_selectors  # noqa: E402
+
+
+# -- blocks: equal counts in every run of a layer (grouped convs) -----------------------
+
+BLOCKED_SIZES, BLOCKS = [12, 9, 8], [3, 1, 4]
+
+
+def _balanced(selection, sizes, blocks):
+    for idx, c, b in zip(selection, sizes, blocks):
+        per_run = torch.bincount(idx // (c // b), minlength=b)
+        if not (per_run == per_run[0]).all():
+            return False
+    return True
+
+
+@pytest.mark.parametrize("budget", ["layer", "global", "flops"])
+@pytest.mark.parametrize("kind", ["cucb", "random", "shrink", "prune"])
+def test_blocked_layers_activate_equally_many_channels_in_every_run(kind, budget):
+    make = {"cucb": lambda **k: CUCBSelector(tau=3, **k),
+            "random": RandomSelector,
+            "shrink": lambda **k: ShrinkSelector(horizon=6, **k),
+            "prune": TaylorPruneSelector}[kind]
+    cost = _random_cost(BLOCKED_SIZES, seed=1) if budget == "flops" else None
+    sel = make(num_channels=BLOCKED_SIZES, fraction=0.4, budget=budget, seed=5,
+               blocks=BLOCKS, cost=cost)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(9):
+        chosen = sel.select()
+        assert _balanced(chosen, BLOCKED_SIZES, BLOCKS)
+        assert all(torch.equal(i, i.unique()) for i in chosen)  # sorted and unique
+        sel.update([torch.rand(c, generator=g, dtype=torch.float64) for c in BLOCKED_SIZES])
+    for fraction in (None, 0.25, 0.7):
+        best = sel.best(fraction)
+        assert _balanced(best, BLOCKED_SIZES, BLOCKS)
+        assert all(i.numel() % b == 0 for i, b in zip(best, BLOCKS))
+
+
+def test_blocked_best_takes_the_top_of_each_run_hand_worked():
+    sel = CUCBSelector([8], 0.5, tau=0, blocks=[2])
+    sel.means = [torch.tensor([8., 7, 6, 5, 1, 2, 3, 4], dtype=torch.float64)]
+    # Without blocks the top half is [0, 1, 2, 3]; with two runs, the top two of each.
+    assert sel.best()[0].tolist() == [0, 1, 6, 7]
+    unblocked = CUCBSelector([8], 0.5, tau=0)
+    unblocked.means = sel.means
+    assert unblocked.best()[0].tolist() == [0, 1, 2, 3]
+
+
+def test_blocked_counts_round_to_the_nearest_multiple_hand_worked():
+    # 0.3 * 12 = 3.6 channels -> 1 of each of 3 runs; 0.45 * 12 = 5.4 -> 2 of each (6);
+    # 0.05 * 8 = 0.4 -> still one of each of 4 runs.
+    assert RandomSelector([12], 0.3, blocks=[3]).active_counts() == [3]
+    assert RandomSelector([12], 0.45, blocks=[3]).active_counts() == [6]
+    assert RandomSelector([8], 0.05, blocks=[4]).active_counts() == [4]
+    assert RandomSelector([12, 8], 0.3, blocks=[1, 1]).active_counts() == \
+        RandomSelector([12, 8], 0.3).active_counts() == [4, 2]
+
+
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_one_block_per_layer_selects_what_no_blocks_does(budget):
+    a = CUCBSelector([7, 5, 9], 0.5, tau=2, budget=budget, seed=4, blocks=[1, 1, 1])
+    b = CUCBSelector([7, 5, 9], 0.5, tau=2, budget=budget, seed=4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        sa, sb = a.select(), b.select()
+        assert all(torch.equal(x, y) for x, y in zip(sa, sb))
+        sal = [torch.rand(c, generator=g, dtype=torch.float64) for c in (7, 5, 9)]
+        a.update(sal)
+        b.update(sal)
+    assert a.state_dict()["config"] == b.state_dict()["config"]
+
+
+def test_blocks_bad_input_and_checkpoint_mismatch():
+    with pytest.raises(ValueError, match="blocks must give each layer"):
+        CUCBSelector([12, 9], blocks=[5, 1])  # 5 does not divide 12
+    with pytest.raises(ValueError, match="blocks must give each layer"):
+        CUCBSelector([12, 9], blocks=[3])
+    with pytest.raises(ValueError, match="blocks must give each layer"):
+        CUCBSelector([12, 9], blocks=[0, 1])
+    state = CUCBSelector([12, 9], blocks=[3, 1]).state_dict()
+    with pytest.raises(ValueError, match="saved for"):
+        CUCBSelector([12, 9]).load_state_dict(state)
+    resumed = CUCBSelector([12, 9], blocks=[3, 1])
+    resumed.load_state_dict(state)
