@@ -85,7 +85,7 @@ def measure(name: str, p: float, batch: int, size: int, rounds: int) -> dict:
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
 
-    selector = CUCBSelector(plan.num_channels, fraction=p, tau=0, seed=0)
+    selector = CUCBSelector(plan.num_channels, fraction=p, tau=0, seed=0, blocks=plan.blocks)
     plan.apply(selector.select())
     one = x[:1]
     flops = {"dense_fwd": count_flops(original, one), "sparse_fwd": count_flops(converted, one),
@@ -175,7 +175,8 @@ def shrink(name: str, p: float, size: int) -> dict:
         row["full"] = (row["full"] + "; " if row["full"] else "") + str(caught[0].message)[:90]
     try:
         plan = plan_for(model)
-        plan.apply(CUCBSelector(plan.num_channels, fraction=p, tau=1, seed=0).select())
+        plan.apply(CUCBSelector(plan.num_channels, fraction=p, tau=1, seed=0,
+                                blocks=plan.blocks).select())
         compact = dce_kernels.compact_model(model, plan).eval()
         row["params"] = count_params(original) / count_params(compact)
         row["flops"] = count_flops(original, x) / count_flops(compact, x)

@@ -18,8 +18,8 @@ from .compact import compact_model, export_compact
 from .cost import FlopsCost
 from .dynamic import DynamicChannels
 from .flops import count_flops, count_params
-from .nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLayerNorm,
-                 ChannelSparseLinear, ChannelSparseNormAct)
+from .nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseGroupNorm,
+                 ChannelSparseLayerNorm, ChannelSparseLinear, ChannelSparseNormAct)
 from .ops import channel_sparse_conv2d, get_cuda_conv_impl, set_cuda_conv_impl
 from .optim import MaskedOptimizer
 from .selectors import CUCBSelector, RandomSelector, ShrinkSelector, TaylorPruneSelector
@@ -37,6 +37,7 @@ __all__ = [
     "convert_sync_batchnorm",
     "ChannelSparseNormAct",
     "ChannelSparseLayerNorm",
+    "ChannelSparseGroupNorm",
     "ChannelGroup",
     "ChannelPlan",
     "plan_for",

@@ -15,7 +15,9 @@ the add shrink alike; a layer after a concatenation keeps the union of the
 offset-shifted selections, in order, which is exactly the concatenation of the
 compacted inputs (a group seen twice, GhostNet's ``cat([x1, cheap(x1)])``, at both
 offsets, and a conv tied to such a concatenation likewise); a depthwise conv
-keeps its active channels as a narrower depthwise conv; a LayerNorm over channels
+keeps its active channels as a narrower depthwise conv, a grouped conv (equally many
+active channels per conv group, as its groups' blocks ensure) as a narrower conv of
+as many groups; a LayerNorm over channels
 becomes its own class over the active channels, and a per-channel scale (layer
 scale) keeps their entries. Slices, ``narrow`` and ``split`` run with the model's
 own constants: convert keeps the channels before every position they cut at, so
@@ -39,21 +41,32 @@ from .atomic import write_atomic
 from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
 from .nn import (CHANNEL_SPARSE_NORMS, ChannelSparseBatchNorm2d, ChannelSparseConv2d,
-                 ChannelSparseLayerNorm, ChannelSparseLinear, ChannelSparseNormAct)
+                 ChannelSparseGroupNorm, ChannelSparseLayerNorm, ChannelSparseLinear,
+                 ChannelSparseNormAct, grouped_columns, is_depthwise, is_grouped)
 
 __all__ = ["compact_model", "export_compact", "export_paths", "load_exported"]
+
+
+def _balanced(idx: torch.Tensor, channels: int, groups: int) -> bool:
+    """Ascending, with equally many channels of each of ``groups`` equal runs."""
+    per_run = torch.bincount(idx // (channels // groups), minlength=groups)
+    return bool((per_run == per_run[0]).all()) and bool((idx[1:] > idx[:-1]).all())
 
 
 def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
     out_idx, in_idx = conv.out_idx.cpu(), conv.in_idx.cpu()
     groups = conv.groups
-    if groups != 1 and (out_idx.numel() != conv.out_channels
-                        or in_idx.numel() != conv.in_channels):
-        depthwise = groups == conv.in_channels == conv.out_channels
-        if not depthwise or not torch.equal(out_idx, in_idx):
-            raise ValueError("compacting a grouped conv with inactive channels is supported "
-                             "only for depthwise convs whose active inputs and outputs agree")
+    partial = out_idx.numel() != conv.out_channels or in_idx.numel() != conv.in_channels
+    if partial and is_depthwise(conv):
+        if not torch.equal(out_idx, in_idx):
+            raise ValueError("compacting a depthwise conv needs its active inputs and outputs "
+                             "to agree")
         groups = out_idx.numel()  # still depthwise, over the active channels only
+    elif partial and groups > 1 and not (_balanced(out_idx, conv.out_channels, groups)
+                                         and _balanced(in_idx, conv.in_channels, groups)):
+        raise ValueError(f"compacting a grouped conv (groups={groups}) needs equally many "
+                         "active channels in every conv group, of its inputs and of its "
+                         "outputs (a channel group's blocks)")
     plain = nn.Conv2d(in_idx.numel(), out_idx.numel(), conv.kernel_size, stride=conv.stride,
                       padding=conv.padding, dilation=conv.dilation, groups=groups,
                       bias=conv.bias is not None, padding_mode=conv.padding_mode,
@@ -62,6 +75,9 @@ def _plain_conv(conv: ChannelSparseConv2d) -> nn.Conv2d:
         weight = conv.weight.index_select(0, conv.out_idx)
         if conv.groups == 1:
             weight = weight.index_select(1, conv.in_idx)
+        elif is_grouped(conv):  # a narrower grouped conv of as many groups
+            cols = grouped_columns(conv.in_idx, conv.out_idx, conv.in_channels, groups)
+            weight = weight.gather(1, cols[:, :, None, None].expand(-1, -1, *weight.shape[2:]))
         plain.weight.copy_(weight)
         if conv.bias is not None:
             plain.bias.copy_(conv.bias.index_select(0, conv.out_idx))
@@ -117,6 +133,19 @@ def _plain_norm(bn: ChannelSparseBatchNorm2d) -> nn.BatchNorm2d:
         if bn.num_batches_tracked is not None:
             plain.num_batches_tracked.copy_(bn.num_batches_tracked)
     plain.train(bn.training)
+    return plain
+
+
+def _plain_group_norm(gn: ChannelSparseGroupNorm) -> nn.GroupNorm:
+    """As many groups over the active channels (equally many of each group)."""
+    idx = gn.active_idx
+    plain = nn.GroupNorm(gn.num_groups, idx.numel(), eps=gn.eps, affine=gn.affine,
+                         device=idx.device, dtype=gn.weight.dtype if gn.affine else None)
+    if gn.affine:
+        with torch.no_grad():
+            plain.weight.copy_(gn.weight.index_select(0, idx))
+            plain.bias.copy_(gn.bias.index_select(0, idx))
+    plain.train(gn.training)
     return plain
 
 
@@ -190,6 +219,8 @@ def compact_model(model: nn.Module, plan: ChannelPlan) -> nn.Module:
             plain = _plain_norm(module)
         elif isinstance(module, ChannelSparseLayerNorm):
             plain = _plain_layer_norm(module)
+        elif isinstance(module, ChannelSparseGroupNorm):
+            plain = _plain_group_norm(module)
         else:
             continue
         parent_name, _, attr = name.rpartition(".")

@@ -81,11 +81,13 @@ class FlopsCost:
         from .flops import count_flops
 
         sizes = plan.num_channels
+        # The fewest channels a group can have, and the next count: one, two (with
+        # blocks, one and two channels of every run).
+        low = plan.blocks
         saved = plan.selection
-        device = example_input.device
 
         def flops(counts: Sequence[int]) -> float:
-            plan.apply([torch.arange(k, device=device) for k in counts])
+            plan.apply(plan.leading_channels(counts))
             return float(count_flops(compact_model(model, plan), example_input))
 
         def at(**changes: int) -> list[int]:
@@ -98,33 +100,34 @@ class FlopsCost:
         try:
             f_full = flops(sizes)
             # Along one group's axis F is a quadratic in n_g: three points fix it.
-            one = [flops(at(**{f"g{g}": 1})) for g in range(size)]
+            one = [flops(at(**{f"g{g}": low[g]})) for g in range(size)]
             quadratic = torch.zeros(size, size, dtype=torch.float64)
             linear = torch.zeros(size, dtype=torch.float64)
             line = []  # (alpha_g, beta_g, gamma_g): F along axis g = alpha + beta n + gamma n^2
             for g, c in enumerate(sizes):
-                if c >= 3:
-                    two = flops(at(**{f"g{g}": 2}))
-                    # Points n = 1, 2, c.
-                    d1 = two - one[g]
-                    d2 = (f_full - one[g]) / (c - 1)
-                    gamma = (d2 - d1) / (c - 2)
-                    beta = d1 - 3 * gamma
-                elif c == 2:
-                    gamma, beta = 0.0, f_full - one[g]
+                lo = low[g]
+                if c >= 3 * lo:
+                    two = flops(at(**{f"g{g}": 2 * lo}))
+                    # Points n = lo, 2 lo, c.
+                    d1 = (two - one[g]) / lo
+                    d2 = (f_full - one[g]) / (c - lo)
+                    gamma = (d2 - d1) / (c - 2 * lo)
+                    beta = d1 - 3 * lo * gamma
+                elif c == 2 * lo:
+                    gamma, beta = 0.0, (f_full - one[g]) / lo
                 else:
                     gamma, beta = 0.0, 0.0
-                alpha = one[g] - beta - gamma
+                alpha = one[g] - beta * lo - gamma * lo * lo
                 line.append((alpha, beta, gamma))
                 quadratic[g, g] = gamma
             for g in range(size):
                 for h in range(g + 1, size):
-                    if sizes[g] == 1 or sizes[h] == 1:
+                    if sizes[g] == low[g] or sizes[h] == low[h]:
                         continue
-                    both = flops(at(**{f"g{g}": 1, f"g{h}": 1}))
-                    # Second difference in (n_g, n_h) between 1 and full.
+                    both = flops(at(**{f"g{g}": low[g], f"g{h}": low[h]}))
+                    # Second difference in (n_g, n_h) between the lowest count and full.
                     quadratic[g, h] = ((both - one[g] - one[h] + f_full)
-                                       / ((sizes[g] - 1) * (sizes[h] - 1)))
+                                       / ((sizes[g] - low[g]) * (sizes[h] - low[h])))
             # beta_g = b_g + sum_{h != g} Q_gh C_h: the other groups sit at full width.
             for g in range(size):
                 cross = sum(float(quadratic[min(g, h), max(g, h)]) * sizes[h]

@@ -66,7 +66,10 @@ class DynamicChannels:
     (before the plan is built, so do it before wrapping the model in DDP).
     ``budget="flops"`` needs ``example_input`` (one batch; its spatial size fixes what a
     channel costs): the fitted :class:`~dce_kernels.FlopsCost` is ``dce.cost``, and a
-    factory ``selector`` is called with ``cost=`` as well.
+    factory ``selector`` is called with ``cost=`` as well. A model with grouped convs
+    (RegNet, ResNeXt) has channel groups with blocks (``dce.plan.blocks``): a factory
+    is called with ``blocks=`` too, and a selector object must have been built with
+    them.
 
     The loop::
 
@@ -113,15 +116,21 @@ class DynamicChannels:
 
     def _build_selector(self, selector, fraction, steps, budget, seed, options):
         num_channels = self.plan.num_channels
+        blocks = self.plan.blocks
+        # What a factory is given besides the channel counts: only what this model needs,
+        # so that factories written before costs and blocks existed keep working.
+        extra = {}
+        if self.cost is not None:
+            extra["cost"] = self.cost
+        if any(b > 1 for b in blocks):
+            extra["blocks"] = blocks
         if isinstance(selector, str):
             if selector not in SELECTOR_NAMES:
                 raise ValueError(f"unknown selector {selector!r}; choose from "
                                  f"{', '.join(SELECTOR_NAMES)}, or pass a selector object")
             if steps is not None and (int(steps) != steps or steps < 1):
                 raise ValueError(f"steps must be a positive number of steps, got {steps}")
-            kwargs = dict(fraction=fraction, budget=budget, seed=seed, **options)
-            if self.cost is not None:
-                kwargs["cost"] = self.cost
+            kwargs = dict(fraction=fraction, budget=budget, seed=seed, **extra, **options)
             if selector == "shrink":
                 if steps is None:
                     raise ValueError("selector 'shrink' needs steps=: the number of "
@@ -138,8 +147,7 @@ class DynamicChannels:
         if all(hasattr(selector, m) for m in ("select", "update", "best")):
             chosen = selector
         elif callable(selector):
-            chosen = (selector(num_channels) if self.cost is None
-                      else selector(num_channels, cost=self.cost))
+            chosen = selector(num_channels, **extra)
         else:
             raise TypeError(f"selector must be a name, a selector or a factory, got "
                             f"{type(selector).__name__}")
@@ -147,6 +155,10 @@ class DynamicChannels:
             raise ValueError(f"the selector was built for channel counts "
                              f"{list(chosen.num_channels)}, the model's groups have "
                              f"{list(num_channels)}")
+        if list(getattr(chosen, "blocks", [1] * len(blocks))) != blocks:
+            raise ValueError(f"the model's channel groups need blocks {blocks} (grouped convs "
+                             "read them: a selection must take equally many channels of every "
+                             "conv group); build the selector with blocks=plan.blocks")
         return chosen
 
     # -- the training step -------------------------------------------------------

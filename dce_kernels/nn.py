@@ -11,6 +11,7 @@ from .ops import channel_sparse_conv2d
 from .sparse_linear import channel_sparse_linear
 
 __all__ = ["ChannelSparseConv2d", "ChannelSparseLinear", "ChannelSparseBatchNorm2d",
+           "ChannelSparseGroupNorm",
            "ChannelSparseNormAct", "ChannelSparseLayerNorm", "CHANNEL_SPARSE_NORMS"]
 
 _Index = Optional[Union[torch.Tensor, Sequence[int]]]
@@ -94,6 +95,30 @@ class _SaliencyDelivery:
         return result
 
 
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """Each output channel reads only its own input channel."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def is_grouped(conv: nn.Conv2d) -> bool:
+    """``groups > 1`` and not depthwise: each output reads the ``in_channels /
+    groups`` inputs of its own conv group."""
+    return conv.groups > 1 and not is_depthwise(conv)
+
+
+def grouped_columns(in_idx: torch.Tensor, out_idx: torch.Tensor, in_channels: int,
+                    groups: int) -> torch.Tensor:
+    """For a grouped conv whose ascending lists hold equally many channels of every
+    conv group: ``[len(out_idx), len(in_idx) / groups]``, row ``k`` the columns of
+    its conv group's weight (``0 .. in_channels / groups``) that output
+    ``out_idx[k]`` reads from the active inputs. The narrow conv's weight is
+    ``weight[out_idx]`` gathered at these columns (the op's composition does the
+    same, csrc/common/compact_conv.h)."""
+    per_in, per_out = in_idx.numel() // groups, out_idx.numel() // groups
+    starts = torch.arange(groups, device=in_idx.device).unsqueeze(1) * (in_channels // groups)
+    return (in_idx.view(groups, per_in) - starts).repeat_interleave(per_out, 0)
+
+
 class ChannelSparseConv2d(_SaliencyDelivery, nn.Conv2d):
     """An ``nn.Conv2d`` that computes only over lists of active channels.
 
@@ -110,8 +135,11 @@ class ChannelSparseConv2d(_SaliencyDelivery, nn.Conv2d):
     the layer's output as it was: do not modify it in place (e.g. an in-place
     ReLU directly after the conv); set ``track_saliency = False`` if you must.
 
-    ``groups > 1`` is computed correctly by a masked dense path: it saves no
-    time yet. With every channel active the layer runs ``F.conv2d`` itself
+    ``groups > 1``: a depthwise conv computes only its active output planes; a
+    grouped conv whose lists hold equally many channels of every conv group
+    (what a channel group's ``blocks`` give it) runs as a narrower grouped conv
+    (:func:`grouped_columns`); other lists take a masked dense path (correct,
+    no faster than dense). With every channel active the layer runs ``F.conv2d`` itself
     (and the saliency as a light autograd step): full activation costs what
     ``nn.Conv2d`` costs.
 
@@ -310,7 +338,31 @@ class ChannelSparseLinear(_SaliencyDelivery, nn.Linear):
                 + (", packed=input" if self.packed_input else ""))
 
 
-class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
+class _ActiveChannels:
+    """The list of active channels of a channel-sparse norm: ``active_idx``, a
+    non-persistent buffer (state_dict keys stay the norm's own), all channels
+    until :meth:`set_active` says otherwise."""
+
+    num_features: int
+
+    def _init_active(self, device) -> None:
+        self.register_buffer("active_idx", torch.arange(self.num_features, device=device),
+                             persistent=False)
+
+    def set_active(self, idx: _Index = None) -> None:
+        """Activates the given channels; None means all."""
+        self._use_channels(_as_index(idx, self.num_features, self.active_idx.device, "idx"))
+
+    def _use_channels(self, idx: torch.Tensor) -> None:
+        # A list already in _as_index's form (see ChannelSparseConv2d._use_channels).
+        self._buffers["active_idx"] = idx
+
+    @property
+    def active_channels(self) -> int:
+        return self.active_idx.numel()
+
+
+class ChannelSparseBatchNorm2d(_ActiveChannels, nn.BatchNorm2d):
     """An ``nn.BatchNorm2d`` that normalizes only a list of active channels.
 
     Same constructor and ``state_dict`` keys as ``nn.BatchNorm2d``. Active
@@ -329,22 +381,7 @@ class ChannelSparseBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.packed = False
-        device = self.running_mean.device if self.running_mean is not None else None
-        # Non-persistent: state_dict keys stay exactly nn.BatchNorm2d's.
-        self.register_buffer("active_idx", torch.arange(self.num_features, device=device),
-                             persistent=False)
-
-    def set_active(self, idx: _Index = None) -> None:
-        """Activates the given channels; None means all."""
-        self._use_channels(_as_index(idx, self.num_features, self.active_idx.device, "idx"))
-
-    def _use_channels(self, idx: torch.Tensor) -> None:
-        # A list already in _as_index's form (see ChannelSparseConv2d._use_channels).
-        self._buffers["active_idx"] = idx
-
-    @property
-    def active_channels(self) -> int:
-        return self.active_idx.numel()
+        self._init_active(self.running_mean.device if self.running_mean is not None else None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.active_idx.numel() == self.num_features:
@@ -447,7 +484,7 @@ class ChannelSparseNormAct(ChannelSparseBatchNorm2d):
         return f"{self.dense_type.__name__}, " + super().extra_repr()
 
 
-class ChannelSparseLayerNorm(nn.LayerNorm):
+class ChannelSparseLayerNorm(_ActiveChannels, nn.LayerNorm):
     """A LayerNorm over the channels of a tensor that normalizes over a list of
     active channels only.
 
@@ -487,10 +524,7 @@ class ChannelSparseLayerNorm(nn.LayerNorm):
         self.dense_type = dense_type
         self.channel_dim = channel_dim
         self.packed = False
-        device = self.weight.device if self.weight is not None else None
-        # Non-persistent: state_dict keys stay exactly the LayerNorm's.
-        self.register_buffer("active_idx", torch.arange(self.num_features, device=device),
-                             persistent=False)
+        self._init_active(self.weight.device if self.weight is not None else None)
 
     @classmethod
     def from_module(cls, ln: nn.LayerNorm, channel_dim: int) -> "ChannelSparseLayerNorm":
@@ -511,18 +545,6 @@ class ChannelSparseLayerNorm(nn.LayerNorm):
     @property
     def num_features(self) -> int:
         return self.normalized_shape[0]
-
-    def set_active(self, idx: _Index = None) -> None:
-        """Activates the given channels; None means all."""
-        self._use_channels(_as_index(idx, self.num_features, self.active_idx.device, "idx"))
-
-    def _use_channels(self, idx: torch.Tensor) -> None:
-        # A list already in _as_index's form (see ChannelSparseConv2d._use_channels).
-        self._buffers["active_idx"] = idx
-
-    @property
-    def active_channels(self) -> int:
-        return self.active_idx.numel()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.active_idx.numel() == self.num_features and not self.packed:
@@ -554,4 +576,77 @@ class ChannelSparseLayerNorm(nn.LayerNorm):
 
 # The channel-sparse norms: what the ``norms`` of a channel group hold (``active_idx``,
 # ``set_active``, ``packed``, ``num_features``, per-channel ``weight`` and ``bias``).
-CHANNEL_SPARSE_NORMS = (ChannelSparseBatchNorm2d, ChannelSparseLayerNorm)
+class ChannelSparseGroupNorm(_ActiveChannels, nn.GroupNorm):
+    """An ``nn.GroupNorm`` that normalizes each group over its active channels only.
+
+    GroupNorm mixes the channels of a group: its mean and variance run over them
+    all. Here they run over the active ones, exactly as the compact model's
+    ``nn.GroupNorm(num_groups, active channels)`` computes them, which needs
+    equally many active channels in every group, in ascending order: a channel
+    group's ``blocks`` (a multiple of ``num_groups``) give a
+    :class:`~dce_kernels.channels.ChannelPlan`'s lists that form, and
+    :meth:`set_active` checks it. Inactive channels output zero and get no
+    gradient. With every channel active it is ``nn.GroupNorm``.
+
+    With ``packed`` (set by a :class:`~dce_kernels.channels.ChannelPlan`) input
+    and output hold only the active channels, in ascending order.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed = False
+        self._init_active(self.weight.device if self.weight is not None else None)
+
+    @classmethod
+    def from_module(cls, gn: nn.GroupNorm) -> "ChannelSparseGroupNorm":
+        """A ChannelSparseGroupNorm sharing ``gn``'s parameters (not copies)."""
+        if type(gn) is not nn.GroupNorm:
+            raise TypeError(f"from_module expects an nn.GroupNorm, got {type(gn).__name__}")
+        layer = cls(gn.num_groups, gn.num_channels, eps=gn.eps, affine=gn.affine,
+                    device="meta", dtype=gn.weight.dtype if gn.affine else None)
+        layer.weight, layer.bias = gn.weight, gn.bias
+        layer._init_active(gn.weight.device if gn.affine else None)
+        layer.train(gn.training)
+        return layer
+
+    @property
+    def num_features(self) -> int:
+        return self.num_channels
+
+    def set_active(self, idx: _Index = None) -> None:
+        """Activates the given channels (equally many of every group); None means all."""
+        idx = _as_index(idx, self.num_features, self.active_idx.device, "idx")
+        per_group = torch.bincount(idx.cpu() // (self.num_channels // self.num_groups),
+                                   minlength=self.num_groups)
+        if not (per_group == per_group[0]).all():
+            raise ValueError(f"a GroupNorm of {self.num_groups} groups needs equally many "
+                             f"active channels in every group, got {per_group.tolist()}")
+        self._use_channels(idx)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        idx = self.active_idx
+        if idx.numel() == self.num_features and not self.packed:
+            return super().forward(input)
+        if self.packed:
+            if input.shape[1] != idx.numel():
+                raise ValueError(f"packed input has {input.shape[1]} channels, but "
+                                 f"{idx.numel()} are active")
+            active = input
+        else:
+            if input.shape[1] != self.num_features:
+                raise ValueError(f"input has {input.shape[1]} channels, the GroupNorm "
+                                 f"{self.num_features}")
+            active = input.index_select(1, idx)
+        weight = self.weight.index_select(0, idx) if self.weight is not None else None
+        bias = self.bias.index_select(0, idx) if self.bias is not None else None
+        out = F.group_norm(active, self.num_groups, weight, bias, self.eps)
+        if self.packed:
+            return out
+        return input.new_zeros(input.shape).index_copy(1, idx, out)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", active={self.active_channels}"
+                + (", packed" if self.packed else ""))
+
+
+CHANNEL_SPARSE_NORMS = (ChannelSparseBatchNorm2d, ChannelSparseLayerNorm, ChannelSparseGroupNorm)

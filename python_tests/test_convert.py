@@ -15,8 +15,10 @@ from dce_kernels.channels import (ChannelPlan, GroupSpec, conversion_notes, plan
                                  sequential_groups)
 from dce_kernels.channels.group import recorded_spec
 from dce_kernels.compact import compact_model
+from dce_kernels.cost import FlopsCost
+from dce_kernels.flops import count_flops
 from toolkit import (active_parameter_count, capture_original, check_against_reference,
-                     random_selection, randomize_norms)
+                     cucb_steps_touch_only_active_blocks, random_selection, randomize_norms)
 
 
 class Residual(nn.Module):
@@ -89,6 +91,59 @@ class DenseBlock(nn.Module):
         c2 = torch.cat([c1, self.l2(F.relu(self.n2(c1)))], dim=1)
         h = F.adaptive_avg_pool2d(F.relu(self.n3(c2)), 2)
         return self.fc(torch.flatten(h, 1))
+
+
+class Grouped(nn.Module):
+    """Grouped convs (not depthwise): a ResNeXt/RegNet bottleneck (1x1, 3x3 of 3 groups,
+    1x1, residual add), a grouped conv of 4 groups on the residual stream, and one of
+    2 groups reading a concatenation (its conv groups cut across the parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.c1 = nn.Conv2d(12, 9, 1, bias=False)
+        self.n1 = nn.BatchNorm2d(9)
+        self.c2 = nn.Conv2d(9, 9, 3, padding=1, groups=3, bias=False)
+        self.n2 = nn.BatchNorm2d(9)
+        self.c3 = nn.Conv2d(9, 12, 1, bias=False)
+        self.n3 = nn.BatchNorm2d(12)
+        self.g4 = nn.Conv2d(12, 8, 3, stride=2, padding=1, groups=4)
+        self.side = nn.Conv2d(12, 4, 3, stride=2, padding=1)
+        self.cat_conv = nn.Conv2d(12, 10, 1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(40, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.relu(self.n2(self.c2(F.relu(self.n1(self.c1(x))))))
+        x = F.relu(x + self.n3(self.c3(y)))
+        w = self.cat_conv(torch.cat([self.g4(x), self.side(x)], 1))
+        return self.fc(torch.flatten(self.pool(F.relu(w)), 1))
+
+
+class GroupNormed(nn.Module):
+    """GroupNorms after convs (3 groups; 1 group: a norm over C, H and W) and one over
+    a concatenation (its groups cut across the parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.g1 = nn.GroupNorm(3, 12)
+        self.c2 = nn.Conv2d(12, 8, 3, padding=1)
+        self.g2 = nn.GroupNorm(1, 8)
+        self.c3 = nn.Conv2d(8, 5, 1)
+        self.c4 = nn.Conv2d(8, 5, 3, padding=1)
+        self.gcat = nn.GroupNorm(2, 10)
+        self.head = nn.Conv2d(10, 6, 1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = F.relu(self.g1(self.c1(x)))
+        a = F.relu(self.g2(self.c2(x)))
+        b = self.gcat(torch.cat([self.c3(a), self.c4(a)], 1))
+        return self.fc(torch.flatten(self.pool(F.relu(self.head(b))), 1))
 
 
 class InvertedResidual(nn.Module):
@@ -215,8 +270,73 @@ def _packed_equals_unpacked(model, plan, convs):
                                        getattr(unpacked, conv).saliency, rtol=1e-12, atol=1e-12)
 
 
+def test_grouped_convs_select_equally_many_channels_of_every_conv_group():
+    torch.manual_seed(0)
+    model = convert(Grouped().double())
+    plan = plan_for(model)
+    by_name = {g.name: g for g in plan.groups}
+    # The residual stream (stem, tied with c3) is read by g4 (4 groups); the
+    # bottleneck's inner groups by c2 (3); cat_conv writes 2. g4 and side feed a
+    # concatenation cat_conv's conv groups cut across: they stay full.
+    assert {name: g.blocks for name, g in by_name.items()} == {
+        "stem": 4, "c1": 3, "c2": 3, "cat_conv": 2}
+    assert by_name["stem"].tied == [model.c3]
+    assert model.c2 in by_name["c1"].consumers and model.g4 in by_name["stem"].consumers
+    notes = conversion_notes(model)
+    assert set(notes) == {"g4", "side"}
+    assert "cat_conv: grouped conv (groups=2) reads a concatenation" in notes["g4"]
+    assert all(isinstance(getattr(model, n), ChannelSparseConv2d)
+               for n in ("c2", "g4", "cat_conv"))
+
+    # A selection must fill every run equally; the plan says so.
+    bad = [torch.arange(c // 2) for c in plan.num_channels]  # the first half: unbalanced
+    with pytest.raises(ValueError, match=r"group 'stem'.* 4 blocks .* equally many"):
+        plan.apply(bad)
+    plan.apply(plan.leading_channels([4, 3, 6, 2]))
+    assert model.c2.in_idx.tolist() == [0, 3, 6] and model.c2.out_idx.tolist() == [0, 1, 3, 4,
+                                                                                  6, 7]
+    assert model.g4.in_idx.tolist() == [0, 3, 6, 9]
+
+    # CUCB steps (a selector with the plan's blocks) leave inactive weights, including
+    # a grouped conv's weights from inactive inputs of an active output, untouched.
+    selector = cucb_steps_touch_only_active_blocks(
+        model, plan, 2, lambda gen: (torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=gen),
+                                     torch.randint(0, 3, (4,), generator=gen)))
+    assert selector.blocks == plan.blocks
+
+
+def test_group_norms_follow_their_groups_with_blocks():
+    model = convert(GroupNormed().double())
+    plan = plan_for(model)
+    by_name = {g.name: g for g in plan.groups}
+    assert {name: g.blocks for name, g in by_name.items()} == {"c1": 3, "c2": 1, "head": 1}
+    assert [type(n).__name__ for n in by_name["c1"].norms] == ["ChannelSparseGroupNorm"]
+    notes = conversion_notes(model)
+    assert set(notes) == {"c3", "c4"}
+    assert "gcat: GroupNorm over a concatenation" in notes["c3"]
+    with pytest.raises(ValueError, match=r"group 'c1'.* 3 blocks"):
+        plan.apply([torch.arange(6), torch.arange(8), torch.arange(6)])
+
+
+def test_flops_cost_of_a_model_with_grouped_convs_is_exact():
+    """The fitted quadratic reproduces count_flops of the compact model at balanced
+    counts it was not fitted at (grouped convs' FLOPs are bilinear in their widths)."""
+    torch.manual_seed(1)
+    model = convert(Grouped())
+    plan = plan_for(model)
+    x = torch.randn(1, 3, 8, 8)
+    cost = FlopsCost.fit(model, plan, x)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        counts = [b * int(torch.randint(1, c // b + 1, (1,), generator=gen))
+                  for c, b in zip(plan.num_channels, plan.blocks)]
+        plan.apply(plan.leading_channels(counts))
+        assert cost(counts) == pytest.approx(count_flops(compact_model(model, plan), x),
+                                             rel=1e-9)
+
+
 @pytest.mark.parametrize("make", ["Residual", "Dense", "DenseBlock", "Opaque", "Shared",
-                                  "Activations", "ConvNeXtLike"])
+                                  "Activations", "ConvNeXtLike", "Grouped", "GroupNormed"])
 def test_random_selection_matches_masked_reference_and_exports(make):
     make = globals()[make]
     torch.manual_seed(3)
@@ -234,7 +354,7 @@ def test_random_selection_matches_masked_reference_and_exports(make):
         assert torch.allclose(a, b, atol=1e-12)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
-        plan.apply(random_selection(plan.num_channels, generator=gen))
+        plan.apply(random_selection(plan.num_channels, generator=gen, blocks=plan.blocks))
         assert check_against_reference(model, ref, plan, torch.randn_like(x)) == []
     model.eval()
     compact = compact_model(model, plan).eval()

@@ -26,7 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 import dce_kernels
-from dce_kernels import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLayerNorm,
+from dce_kernels import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseGroupNorm,
+                         ChannelSparseLayerNorm,
                          ChannelSparseLinear)
 from dce_kernels.optim import ActiveBlock
 
@@ -408,6 +409,25 @@ def masked_layer_norm(x, weight, bias, eps, idx):
     return y * mask
 
 
+def masked_group_norm(x, num_groups, weight, bias, eps, idx):
+    """GroupNorm of (N, C, H, W) ``x`` whose mean and variance in each group run over
+    the channels ``idx`` of that group only, written out (no F.group_norm); the others
+    output zero."""
+    n, c = x.shape[:2]
+    mask = torch.zeros(c, dtype=x.dtype, device=x.device)
+    mask[idx.long().to(x.device)] = 1
+    xg = x.reshape(n, num_groups, c // num_groups, -1)
+    mg = mask.view(1, num_groups, c // num_groups, 1)
+    count = mg.sum(2, keepdim=True) * xg.shape[-1]
+    mean = (xg * mg).sum((2, 3), keepdim=True) / count
+    var = (((xg - mean) * mg) ** 2).sum((2, 3), keepdim=True) / count
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shape) + bias.view(shape)
+    return y * mask.view(shape)
+
+
 def _functional_layer_norm_mask(x, normalized_shape, weight=None, bias=None, eps=1e-5,
                                 name=""):
     twin = _FUNCTIONAL_NORM_MASKS.get(name)
@@ -464,6 +484,10 @@ class MaskedReference:
                 self.handles.append(layer.register_forward_hook(self._conv_out(twin)))
             elif isinstance(layer, nn.BatchNorm2d) and hasattr(twin, "active_idx"):
                 self.handles.append(layer.register_forward_hook(self._norm_out(twin)))
+            elif isinstance(layer, nn.GroupNorm) and hasattr(twin, "active_idx"):
+                self.handles.append(layer.register_forward_hook(
+                    lambda m, args, y, twin=twin: masked_group_norm(
+                        args[0], m.num_groups, m.weight, m.bias, m.eps, twin.active_idx)))
             elif isinstance(layer, nn.LayerNorm) and hasattr(twin, "active_idx"):
                 # An nn.LayerNorm leaf (channels last): over the active channels only.
                 self.handles.append(layer.register_forward_hook(
@@ -477,7 +501,8 @@ class MaskedReference:
                 self.handles.append(layer.register_forward_hook(self._conv_out(twin, dim=-1)))
         for name, twin in sparse.items():
             if hasattr(twin, "active_idx") and not isinstance(
-                    dict(reference.named_modules()).get(name), (nn.BatchNorm2d, nn.LayerNorm)):
+                    dict(reference.named_modules()).get(name),
+                    (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
                 _FUNCTIONAL_NORM_MASKS[name] = twin
         names = {id(m): n for n, m in converted.named_modules()}
         for lin, cols in linear_columns:
@@ -541,7 +566,7 @@ def cucb_steps_touch_only_active_blocks(model, plan, steps, batch, check_salienc
     check more before the selector learns. Returns the selector."""
     from dce_kernels import CUCBSelector, MaskedOptimizer
 
-    selector = CUCBSelector(plan.num_channels, fraction=0.5, tau=1, seed=0)
+    selector = CUCBSelector(plan.num_channels, fraction=0.5, tau=1, seed=0, blocks=plan.blocks)
     opt = MaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
                                           weight_decay=1e-4), plan.active_blocks)
     gen = torch.Generator().manual_seed(2)
@@ -626,13 +651,22 @@ def random_index(num_channels: int, fraction: float, generator=None) -> torch.Te
 
 
 def random_selection(num_channels, fraction: Union[float, tuple[float, float]] = (0.3, 0.8),
-                     generator=None) -> list[torch.Tensor]:
+                     generator=None, blocks=None) -> list[torch.Tensor]:
     """One random index list per channel group. ``fraction``: that share of every
     group (``random_index``), or a range (lo, hi) to draw a share from per group,
-    keeping at least one channel and, where there are two, skipping at least one."""
+    keeping at least one channel and, where there are two, skipping at least one.
+    ``blocks`` (a plan's): a group of ``b > 1`` blocks gets the same random number of
+    random channels in each of its runs, ascending."""
     selection = []
-    for c in num_channels:
-        if isinstance(fraction, tuple):
+    for c, b in zip(num_channels, blocks or [1] * len(num_channels)):
+        if b > 1:
+            run = c // b
+            share = (float(torch.empty(1).uniform_(*fraction, generator=generator))
+                     if isinstance(fraction, tuple) else fraction)
+            k = max(1, min(run - 1, round(run * share))) if run > 1 else 1
+            selection.append(torch.cat([torch.randperm(run, generator=generator)[:k].sort().values
+                                        + r * run for r in range(b)]))
+        elif isinstance(fraction, tuple):
             share = float(torch.empty(1).uniform_(*fraction, generator=generator))
             k = max(1, min(c - 1, round(c * share)))
             selection.append(torch.randperm(c, generator=generator)[:k])
@@ -660,7 +694,7 @@ def active_parameter_count(model: nn.Module, plan) -> int:
             total += module.out_idx.numel() if module.bias is not None else 0
         elif isinstance(module, ChannelSparseBatchNorm2d):
             total += 2 * module.active_idx.numel() if module.affine else 0
-        elif isinstance(module, ChannelSparseLayerNorm):
+        elif isinstance(module, (ChannelSparseLayerNorm, ChannelSparseGroupNorm)):
             total += module.active_idx.numel() * sum(
                 p is not None for p in (module.weight, module.bias))
         elif isinstance(module, ChannelSparseLinear):

@@ -48,7 +48,8 @@ import torch.fx
 from torch import nn
 
 from ..nn import (CHANNEL_SPARSE_NORMS, ChannelSparseBatchNorm2d, ChannelSparseConv2d,
-                  ChannelSparseLayerNorm, ChannelSparseLinear, ChannelSparseNormAct)
+                  ChannelSparseGroupNorm, ChannelSparseLayerNorm, ChannelSparseLinear,
+                  ChannelSparseNormAct)
 from .group import SPEC_ATTR, recorded_spec
 from .trace import (_augmented_assignment, is_convertible_conv, is_convertible_linear,
                     link_graphs, link_without_graph, trace_modes)
@@ -170,6 +171,8 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             continue
         if type(m) is nn.BatchNorm2d:
             replacements[id(m)] = _sparse_norm(m)
+        elif type(m) is nn.GroupNorm:
+            replacements[id(m)] = ChannelSparseGroupNorm.from_module(m)
         elif isinstance(m, nn.LayerNorm):  # over the channels, in the dim the trace showed
             replacements[id(m)] = ChannelSparseLayerNorm.from_module(m, layer_norms[name])
         else:  # a subclass calling F.batch_norm, then the children the trace showed

@@ -8,7 +8,7 @@ from torch import nn
 
 import torch
 
-from ..nn import CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear
+from ..nn import CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear, is_grouped
 
 __all__ = ["ChannelGroup", "GroupSpec", "ChannelSpec", "SPEC_ATTR", "recorded_spec",
            "converted_groups"]
@@ -63,6 +63,11 @@ class ChannelGroup:
       pairs naming a parameter or buffer with one entry per channel of the
       group: its entries follow the group (the compact model keeps the active
       ones, an optimizer steps only those).
+    * ``blocks``: the group's channels are this many equal runs, and every
+      selection activates equally many channels in each: a grouped conv (not
+      depthwise) of ``g`` conv groups, ``blocks`` a multiple of ``g``, produces
+      them or reads them as a consumer (the whole group, at offset 0), and runs
+      and exports as a narrower conv of ``g`` groups. Default 1: any selection.
     * ``sole_readers``: the group's layers (through channel-wise ops) are the
       only readers of the producer's output, as a linker that has seen every
       reader establishes. Only then may a :class:`ChannelPlan` pass the group's
@@ -83,6 +88,7 @@ class ChannelGroup:
     sole_readers: bool = False
     scales: list[tuple[nn.Module, str]] = field(default_factory=list)
     tied_offsets: dict[nn.Module, tuple[int, ...]] = field(default_factory=dict)
+    blocks: int = 1
 
     @property
     def num_channels(self) -> int:
@@ -134,6 +140,21 @@ class ChannelGroup:
             raise ValueError(f"group {self.name!r}: a Linear's output features can be read only "
                              "by Linears (the linears role), not by convs or norms")
         c = self.num_channels
+        if int(self.blocks) != self.blocks or self.blocks < 1 or c % self.blocks:
+            raise ValueError(f"group {self.name!r}: blocks must be a positive divisor of its "
+                             f"{c} channels, got {self.blocks}")
+        for conv in self.producers + list(self.consumers):
+            if isinstance(conv, nn.Conv2d) and is_grouped(conv) and self.blocks % conv.groups:
+                raise ValueError(f"group {self.name!r}: a grouped conv of {conv.groups} groups "
+                                 f"reads or writes it, so its blocks ({self.blocks}) must be a "
+                                 f"multiple of {conv.groups}")
+        for norm in self.norms:
+            if isinstance(norm, nn.GroupNorm) and (
+                    self.blocks % norm.num_groups or norm.num_channels != c
+                    or self.offsets_of(norm) != (0,)):
+                raise ValueError(f"group {self.name!r}: a GroupNorm of {norm.num_groups} groups "
+                                 f"must normalize exactly its {c} channels, and its blocks "
+                                 f"({self.blocks}) be a multiple of {norm.num_groups}")
         members = (list(self.norms) + list(self.consumers) + list(self.linears)
                    + list(self.depthwise))
         for layer, off in list(self.offsets.items()) + list(self.tied_offsets.items()):
@@ -159,11 +180,15 @@ class ChannelGroup:
                 raise ValueError(f"group {self.name!r}: {type(bn).__name__} has {bn.num_features} "
                                  f"channels, its conv {c} (at offset {max(self.offsets_of(bn))})")
         for conv in self.consumers:
-            if conv.in_channels < max(self.offsets_of(conv)) + c or conv.groups != 1:
-                raise ValueError(f"group {self.name!r}: consumer conv must have groups=1 and "
-                                 f"{c} input channels (from offset "
-                                 f"{max(self.offsets_of(conv))}), got "
-                                 f"{conv.in_channels} (groups={conv.groups})")
+            grouped_whole = is_grouped(conv) and (conv.in_channels == c
+                                                  and self.offsets_of(conv) == (0,))
+            if conv.in_channels < max(self.offsets_of(conv)) + c or (
+                    conv.groups != 1 and not grouped_whole):
+                raise ValueError(f"group {self.name!r}: a consumer conv must have groups=1 "
+                                 f"and {c} input channels (from offset "
+                                 f"{max(self.offsets_of(conv))}), or be a grouped conv "
+                                 f"reading exactly the group, got {conv.in_channels} input "
+                                 f"channels (groups={conv.groups})")
         for conv in self.depthwise:
             if not (conv.groups == conv.in_channels == conv.out_channels) \
                     or conv.in_channels < max(self.offsets_of(conv)) + c:
@@ -206,6 +231,7 @@ class GroupSpec:
     sole_readers: bool = False
     scales: tuple[str, ...] = ()  # dotted names of parameters or buffers
     tied_offsets: tuple[tuple[str, int], ...] = ()
+    blocks: int = 1
 
     @classmethod
     def from_group(cls, group: ChannelGroup, model: nn.Module) -> GroupSpec:
@@ -226,6 +252,7 @@ class GroupSpec:
                    linear_channels=tuple((name_of(m), int(c))
                                          for m, c in group.linear_channels.items()),
                    readers_known=group.readers_known, sole_readers=group.sole_readers,
+                   blocks=group.blocks,
                    scales=tuple(_dotted(name_of(owner), attr) for owner, attr in group.scales),
                    **{role: tuple(map(name_of, getattr(group, role))) for role in MEMBER_ROLES})
 
@@ -268,7 +295,7 @@ class GroupSpec:
                             tied_offsets=collect(self.tied_offsets),
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
                             readers_known=self.readers_known, sole_readers=self.sole_readers,
-                            scales=scales, **members)
+                            blocks=self.blocks, scales=scales, **members)
 
 
 def _dotted(owner: str, attr: str) -> str:

@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..nn import CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear, _as_index
+from ..nn import (CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear, _as_index,
+                  grouped_columns, is_grouped)
 from ..optim import ActiveBlock
 from .group import ChannelGroup, converted_groups
 from .sequential import sequential_groups
@@ -190,6 +191,27 @@ class ChannelPlan:
         return [g.num_channels for g in self.groups]
 
     @property
+    def blocks(self) -> list[int]:
+        """Each group's equal runs that a selection must fill equally (1: any
+        selection; see :class:`ChannelGroup`): a selector's ``blocks=``."""
+        return [g.blocks for g in self.groups]
+
+    def leading_channels(self, counts: Sequence[int]) -> list[torch.Tensor]:
+        """A selection of ``counts[i]`` channels of group ``i``: the first ones of each
+        of its blocks' runs (the first ``counts[i]`` without blocks), for when only
+        the widths matter (a narrow architecture, its FLOPs)."""
+        device = self.groups[0].producer.weight.device
+        out = []
+        for g, k in zip(self.groups, counts):
+            if k % g.blocks or not 0 < k <= g.num_channels:
+                raise ValueError(f"group {g.name!r}: {k} channels is not a positive multiple "
+                                 f"of its {g.blocks} blocks up to {g.num_channels}")
+            run = g.num_channels // g.blocks
+            out.append((torch.arange(k // g.blocks, device=device)
+                        + run * torch.arange(g.blocks, device=device).unsqueeze(1)).view(-1))
+        return out
+
+    @property
     def selection(self) -> Optional[list[torch.Tensor]]:
         """The applied selection, on the host (None: all channels active). Copied
         from the device when first read after an :meth:`apply`, not at every step."""
@@ -227,6 +249,8 @@ class ChannelPlan:
             selection = [_as_index(idx, g.num_channels, device,
                                    f"selection of group {g.name!r}")
                          for g, idx in zip(self.groups, selection)]
+            for g, idx in zip(self.groups, selection):
+                _check_blocks(g, idx)
         else:
             selection = [idx.to(device) for idx in selection]
 
@@ -314,8 +338,17 @@ class ChannelPlan:
 
         for conv in self.convs:
             rows = partial(conv.out_idx, conv.out_channels)
-            cols = partial(conv.in_idx, conv.in_channels) if conv.groups == 1 else None
-            add(conv.weight, rows, cols)
+            if is_grouped(conv) and conv.in_idx.numel() < conv.in_channels:
+                # Each active output reads its own conv group's active inputs: with
+                # the weight as (out * in / groups, kH * kW), those are single rows.
+                per_group = conv.in_channels // conv.groups
+                cols = grouped_columns(conv.in_idx, conv.out_idx, conv.in_channels, conv.groups)
+                blocks.append(ActiveBlock(
+                    conv.weight, rows=(conv.out_idx.unsqueeze(1) * per_group + cols).view(-1),
+                    view=(conv.out_channels * per_group, conv.weight[0, 0].numel())))
+            else:
+                cols = partial(conv.in_idx, conv.in_channels) if conv.groups == 1 else None
+                add(conv.weight, rows, cols)
             add(conv.bias, rows)
         for bn in self.norms:
             rows = partial(bn.active_idx, bn.num_features)
@@ -340,6 +373,20 @@ class ChannelPlan:
                 # One entry per channel, whatever the shape ([C], [1, C, 1, 1]).
                 blocks.append(ActiveBlock(scale, rows=active, view=(scale.numel(),)))
         return blocks
+
+
+def _check_blocks(group: ChannelGroup, idx: torch.Tensor) -> None:
+    """A selection of a group with blocks fills every run equally (one host read:
+    the checks of ``apply(validate=True)`` read the lists anyway)."""
+    if group.blocks == 1:
+        return
+    per_run = torch.bincount(idx.cpu() // (group.num_channels // group.blocks),
+                             minlength=group.blocks)
+    if not (per_run == per_run[0]).all():
+        raise ValueError(f"selection of group {group.name!r}: its {group.num_channels} "
+                         f"channels are {group.blocks} blocks (a grouped conv reads or writes "
+                         f"them) and a selection needs equally many of each, got "
+                         f"{per_run.tolist()}")
 
 
 # The key of a scale's channel index among a module's indices: "scale:" + attribute.

@@ -10,6 +10,7 @@ that may be selected.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .group import ChannelSpec, GroupSpec
@@ -28,7 +29,12 @@ class Spaces:
     to a concatenation of groups, GhostNet's shortcut: ``cat([x1, dw(x1)]) +
     shortcut(x)`` makes the shortcut conv's channels x1's group twice). Only a
     space tied to nothing yet may be refined; :meth:`leaves` expands refined
-    spaces, and every union and mark works on leaves."""
+    spaces, and every union and mark works on leaves.
+
+    A class may need *blocks*: its channels split into that many equal runs, every
+    selection activating equally many in each (a grouped conv reads or writes
+    them). Tied classes need the least common multiple of their blocks, which
+    divides their channel count, as every conv group count divides it."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
@@ -36,6 +42,7 @@ class Spaces:
         self.count: list[int] = []  # root -> spaces in its class
         self.reason: dict[int, str] = {}  # root -> why its channels must stay full
         self.parts: dict[int, tuple[int, ...]] = {}  # refined space -> what it consists of
+        self.blocks: dict[int, int] = {}  # root -> the equal runs its selections fill equally
 
     def new(self, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -59,7 +66,9 @@ class Spaces:
         return out
 
     def refinable(self, s: int) -> bool:
-        return s not in self.parts and self.parent[s] == s and self.count[s] == 1
+        # A space of blocks stays whole: its runs would not split with its parts.
+        return (s not in self.parts and self.parent[s] == s and self.count[s] == 1
+                and s not in self.blocks)
 
     def refine(self, s: int, parts: tuple[int, ...]) -> None:
         """``s`` consists of ``parts`` (leaves, none of them ``s``'s class)."""
@@ -82,9 +91,19 @@ class Spaces:
             return
         self.parent[rb] = ra
         self.count[ra] += self.count[rb]
+        if rb in self.blocks or ra in self.blocks:
+            self.blocks[ra] = math.lcm(self.blocks.get(ra, 1), self.blocks.pop(rb, 1))
         if rb in self.reason and ra not in self.reason:
             self.reason[ra] = self.reason[rb]
         self.reason.pop(rb, None)
+
+    def need_blocks(self, s: int, blocks: int) -> None:
+        """``s`` (a leaf) is read or written by a conv of ``blocks`` conv groups."""
+        root = self.find(s)
+        self.blocks[root] = math.lcm(self.blocks.get(root, 1), blocks)
+
+    def blocks_of(self, s: int) -> int:
+        return self.blocks.get(self.find(s), 1)
 
     def keep_full(self, s: int, reason: str) -> None:
         for leaf in self.leaves((s,)):
@@ -216,6 +235,7 @@ def spec_from_analysis(a: Analysis) -> ChannelSpec:
         # Traced: every reader of the group is known (norms, channel-wise ops,
         # consumers), so ChannelPlan may pack it where can_pack allows.
         groups.append(GroupSpec(convs[0], name=convs[0], tied=tuple(tied),
+                                blocks=sp.blocks_of(root),
                                 offsets=pairs, tied_offsets=tuple(tied_offsets),
                                 linear_channels=tuple(linear_channels.items()),
                                 readers_known=True, sole_readers=True,

@@ -46,9 +46,13 @@ analysis follows every tensor's list of spaces through the graph):
   op drops them alike.
 * A depthwise conv (``groups == in_channels == out_channels``) carries its input
   spaces to its output: its input *and* output channels follow them (active
-  outputs imply the active inputs of the same group). Other grouped convs read
-  and write all their channels: a compact grouped conv needs the same number of
-  channels in every group, which an arbitrary selection does not give.
+  outputs imply the active inputs of the same group). Another grouped conv
+  (``groups = g > 1``, RegNet's, ResNeXt's) reads one group as a consumer and
+  writes a space of its own, as a plain conv, and both classes need ``g``
+  *blocks*: their selections take equally many channels of every conv group, so
+  that the conv runs, and exports, as a narrower conv of ``g`` groups. It must
+  read exactly one space, of its whole width (not a concatenation: the conv
+  groups would cut across the parts); else it reads all its input channels.
 * Flattening (``torch.flatten(x, 1)``, ``nn.Flatten()``, ``x.view(x.size(0), -1)``,
   a mean over H and W) into a ``Linear``: the Linear's columns follow the channels
   (column ``j`` reads channel ``j // (in_features / channels)``).
@@ -83,8 +87,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLayerNorm,
-                  ChannelSparseLinear)
+from ..nn import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseGroupNorm,
+                  ChannelSparseLayerNorm, ChannelSparseLinear, is_depthwise)
 from .group import ChannelSpec, GroupSpec
 from .optable import (ADD_FUNCTIONS, ADD_METHODS, CAST_METHODS, CAT_NAMES, DIV_FUNCTIONS,
                       DIV_METHODS, ELEMENTWISE_MODULES, ELEMENTWISE_NAMES, GATE_MODULES,
@@ -112,11 +116,12 @@ def is_convertible_linear(m: nn.Module) -> bool:
 def _is_norm(m: nn.Module) -> bool:
     """A norm of (N, C, H, W) tensors that follows its channels as a leaf module."""
     return (type(m) is nn.BatchNorm2d or isinstance(m, ChannelSparseBatchNorm2d)
-            or (isinstance(m, ChannelSparseLayerNorm) and m.channel_dim == 1))
+            or (isinstance(m, ChannelSparseLayerNorm) and m.channel_dim == 1)
+            or _is_group_norm(m))
 
 
-def _is_depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+def _is_group_norm(m: nn.Module) -> bool:
+    return type(m) is nn.GroupNorm or isinstance(m, ChannelSparseGroupNorm)
 
 
 def trace_modes(model: nn.Module, concrete_args: Optional[dict[str, Any]] = None
@@ -543,7 +548,9 @@ class _Analyzer:
             if isinstance(x, _Flat):
                 self._opaque(node, f"{node.target}: BatchNorm2d on a flattened tensor")
                 return
-            if x is not None:
+            if x is not None and _is_group_norm(m):
+                self._group_norm(node.target, m, x)
+            elif x is not None:
                 self._record(node.target, "norms", x)
             self.value[node] = x
         elif is_convertible_linear(m):
@@ -568,6 +575,19 @@ class _Analyzer:
             self._opaque(node, f"{node.target}: {type(m).__name__} is not known to keep "
                                "channels apart")
 
+    def _group_norm(self, name: str, norm: nn.GroupNorm, x) -> None:
+        """A GroupNorm normalizes each of its groups over their active channels, as
+        the compact model's narrower GroupNorm will: it follows one space of its
+        whole width, whose blocks then include its groups."""
+        sp = self.a.spaces
+        if isinstance(x, tuple) and len(x) == 1 and sp.leaves(x) == x \
+                and sp.size[x[0]] == norm.num_channels:
+            self._record(name, "norms", x)
+            sp.need_blocks(x[0], norm.num_groups)
+        else:
+            self._keep_full([x], f"{name}: GroupNorm over a concatenation or a part of a "
+                                 "wider tensor (its groups would cut across the parts)")
+
     def _conv(self, name: str, conv: nn.Conv2d, x):
         if isinstance(x, _Flat):
             self._keep_full([x], f"{name}: conv on a flattened tensor")
@@ -576,16 +596,22 @@ class _Analyzer:
             if x is not None:
                 self._record(name, "consumers", x)
             return (self._space_of_conv(name, conv),)
-        if _is_depthwise(conv) and x is not None:
+        if is_depthwise(conv) and x is not None:
             self.a.order.append(name)
             if _excluded(name, self.exclude):
                 self._keep_full([x], f"{name}: excluded by the caller")
             self._record(name, "depthwise", x)
             return x  # the same channels, carried through
-        self._keep_full([x], f"{name}: grouped conv (groups={conv.groups}) reads all its inputs")
         space = self._space_of_conv(name, conv)
-        self.a.spaces.keep_full(space, f"{name}: grouped conv (groups={conv.groups}) writes "
-                                       "all its outputs")
+        sp = self.a.spaces
+        sp.need_blocks(space, conv.groups)
+        if (isinstance(x, tuple) and len(x) == 1 and sp.leaves(x) == x
+                and sp.size[x[0]] == conv.in_channels):
+            self._record(name, "consumers", x)
+            sp.need_blocks(x[0], conv.groups)
+        else:
+            self._keep_full([x], f"{name}: grouped conv (groups={conv.groups}) reads a "
+                                 "concatenation or a part of a wider tensor: all its inputs")
         return (space,)
 
     def _on_call_function(self, node):

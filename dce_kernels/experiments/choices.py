@@ -43,20 +43,21 @@ def phases_of(method: str) -> tuple[str, ...]:
     return METHODS[method]
 
 
-def _cucb(num_channels, c, steps_per_epoch, cost=None):
+def _cucb(num_channels, c, steps_per_epoch, cost=None, blocks=None):
     return CUCBSelector(num_channels, c.fraction, tau=c.tau, budget=c.budget, seed=c.seed,
-                        reward=c.reward, discount=c.discount, cost=cost,
+                        reward=c.reward, discount=c.discount, cost=cost, blocks=blocks,
                         flops_weight=c.flops_weight,
                         horizon=c.explore_epochs * steps_per_epoch if c.anneal else None)
 
 
-# method -> factory(num_channels, config, steps_per_epoch, cost) of the selector that runs
-# the explore phase (narrow has none); cost: the model's FlopsCost under budget="flops".
+# method -> factory(num_channels, config, steps_per_epoch, cost, blocks) of the selector that
+# runs the explore phase (narrow has none); cost: the model's FlopsCost under
+# budget="flops"; blocks: the channel groups' (grouped convs).
 def _shrink(order):
-    def factory(num_channels, c, steps_per_epoch, cost=None):
+    def factory(num_channels, c, steps_per_epoch, cost=None, blocks=None):
         return ShrinkSelector(num_channels, c.fraction, horizon=c.explore_epochs * steps_per_epoch,
                               budget=c.budget, seed=c.seed, reward=c.reward,
-                              discount=c.discount, order=order, cost=cost,
+                              discount=c.discount, order=order, cost=cost, blocks=blocks,
                               flops_weight=c.flops_weight)
     return factory
 
@@ -65,12 +66,12 @@ SELECTORS: Mapping[str, Callable] = {
     "shrink": _shrink("saliency"),
     "shrink-random": _shrink("random"),
     "cucb": _cucb,
-    "random": lambda num_channels, c, steps_per_epoch, cost=None: RandomSelector(
-        num_channels, c.fraction, budget=c.budget, seed=c.seed, cost=cost,
+    "random": lambda num_channels, c, steps_per_epoch, cost=None, blocks=None: RandomSelector(
+        num_channels, c.fraction, budget=c.budget, seed=c.seed, cost=cost, blocks=blocks,
         flops_weight=c.flops_weight),
     # Saliency of the last training epoch only (Molchanov et al. 2017 rank a trained net).
-    "prune": lambda num_channels, c, steps_per_epoch, cost=None: TaylorPruneSelector(
-        num_channels, c.fraction, budget=c.budget, seed=c.seed, cost=cost,
+    "prune": lambda num_channels, c, steps_per_epoch, cost=None, blocks=None: TaylorPruneSelector(
+        num_channels, c.fraction, budget=c.budget, seed=c.seed, cost=cost, blocks=blocks,
         flops_weight=c.flops_weight,
         accumulate_from=(c.explore_epochs - 1) * steps_per_epoch),
 }

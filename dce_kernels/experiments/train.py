@@ -213,11 +213,12 @@ def full_model(config: TrainConfig, info: dict, device=None) -> nn.Module:
     return model.to(device) if device is not None else model
 
 
-def budget_counts(config: TrainConfig, num_channels: list[int]) -> list[int]:
+def budget_counts(config: TrainConfig, num_channels: list[int],
+                  blocks: Optional[list[int]] = None) -> list[int]:
     """The per-layer channel counts of a narrow network: the layer budget's (always for
     ``narrow-uniform``), or the counts the run in ``widths_from`` kept."""
     if config.widths_from is None or config.method == "narrow-uniform":
-        return _Selector(num_channels, config.fraction, "layer").active_counts()
+        return _Selector(num_channels, config.fraction, "layer", blocks=blocks).active_counts()
     path = os.path.join(config.widths_from, REPORT)
     if not os.path.exists(path):
         raise FileNotFoundError(f"widths_from: no finished run at {config.widths_from} "
@@ -239,9 +240,8 @@ def narrow_model(config: TrainConfig, info: dict, device=None) -> tuple[nn.Modul
     weights are then initialized anew, as a model of that size would be."""
     full = full_model(config, info, device)
     plan = plan_for(full)
-    counts = budget_counts(config, plan.num_channels)
-    device = next(full.parameters()).device
-    plan.apply([torch.arange(k, device=device) for k in counts])
+    counts = budget_counts(config, plan.num_channels, plan.blocks)
+    plan.apply(plan.leading_channels(counts))
     small = compact_model(full, plan)
     torch.manual_seed(config.seed)
     reinitialize(small)
@@ -332,8 +332,8 @@ class _Run:
         # channel costs.
         example = self.train_ds[0][0].unsqueeze(0).to(self.device) if c.budget == "flops" else None
         return DynamicChannels(self.model, budget=c.budget, example_input=example,
-                               selector=lambda num_channels, cost=None: SELECTORS[c.method](
-                                   num_channels, c, self.steps_per_epoch, cost))
+                               selector=lambda num_channels, **extra: SELECTORS[c.method](
+                                   num_channels, c, self.steps_per_epoch, **extra))
 
     def _new_optimizer(self, lr: float):
         opt = OPTIMIZERS[self.config.optimizer](self.model.parameters(), lr, self.config)
