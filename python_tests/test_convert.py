@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dce_kernels import (ChannelSparseBatchNorm2d, ChannelSparseConv2d, ChannelSparseLinear,
-                         convert)
+                         CUCBSelector, DynamicChannels, RandomSelector, convert)
 from dce_kernels.channels import (ChannelPlan, GroupSpec, conversion_notes, plan_for,
                                  sequential_groups)
 from dce_kernels.channels.group import recorded_spec
@@ -303,6 +303,18 @@ def test_grouped_convs_select_equally_many_channels_of_every_conv_group():
         model, plan, 2, lambda gen: (torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=gen),
                                      torch.randint(0, 3, (4,), generator=gen)))
     assert selector.blocks == plan.blocks
+
+    # DynamicChannels hands the blocks to a factory and refuses a selector without them.
+    with pytest.raises(ValueError, match="build the selector with blocks=plan.blocks"):
+        DynamicChannels(model, selector=CUCBSelector(plan.num_channels))
+    given = {}
+
+    def factory(num_channels, **extra):
+        given.update(extra)
+        return RandomSelector(num_channels, 0.5, **extra)
+
+    dce = DynamicChannels(model, selector=factory)
+    assert given == {"blocks": plan.blocks} and dce.selector.blocks == plan.blocks
 
 
 def test_group_norms_follow_their_groups_with_blocks():

@@ -12,15 +12,17 @@ too and runs functional layer_norm over the active channels only) and skip only
 channels that are exactly zero there; CUCB training steps leave inactive weights
 untouched; compact_model equals the sparse model in eval and keeps
 timm's own layer classes; the compact model's ONNX file gives its logits in
-onnxruntime. bench/convert_models.py measures more families (EfficientNet,
-DenseNet, GhostNet) without the float64 reference. ConvNeXt with conv_mlp=False
+onnxruntime. Also GhostNet (slices and concatenations of a conv with its cheap
+depthwise op), EfficientNet-B0, ResNet-50 and DenseNet-121: every timm family of
+bench/convert_models.py's table. ConvNeXt with conv_mlp=False
 (nn.Linear MLPs over channels-last maps, as convnext_tiny) gets a test of its own."""
 import copy
 
 import pytest
 import torch
 
-from dce_kernels import ChannelSparseLayerNorm, ChannelSparseNormAct, convert
+from dce_kernels import (ChannelSparseBatchNorm2d, ChannelSparseLayerNorm, ChannelSparseNormAct,
+                         convert)
 from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model, export_compact
 from toolkit import (active_parameter_count, capture_original, check_against_reference,
@@ -30,7 +32,8 @@ timm = pytest.importorskip("timm")
 
 # What stays full, by the first words of the reason (every other conv is selectable).
 KEPT_FULL = {"regnetx_002": None, "mobilenetv3_small_050": None, "repvgg_a0": None,
-             "convnext_atto": None, "ghostnet_050": None}
+             "convnext_atto": None, "ghostnet_050": None, "efficientnet_b0": None,
+             "resnet50": None, "densenet121": None}
 # Sparse and masked reductions round differently, and batch statistics over 3 images at
 # RegNet's 1x1 last stage amplify that: ~1e-10 of the outputs, ~1e-8 of the gradients.
 TOL = 1e-7
@@ -64,7 +67,9 @@ def test_groups_found_and_what_stays_full(converted):
         assert notes == {}
     else:
         assert notes and all(KEPT_FULL[name] in why for why in notes.values())
-    norm = ChannelSparseLayerNorm if name.startswith("convnext") else ChannelSparseNormAct
+    # timm's BatchNormAct2d (functional batch_norm), plain BatchNorm2d in its ResNets.
+    norm = (ChannelSparseLayerNorm if name.startswith("convnext") else
+            ChannelSparseBatchNorm2d if name == "resnet50" else ChannelSparseNormAct)
     assert any(isinstance(m, norm) for m in model.modules())
     sparse = sum(type(m).__name__ == "ChannelSparseConv2d" for m in model.modules())
     assert sparse >= 0.6 * sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
