@@ -75,10 +75,7 @@ def _step_fn(model, x, y, plan=None, selector=None, parts=None):
 
 
 def measure(name: str, p: float, batch: int, size: int, rounds: int) -> dict:
-    import torchvision
-
-    torch.manual_seed(0)
-    original = torchvision.models.get_model(name, weights=None, num_classes=10)
+    original = _build(name).train()  # torchvision or timm:NAME
     converted = dce_kernels.convert(original, copy=True)
     full = dce_kernels.convert(original, copy=True)  # all channels active, always
     plan = plan_for(converted)
