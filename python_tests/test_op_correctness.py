@@ -138,6 +138,20 @@ def test_grouped_convolution_matches_masked_dense(backend):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
 
 
+def _check_float64_against_masked_dense(backend, case, x, w, b, in_idx, out_idx):
+    """Output, gradients and saliency of one call against the masked dense reference
+    (float64, random grad_output); returns the output."""
+    args = case.conv_args()
+    g = torch.randn_like(torch.nn.functional.conv2d(x, w, None, **args))
+    y, gx, gw, gb, sal = _run(backend, x, w, b, in_idx, out_idx, args, g)
+    ref = masked_dense(x, w, b, in_idx, out_idx, g, **args)
+    for got, want in [(y, ref.output), (gx, ref.grad_input), (gw, ref.grad_weight),
+                      (gb, ref.grad_bias), (sal, ref.saliency)]:
+        if want is not None:
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    return y
+
+
 def balanced_index(channels: int, groups: int, per_group: int) -> torch.Tensor:
     """Ascending channels, ``per_group`` random ones of each of ``groups`` equal runs."""
     run = channels // groups
@@ -168,14 +182,7 @@ def test_narrow_grouped_conv_matches_masked_dense(backend, case, per_in, per_out
     in_idx = {"balanced": balanced_index(case.in_channels, g_, per_in),
               "all": torch.arange(case.in_channels),
               "other channels": random_index(case.in_channels, 0.6)}[inputs].to(backend.device)
-    args = case.conv_args()
-    g = torch.randn_like(torch.nn.functional.conv2d(x, w, None, **args))
-    y, gx, gw, gb, sal = _run(backend, x, w, b, in_idx, out_idx, args, g)
-    ref = masked_dense(x, w, b, in_idx, out_idx, g, **args)
-    for got, want in [(y, ref.output), (gx, ref.grad_input), (gw, ref.grad_weight),
-                      (gb, ref.grad_bias), (sal, ref.saliency)]:
-        if want is not None:
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    y = _check_float64_against_masked_dense(backend, case, x, w, b, in_idx, out_idx)
 
 
 def test_narrow_grouped_conv_never_reads_inactive_weights(backend):
@@ -219,14 +226,7 @@ def test_depthwise_on_active_planes_matches_masked_dense(backend, case, fraction
     in_idx = {"same tensor": out_idx, "equal copy": out_idx.clone(),
               "all": torch.arange(case.in_channels, device=backend.device),
               "other channels": random_index(case.in_channels, 0.6).to(backend.device)}[inputs]
-    args = case.conv_args()
-    g = torch.randn_like(torch.nn.functional.conv2d(x, w, None, **args))
-    y, gx, gw, gb, sal = _run(backend, x, w, b, in_idx, out_idx, args, g)
-    ref = masked_dense(x, w, b, in_idx, out_idx, g, **args)
-    for got, want in [(y, ref.output), (gx, ref.grad_input), (gw, ref.grad_weight),
-                      (gb, ref.grad_bias), (sal, ref.saliency)]:
-        if want is not None:
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
+    y = _check_float64_against_masked_dense(backend, case, x, w, b, in_idx, out_idx)
     inactive = torch.ones(case.out_channels, dtype=torch.bool)
     inactive[out_idx.cpu()] = False
     assert y[:, inactive.to(y.device)].eq(0).all()
