@@ -23,9 +23,11 @@ namespace dce::schema {
 // that order (input.size(1) == in_idx.numel()); packed_output asks for only the
 // channels of out_idx. Packed layouts let a chain of channel-sparse layers pass
 // narrow activations, as a physically narrower network would; they need
-// ascending index lists and groups == 1 or a depthwise conv (groups ==
+// ascending index lists and groups == 1, a depthwise conv (groups ==
 // in_channels == out_channels), which with packed_input needs in_idx equal to
-// out_idx. Weight, bias and their gradients always keep the layer's full shape.
+// out_idx, or a grouped conv whose two lists both hold equally many channels of
+// every conv group. Weight, bias and their gradients always keep the layer's
+// full shape.
 inline constexpr const char* kChannelSparseConv2d =
     "channel_sparse_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor in_idx, "
     "Tensor out_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "

@@ -127,8 +127,13 @@ def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilatio
                              f"got {idx.device}")
     depthwise = groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1
     if packed_input or packed_output:
-        torch._check(groups == 1 or depthwise,
-                     lambda: "packed channel layouts need groups == 1 or a depthwise conv")
+        # Which grouped convs may pack depends on the lists' contents (equally many
+        # channels of every conv group): the real kernel's to check, as a depthwise
+        # conv's list equality is.
+        torch._check(groups == 1 or depthwise or (in_idx.shape[0] % groups == 0
+                                                  and out_idx.shape[0] % groups == 0),
+                     lambda: "packed channel layouts need groups == 1, a depthwise conv or "
+                             "a grouped conv with equally many channels of every conv group")
     if packed_input:
         torch._check(input.shape[1] == in_idx.shape[0],
                      lambda: f"packed input has {input.shape[1]} channels but in_idx lists "

@@ -33,7 +33,7 @@ test_data.py (corrupt, wrong-format, truncated, mismatched counts, labels out of
 | 23 | op | saliency probe of the wrong shape | saliency_probe must have shape | test_op_registration |
 | 24 | op | packed layout, unsorted in_idx / out_idx | ascending | test_op_packed |
 | 25 | op | packed input width differs from len(in_idx) | packed input has n channels but in_idx lists m | test_op_packed |
-| 26 | op | packed layout with groups > 1, not depthwise | groups == 1 or a depthwise conv | test_op_packed |
+| 26 | op | packed layout of a grouped conv whose lists are not balanced per conv group | or a grouped conv whose in_idx and out_idx both hold equally many | test_op_packed |
 | 26b | op | packed input of a depthwise conv whose in_idx differs from out_idx | in_idx equal to out_idx | test_op_packed |
 | 27 | backward op | grad_output of the wrong shape (spatial, channels, rank, packed width) | grad_output shape ... does not match | test_op_registration |
 | 28 | backward op | grad_output or output of another dtype, output of another shape | differs from | test_op_registration |

@@ -296,6 +296,10 @@ def test_grouped_convs_select_equally_many_channels_of_every_conv_group():
     assert model.c2.in_idx.tolist() == [0, 3, 6] and model.c2.out_idx.tolist() == [0, 1, 3, 4,
                                                                                   6, 7]
     assert model.g4.in_idx.tolist() == [0, 3, 6, 9]
+    # Grouped convs take packed layouts (their lists are balanced): every group but the
+    # tied residual stream passes K-channel activations.
+    assert {plan.groups[i].name for i in plan.packable_groups()} == {"c1", "c2", "cat_conv"}
+    assert model.c2.packed_input and model.c2.packed_output and model.n2.packed
 
     # CUCB steps (a selector with the plan's blocks) leave inactive weights, including
     # a grouped conv's weights from inactive inputs of an active output, untouched.

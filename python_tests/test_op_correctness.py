@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit import OP_CASES, ConvCase, close_kwargs, masked_dense, random_index
+from toolkit import OP_CASES, ConvCase, balanced_index, close_kwargs, masked_dense, random_index
 
 FRACTIONS = [(1.0, 1.0), (0.5, 0.5), (0.3, 1.0), (1.0, 0.3), (0.2, 0.7)]
 
@@ -150,13 +150,6 @@ def _check_float64_against_masked_dense(backend, case, x, w, b, in_idx, out_idx)
         if want is not None:
             torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-10)
     return y
-
-
-def balanced_index(channels: int, groups: int, per_group: int) -> torch.Tensor:
-    """Ascending channels, ``per_group`` random ones of each of ``groups`` equal runs."""
-    run = channels // groups
-    return torch.cat([torch.randperm(run)[:per_group].sort().values + g * run
-                      for g in range(groups)])
 
 
 # Grouped convs (not depthwise) whose lists hold equally many channels of every conv

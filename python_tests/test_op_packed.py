@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit import OP_CASES, ConvCase, close_kwargs, masked_dense, random_index
+from toolkit import OP_CASES, ConvCase, balanced_index, close_kwargs, masked_dense, random_index
 
 LAYOUTS = [(True, False), (False, True), (True, True)]
 FRACTIONS = [(0.5, 0.5), (0.3, 1.0), (1.0, 0.3)]
@@ -87,6 +87,26 @@ def test_packed_depthwise_matches_masked_dense(backend, case, fraction, lists, l
     _check_against_masked_dense(backend, case, x, wt, b, in_idx, out_idx, layout, dtype)
 
 
+# Grouped convs (not depthwise) pack when both lists hold equally many channels of every
+# conv group, as a channel group's blocks give them: the narrow grouped conv's own input
+# and output. Odd sizes.
+GROUPED_CASES = [
+    (ConvCase(2, 12, 9, 7, 7, groups=3, name="3 groups"), 2, 1),
+    (ConvCase(3, 10, 15, 9, 6, stride=2, bias=False, groups=5, name="5 groups, stride 2"), 1, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda v: f"in{'P' if v[0] else 'F'}-"
+                                                         f"out{'P' if v[1] else 'F'}")
+@pytest.mark.parametrize("case,per_in,per_out", GROUPED_CASES, ids=str)
+def test_packed_grouped_matches_masked_dense(backend, case, per_in, per_out, layout, dtype):
+    x, wt, b = case.tensors(dtype, backend.device)
+    in_idx = balanced_index(case.in_channels, case.groups, per_in).to(backend.device)
+    out_idx = balanced_index(case.out_channels, case.groups, per_out).to(backend.device)
+    _check_against_masked_dense(backend, case, x, wt, b, in_idx, out_idx, layout, dtype)
+
+
 def test_packed_chain_equals_full_width_chain(backend):
     """Two layers sharing a channel list: packed between them or full width in
     between, same result and same gradients."""
@@ -118,7 +138,7 @@ def _small(device):
     ("unsorted_in", "ascending"),
     ("unsorted_out", "ascending"),
     ("wrong_packed_width", "packed input has 6 channels but in_idx lists 3"),
-    ("grouped", "groups == 1 or a depthwise conv"),
+    ("grouped", "or a grouped conv whose in_idx and out_idx both hold equally many"),
     ("depthwise_other_lists", "in_idx equal to out_idx"),
 ])
 def test_packed_layout_bad_input(backend, case, message):

@@ -650,6 +650,13 @@ def random_index(num_channels: int, fraction: float, generator=None) -> torch.Te
     return torch.randperm(num_channels, generator=generator)[:k]
 
 
+def balanced_index(channels: int, groups: int, per_group: int) -> torch.Tensor:
+    """Ascending channels, ``per_group`` random ones of each of ``groups`` equal runs."""
+    run = channels // groups
+    return torch.cat([torch.randperm(run)[:per_group].sort().values + g * run
+                      for g in range(groups)])
+
+
 def random_selection(num_channels, fraction: Union[float, tuple[float, float]] = (0.3, 0.8),
                      generator=None, blocks=None) -> list[torch.Tensor]:
     """One random index list per channel group. ``fraction``: that share of every

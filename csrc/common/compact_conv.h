@@ -150,13 +150,14 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
     return packed_output ? y_c : Planes::scatter_channels(y_c, out.idx, weight.size(0));
   }
   if (runs_narrow_grouped(w, groups, in, out)) {
-    const at::Tensor x_c = in.is_all ? x : Planes::gather_channels(x, in.idx);
+    const at::Tensor x_c = (in.is_all || packed_input) ? x : Planes::gather_channels(x, in.idx);
     c10::optional<at::Tensor> b_c = b;
     if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
     at::Tensor y_c = at::convolution(x_c, gather_grouped_weight(w, in, out, groups), b_c, stride,
                                      padding, dilation, false, {0, 0}, groups)
                          .contiguous();
-    return out.is_all ? y_c : Planes::scatter_channels(y_c, out.idx, weight.size(0));
+    return (out.is_all || packed_output) ? y_c
+                                         : Planes::scatter_channels(y_c, out.idx, weight.size(0));
   }
   if (groups > 1) {
     at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
@@ -232,9 +233,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
     }
     if (want_gw) grad_weight = at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
   } else if ((want_gi || want_gw) && narrow_grouped) {
-    const at::Tensor g_c = out.is_all ? g : pass.compact;
+    const at::Tensor g_c = (out.is_all || packed_output) ? g : pass.compact;
     at::Tensor x_c;
-    if (in.is_all) {
+    if (in.is_all || packed_input) {
       x_c = x;
     } else if (want_gw) {
       x_c = Planes::gather_channels(x, in.idx);
@@ -246,7 +247,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
                                           {0, 0}, groups, {want_gi, want_gw, false});
     if (want_gi) {
       grad_input = std::get<0>(grads).contiguous();
-      if (!in.is_all) grad_input = Planes::scatter_channels(grad_input, in.idx, input.size(1));
+      if (!in.is_all && !packed_input) {
+        grad_input = Planes::scatter_channels(grad_input, in.idx, input.size(1));
+      }
     }
     if (want_gw) {
       grad_weight = scatter_grouped_weight(std::get<1>(grads).contiguous(), w, in, out, groups);

@@ -93,12 +93,14 @@ ChannelIndices check_channel_indices(const at::Tensor& input, const at::Tensor& 
     result.out.per_group = balanced_per_group(result.out, weight.size(0), groups);
   }
   if (packed_input || packed_output) {
-    TORCH_CHECK(groups == 1 || is_depthwise(weight, groups), op_name,
-                ": packed channel layouts need groups == 1 or a depthwise conv (groups == "
-                "in_channels == out_channels), got groups=", groups, " and weight of shape ",
-                weight.sizes());
+    const bool narrow_grouped = result.in.per_group > 0 && result.out.per_group > 0;
+    TORCH_CHECK(groups == 1 || is_depthwise(weight, groups) || narrow_grouped, op_name,
+                ": packed channel layouts need groups == 1, a depthwise conv (groups == "
+                "in_channels == out_channels) or a grouped conv whose in_idx and out_idx "
+                "both hold equally many channels of every conv group, in ascending order; "
+                "got groups=", groups, " and weight of shape ", weight.sizes());
   }
-  if (packed_input && groups > 1) {
+  if (packed_input && is_depthwise(weight, groups)) {
     // The packed planes are the inputs of the active outputs only if both lists agree.
     TORCH_CHECK(same_list(result.in, result.out), op_name,
                 ": a depthwise conv with packed_input needs in_idx equal to out_idx (each "

@@ -172,7 +172,7 @@ compact_channel_sparse_conv2d_backward(
 }
 
 // The igemm implementation as the ops' kernels: its launchers (conv_host.h)
-// pack only groups == 1, so a packed depthwise conv takes the composition.
+// pack only groups == 1, so a packed depthwise or grouped conv takes the composition.
 inline at::Tensor igemm_channel_sparse_conv2d(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,

@@ -121,13 +121,14 @@ class ChannelGroup:
         """Whether the group's activations may be packed: its layers are the sole
         readers and read exactly its channels (one producer, no Linear, no
         offsets, no scales (the model's own code multiplies by all of them),
-        consumers of groups == 1, norms, consumers and depthwise convs as wide as
-        the group)."""
+        no depthwise producer or consumer outside the depthwise role (grouped convs
+        pack: their blocks keep their lists balanced), norms, consumers and depthwise
+        convs as wide as the group)."""
         c = self.num_channels
         return (self.sole_readers and self.readers_known and not self.linears and not self.tied
                 and not self.offsets and not self.scales
-                and isinstance(self.producer, ChannelSparseConv2d) and self.producer.groups == 1
-                and all(conv.groups == 1 and conv.in_channels == c for conv in self.consumers)
+                and isinstance(self.producer, ChannelSparseConv2d) and _packs(self.producer)
+                and all(_packs(conv) and conv.in_channels == c for conv in self.consumers)
                 and all(conv.in_channels == c for conv in self.depthwise)
                 and all(bn.num_features == c for bn in self.norms))
 
@@ -296,6 +297,12 @@ class GroupSpec:
                             linear_channels={by_name[n]: c for n, c in self.linear_channels},
                             readers_known=self.readers_known, sole_readers=self.sole_readers,
                             blocks=self.blocks, scales=scales, **members)
+
+
+def _packs(conv: ChannelSparseConv2d) -> bool:
+    """A producer or consumer conv that takes packed layouts: groups == 1, or a grouped
+    conv (its lists hold equally many channels of every conv group, by the blocks)."""
+    return conv.groups == 1 or is_grouped(conv)
 
 
 def _dotted(owner: str, attr: str) -> str:

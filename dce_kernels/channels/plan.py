@@ -127,7 +127,8 @@ class ChannelPlan:
               and all(d.in_channels == g.num_channels and g.offsets_of(d) == (0,)
                       for d in g.depthwise)
               and isinstance(g.producer, ChannelSparseConv2d)
-              and g.producer.groups == 1 and all(c.groups == 1 for c in g.consumers)
+              and (g.producer.groups == 1 or is_grouped(g.producer))
+              and all(c.groups == 1 or is_grouped(c) for c in g.consumers)
               for g in self.groups]
         for (_, index), u in self._indices.items():
             if index not in ("in_idx", "active_idx", "in_channels"):
