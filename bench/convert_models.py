@@ -165,10 +165,13 @@ def shrink(name: str, p: float, size: int) -> dict:
     x = torch.randn(1, 3, size, size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = dce_kernels.convert(original, copy=True)
+        model = dce_kernels.convert(original, copy=True, example_inputs=x)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     sparse = sum(isinstance(m, dce_kernels.ChannelSparseConv2d) for m in model.modules())
-    reasons = collections.Counter(why.split(": ", 1)[-1] for why in conversion_notes(model).values())
+    modules = dict(model.named_modules())
+    reasons = collections.Counter(why.split(": ", 1)[-1] for name, why in
+                                  conversion_notes(model).items()
+                                  if isinstance(modules.get(name), torch.nn.Conv2d))
     row = {"model": name, "sparse": sparse, "convs": convs, "params": 1.0, "flops": 1.0,
            "full": "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))}
     if caught:

@@ -1,8 +1,8 @@
 """dce_kernels.convert on models torch.fx cannot trace as a whole, linked in pieces
 (dce_kernels.channels.pieces) from example inputs: a hand-written model with a
 branch on the input's size in its forward around traceable children (one of them
-untraceable too, with a traceable child of its own), timm's vgg11_bn (its ConvMlp
-branches on the size of its input), and a model whose own forward reads and adds
+untraceable too, with a traceable child of its own) and a channel-wise op of its own,
+timm's vgg11_bn (its ConvMlp branches on the size of its input and pools it), and a model whose own forward reads and adds
 its children's outputs, where linking is not certain and those channels stay full.
 
 Per model (untrained, float64): all channels active equals an independent copy of the
@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
@@ -79,7 +80,7 @@ class Branchy(nn.Module):
         x = self.stem(x)
         if x.shape[-1] > 7:  # torch.fx cannot trace a branch on the size
             x = self.block(x)
-        x = self.down(x)
+        x = F.interpolate(self.down(x), scale_factor=2.0)  # channel-wise, in untraced code
         x = self.conv(x)
         return self.fc(self.pool(x))
 
@@ -148,6 +149,7 @@ def test_branchy_model_is_linked_through_its_children():
     # No conv stays full; the model and SizeGate say how they were linked.
     assert set(notes) == {"Branchy", "down"}
     assert "block <- stem's output" in notes["Branchy"]
+    assert "conv <- interpolate(down's output)" in notes["Branchy"]
     assert "down.body <- its input" in notes["down"]
     assert "output <- down.body's output" in notes["down"]
     plan = plan_for(model)
@@ -208,16 +210,17 @@ def test_timm_vgg11_bn_exports_a_compact_network():
     model = timm.create_model("vgg11_bn", pretrained=False, num_classes=10).double()
     model, reference, original = _converted(model, x)
     notes = conversion_notes(model)
-    # At 32x32 ConvMlp pools its input in its own (untraced) code before fc1, so the
-    # last conv of `features` stays full; everything else is linked.
-    assert set(notes) == {"features.25", "pre_logits"}
-    assert "pre_logits: its forward, which torch.fx cannot trace, reads its input" \
-        in notes["features.25"]
+    # At 32x32 ConvMlp pools its input in its own (untraced) code before fc1: a
+    # channel-wise op, seen in the observed forward, so fc1 reads features.25's channels.
+    assert set(notes) == {"pre_logits"}
+    assert "pre_logits.fc1 <- adaptive_avg_pool2d(its input)" in notes["pre_logits"]
     assert "pre_logits.fc2 <- pre_logits.drop's output" in notes["pre_logits"]
     plan = plan_for(model)
-    assert [g.name for g in plan.groups][-2:] == ["pre_logits.fc1", "pre_logits.fc2"]
-    assert len(plan.groups) == 9
+    assert [g.name for g in plan.groups][-3:] == ["features.25", "pre_logits.fc1",
+                                                  "pre_logits.fc2"]
+    assert len(plan.groups) == 10
     _all_channels_equal_the_original(model, original, x)
     compact = _random_and_compact(model, reference, x, seed=6)
     assert sum(p.numel() for p in compact.parameters()) < 0.8 * sum(
         p.numel() for p in original.parameters())
+    assert model.pre_logits.fc1.in_idx.numel() < 512  # reads features.25's active channels

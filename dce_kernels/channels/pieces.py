@@ -43,6 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, resolve_name
 from torch.utils._pytree import tree_flatten
 
+from .optable import ELEMENTWISE_NAMES, SPATIAL_NAMES
 from .spaces import OUTPUT_REASON, spec_from_analysis
 from .trace import Linked, _Analyzer, _Tracer, _layout
 
@@ -54,6 +55,8 @@ _METADATA = {f"torch.Tensor.{name}" for name in (
     "shape.__get__", "size", "dim", "ndim.__get__", "dtype.__get__", "device.__get__",
     "numel", "__len__", "is_contiguous", "layout.__get__", "requires_grad.__get__",
     "is_cuda.__get__", "grad_fn.__get__", "ndimension", "nelement")}
+# Ops that untraced code may apply to our channels: each channel on its own, zero to zero.
+_CHANNELWISE = ELEMENTWISE_NAMES | SPATIAL_NAMES
 
 
 class _CutTracer(_Tracer):
@@ -173,6 +176,9 @@ class _Record:
     steps: list[_Step] = field(default_factory=list)
     sources: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)  # id -> source
     own_reads: dict[str, str] = field(default_factory=dict)  # source -> the op that read it
+    # channel-wise ops of its own code on one tensor of ours: (op, source of that tensor)
+    ops: list[tuple[str, str]] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # steps and ops, "step <k>", "op <j>"
     output: Optional[str] = None  # the source of the tensor it returned
     escaped: list[str] = field(default_factory=list)  # sources returned inside a structure
 
@@ -231,6 +237,7 @@ class _Observer(TorchFunctionMode):
                     step = _Step(name, single, sources[0] if single else None,
                                  [] if single else [s for s in sources if s])
                     parent.steps.append(step)
+                    parent.order.append(f"step {len(parent.steps) - 1}")
                 else:  # a deeper module called by the opaque module's own code
                     self.outside.add(name)
                     for t in tensors:
@@ -279,12 +286,28 @@ class _Observer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         frame = self._opaque_frame()
-        if frame is not None and len(self.stack) == frame[0] + 1:
-            name = resolve_name(func) or getattr(func, "__name__", str(func))
-            if name not in _METADATA:  # the opaque module's own code reads values
-                for t in tree_flatten((args, kwargs))[0]:
-                    self._read(frame[1], t, name.removeprefix("torch."))
-        return func(*args, **kwargs)
+        if frame is None or len(self.stack) != frame[0] + 1:
+            return func(*args, **kwargs)
+        # The opaque module's own code.
+        record = frame[1]
+        name = resolve_name(func) or getattr(func, "__name__", str(func))
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
+        result = func(*args, **kwargs)
+        source = record.source(tensors[0]) if len(tensors) == 1 else None
+        if (source is not None and name.startswith("torch.")
+                and name.rpartition(".")[2] in _CHANNELWISE and torch.is_tensor(result)
+                and result is not tensors[0] and result.dim() == tensors[0].dim() == 4
+                and result.shape[:2] == tensors[0].shape[:2]):
+            # Each channel of the result is that channel of its input's: ours still.
+            record.ops.append((name.removeprefix("torch."), source))
+            record.sources[id(result)] = (f"op {len(record.ops) - 1}", result)
+            record.order.append(f"op {len(record.ops) - 1}")
+        else:
+            for t in tensors:
+                self._read(record, t, name.removeprefix("torch."))
+        return result
 
 
 def _is_child(name: str, parent: str) -> bool:
@@ -397,7 +420,20 @@ class _PieceAnalyzer(_Analyzer):
         self._cross(x)
         values: dict[str, Any] = {"input": x}
         links = []
-        for i, step in enumerate(record.steps):
+        for event in record.order:
+            kind, _, index = event.partition(" ")
+            if kind == "op":
+                op, source = record.ops[int(index)]
+                v = values.get(source)
+                if isinstance(v, tuple):  # the channels of a (N, C, H, W) map: carried through
+                    values[event] = v
+                else:
+                    self._keep_full([v], f"{piece.name}: its forward, which torch.fx cannot "
+                                         f"trace, applies {op} to "
+                                         f"{_source_name(record, source, source)}")
+                continue
+            i = int(index)
+            step = record.steps[i]
             child = self.pieces.get(step.child)
             given = values.get(step.source) if step.source else None
             if child is None or not step.single:
@@ -455,6 +491,9 @@ def _source_name(record: _Record, source: Optional[str], default: str) -> str:
     if source == "input":
         return "its input"
     k = int(source.split()[1])
+    if source.startswith("op "):
+        op, of = record.ops[k]
+        return f"{op.rpartition('.')[2]}({_source_name(record, of, of)})"
     return record.steps[k].child + ("'s output" if " (" not in source else "'s outputs")
 
 
