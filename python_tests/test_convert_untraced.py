@@ -2,8 +2,9 @@
 (dce_kernels.channels.pieces) from example inputs: a hand-written model with a
 branch on the input's size in its forward around traceable children (one of them
 untraceable too, with a traceable child of its own) and a channel-wise op of its own,
-timm's vgg11_bn (its ConvMlp branches on the size of its input and pools it), and a model whose own forward reads and adds
-its children's outputs, where linking is not certain and those channels stay full.
+timm's vgg11_bn (its ConvMlp branches on the size of its input and pools it), and a
+model whose own forward reads and adds its children's outputs, where linking is not
+certain and those channels stay full.
 
 Per model (untrained, float64): all channels active equals an independent copy of the
 original (outputs in training and eval, input gradients); random selections equal
@@ -187,6 +188,13 @@ def test_without_example_inputs_the_old_fallback_warns():
     with pytest.warns(UserWarning, match="Pass example_inputs"):
         model = convert(Branchy())
     assert all(not g.readers_known for g in plan_for(model).groups)
+
+
+def test_bad_example_inputs_get_clear_errors():
+    with pytest.raises(TypeError, match="example_inputs: a tensor or a tuple"):
+        convert(Branchy(), example_inputs=3)
+    with pytest.raises(ValueError, match="forward of Branchy on example_inputs raised"):
+        convert(Branchy(), example_inputs=torch.randn(2, 4, 9, 9))  # 4 channels, not 3
 
 
 def test_the_observed_forward_leaves_the_model_as_it_was():

@@ -138,6 +138,9 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
 
     if torch.is_tensor(example_inputs):
         example_inputs = (example_inputs,)
+    elif example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs: a tensor or a tuple of the model's arguments, got "
+                        f"{type(example_inputs).__name__}")
     in_pieces = False
     try:
         graphs = trace_modes(model, concrete_args)

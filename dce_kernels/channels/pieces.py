@@ -324,6 +324,11 @@ def _observe(model: nn.Module, pieces, example_inputs: tuple, training: bool) ->
         with torch.random.fork_rng(devices=[]), torch.no_grad(), observer:
             model.train(training)
             model(*example_inputs)
+    except Exception as e:
+        mode = "training" if training else "eval"
+        raise ValueError(f"dce_kernels.convert: the forward of {type(model).__name__} on "
+                         f"example_inputs raised in {mode} mode ({type(e).__name__}: {e})"
+                         ) from e
     finally:
         observer.remove()
         model.train(was_training)
