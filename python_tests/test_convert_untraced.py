@@ -232,3 +232,15 @@ def test_timm_vgg11_bn_exports_a_compact_network():
     assert sum(p.numel() for p in compact.parameters()) < 0.8 * sum(
         p.numel() for p in original.parameters())
     assert model.pre_logits.fc1.in_idx.numel() < 512  # reads features.25's active channels
+
+
+def test_dce_train_model_hook_links_timm_vgg_in_pieces():
+    pytest.importorskip("timm")
+    from dce_kernels.experiments.models import build_model
+
+    model = build_model("timm:vgg11_bn", in_channels=1, num_classes=7, image_size=28)
+    plan = plan_for(model)
+    assert len(plan.groups) == 10 and all(g.readers_known for g in plan.groups)
+    assert "net.pre_logits" in conversion_notes(model)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 7)
