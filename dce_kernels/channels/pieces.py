@@ -15,21 +15,27 @@
    which tensor it was given: the opaque module's input, a child's output (the
    same object), or a tensor its own code made; which of those tensors its own
    code read (reading only the shape, dtype or device is not reading); and
-   which tensor it returned.
+   which tensor it returned. A channel-wise op of the op table (elementwise,
+   spatial) that its own code applies to one such tensor, keeping batch and
+   channels, carries its channels (timm's ``ConvMlp`` pools its input so).
 3. *Analysis.* The analysis of traced graphs (:mod:`.trace`) walks the pieces'
    graphs in the order they ran, each graph's input bound to the channels of the
    tensor it was given, so spaces, members and full marks come out as for one
-   graph. What the evidence does not make certain stays full with a reason: a
-   tensor read by an opaque module's own code or returned inside a tuple, a
-   child called with several tensors, a child given a tensor made by untraced
-   code (it reads channels of nobody's group), an opaque module called more than
-   once, and every layer that also runs outside the traced pieces (called by
-   untraced code directly).
+   graph. A tensor two children read is read by both, as a fork in one graph
+   is: every read was observed. What the evidence does not make certain stays
+   full with a reason: a tensor read otherwise by an opaque module's own code
+   (``y.mean() > 0``, ``a + b``: the other rules need the graph) or returned
+   inside a tuple, a child called with several tensors, a child given a tensor
+   made by untraced code (it reads channels of nobody's group), an opaque module
+   called more than once, and every layer that also runs outside the traced
+   pieces (called by untraced code directly).
 
 The evidence holds for inputs that take the paths the example inputs took
 through the untraced code (a branch on the input's size, as timm's ``ConvMlp``
-takes, is taken alike for every input of that size). Groups whose channels pass
-between pieces never pack (their width is visible to untraced code).
+takes, is taken alike for every input of that size). Not seen: untraced code
+that branches on the channel count (indexing ``x.shape`` is plain Python), which
+the narrower compact model would change. Groups whose channels pass between
+pieces never pack (the untraced code sees full-width tensors).
 """
 from __future__ import annotations
 
@@ -105,19 +111,21 @@ class _Traced:
 
 @dataclass
 class _Opaque:
-    """A module whose own forward fx cannot trace (``error``: what fx raised)."""
+    """A module whose own forward fx cannot trace (``error``: what fx raised); its
+    children are pieces of their own."""
 
     name: str
     error: str
-    children: dict[str, Union[_Traced, "_Opaque", None]] = field(default_factory=dict)
 
 
-def _describe(model: nn.Module, path: str, opaque: dict[str, _Opaque],
-              pieces: dict[str, Union[_Traced, _Opaque, None]]) -> Union[_Traced, _Opaque, None]:
+_Piece = Union[_Traced, _Opaque, None]  # None: not linked
+
+
+def _describe(model: nn.Module, path: str, pieces: dict[str, _Piece]) -> _Piece:
     """Traces ``model.<path>`` (the model itself for ``""``) in both modes, every
-    module fx cannot trace through as a leaf, each described in ``opaque``; None
-    when it cannot be traced even as one call with one tensor (the module is not
-    linked)."""
+    module fx cannot trace through as a leaf; each module described goes into
+    ``pieces``. None when it cannot be traced as one call on one tensor, though no
+    module's own forward failed (another signature)."""
     root = model if path == "" else _Call(model, path)
     was_training, leaves = model.training, set()
     try:
@@ -135,19 +143,17 @@ def _describe(model: nn.Module, path: str, opaque: dict[str, _Opaque],
                     if culprit is None and path != "":
                         return None  # the call itself did not trace (more arguments?)
                     node = _Opaque(path, f"{type(e).__name__}: {e}".splitlines()[0][:200])
-                    opaque[path] = node
-                    module = model.get_submodule(path)
-                    for child, _ in module.named_children():
-                        name = f"{path}.{child}" if path else child
-                        node.children[name] = _describe(model, name, opaque, pieces)
                     pieces[path] = node
+                    for child, _ in model.get_submodule(path).named_children():
+                        name = f"{path}.{child}" if path else child
+                        pieces[name] = _describe(model, name, pieces)
                     return node
                 leaves.add(culprit)
     finally:
         model.train(was_training)
     for leaf in sorted(leaves):
-        if leaf not in opaque:
-            _describe(model, leaf, opaque, pieces)
+        if leaf not in pieces:
+            pieces[leaf] = _describe(model, leaf, pieces)
     traced = _Traced(path, (graphs[0], graphs[1]))
     pieces[path] = traced
     return traced
@@ -192,7 +198,7 @@ class _Observer(TorchFunctionMode):
     per call of an opaque module, and ``outside``, the modules that ran outside the
     pieces (called by an opaque module's own code, or inside a child not linked)."""
 
-    def __init__(self, model: nn.Module, pieces: dict[str, Union[_Traced, _Opaque, None]]
+    def __init__(self, model: nn.Module, pieces: dict[str, _Piece]
                  ) -> None:
         super().__init__()
         self.pieces = pieces
@@ -507,9 +513,8 @@ def link_pieces(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...
     """The channel groups of a model fx cannot trace as a whole (see the module
     docstring), and per opaque module how its children were linked (its name,
     the model's class name for the model itself)."""
-    opaque: dict[str, _Opaque] = {}
-    pieces: dict[str, Union[_Traced, _Opaque, None]] = {}
-    root = _describe(model, "", opaque, pieces)
+    pieces: dict[str, _Piece] = {}
+    root = _describe(model, "", pieces)
     observers = [_observe(model, pieces, example_inputs, training) for training in (True, False)]
     analyzer = _PieceAnalyzer(model, exclude, pieces, observers)
     analyzer.analyze(root)
@@ -526,7 +531,7 @@ def link_pieces(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...
         if len(texts) == 2 and bodies[0] == bodies[1] and texts[0].startswith("training: "):
             texts = [f"training and eval: {bodies[0]}"]
         links.append((name or type(model).__name__,
-                      f"torch.fx cannot trace its forward ({opaque[name].error}); linked from "
+                      f"torch.fx cannot trace its forward ({pieces[name].error}); linked from "
                       "one observed forward per mode: " + "; ".join(texts)))
     linked = Linked(spec, analyzer.inplace_after, analyzer.norm_after, analyzer.layer_norms)
     return linked, tuple(links)
