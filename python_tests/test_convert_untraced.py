@@ -104,6 +104,29 @@ class Entangled(nn.Module):
         return self.head(self.inner(y) + y)
 
 
+class Repeat(nn.Module):
+    """Untraceable (a branch on the size); its parent calls it twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.body(x) if x.shape[-1] > 1 else x
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.rep = Repeat()
+        self.head = nn.Sequential(nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(5, 2))
+
+    def forward(self, x):
+        return self.head(self.rep(self.rep(self.stem(x))))
+
+
 def _converted(model, x):
     randomize_norms(model)
     model.train()
@@ -125,11 +148,11 @@ def _all_channels_equal_the_original(model, original, x):
         torch.testing.assert_close(gm, go, rtol=1e-7, atol=1e-7 * float(go.abs().max()))
 
 
-def _random_and_compact(model, reference, x, seed):
+def _random_and_compact(model, reference, x, seed, skips_inputs=True):
     plan = plan_for(model)
     model.train()
     plan.apply(random_selection(plan.num_channels, generator=torch.Generator().manual_seed(seed)))
-    assert any(c.in_idx.numel() < c.in_channels for c in plan.convs)
+    assert any(c.in_idx.numel() < c.in_channels for c in plan.convs) == skips_inputs
     assert check_against_reference(model, reference, plan, x, atol=TOL) == []
     model.eval()
     compact = compact_model(model, plan).eval()
@@ -182,6 +205,20 @@ def test_uncertain_links_keep_channels_full_and_say_why():
     assert all(g.readers_known for g in plan.groups)
     _all_channels_equal_the_original(model, original, x)
     _random_and_compact(model, reference, x, seed=4)
+
+
+def test_an_untraceable_module_run_twice_is_not_linked():
+    torch.manual_seed(3)
+    x = _x(3, 3, 5, 5, seed=3)
+    model, reference, original = _converted(Twice().double(), x)
+    notes = conversion_notes(model)
+    assert "rep: runs 2 times in one forward" in notes["stem"]
+    assert "ran 2 times in one forward: not linked" in notes["rep"]
+    assert type(model.rep.body[0]) is nn.Conv2d  # runs on channels nobody follows
+    assert [g.name for g in plan_for(model).groups] == ["head.0"]
+    _all_channels_equal_the_original(model, original, x)
+    _random_and_compact(model, reference, x, seed=5, skips_inputs=False)
+    assert model.head[4].in_idx.numel() < 5  # the Linear reads head.0's active channels
 
 
 def test_without_example_inputs_the_old_fallback_warns():
