@@ -149,7 +149,7 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             # No one graph shows what follows a conv across pieces: every in-place
             # module becomes out-of-place (the same result) before they are traced.
             _inplace_off(model)
-            linked, links = link_pieces(model, tuple(example_inputs), exclude)
+            linked, links = link_pieces(model, tuple(example_inputs), exclude, concrete_args)
             spec = dataclasses.replace(linked.spec, linked=links)
             inplace_after, norm_after = linked.inplace_after, linked.norm_after
             layer_norms, traced, in_pieces = linked.layer_norms, False, True

@@ -121,11 +121,13 @@ class _Opaque:
 _Piece = Union[_Traced, _Opaque, None]  # None: not linked
 
 
-def _describe(model: nn.Module, path: str, pieces: dict[str, _Piece]) -> _Piece:
+def _describe(model: nn.Module, path: str, pieces: dict[str, _Piece],
+              concrete_args: Optional[dict[str, Any]] = None) -> _Piece:
     """Traces ``model.<path>`` (the model itself for ``""``) in both modes, every
     module fx cannot trace through as a leaf; each module described goes into
     ``pieces``. None when it cannot be traced as one call on one tensor, though no
-    module's own forward failed (another signature)."""
+    module's own forward failed (another signature). ``concrete_args``: the
+    model's, for its own forward."""
     root = model if path == "" else _Call(model, path)
     was_training, leaves = model.training, set()
     try:
@@ -135,7 +137,7 @@ def _describe(model: nn.Module, path: str, pieces: dict[str, _Piece]) -> _Piece:
                 graphs = []
                 for mode in (True, False):
                     model.train(mode)
-                    graphs.append(tracer.trace(root))
+                    graphs.append(tracer.trace(root, concrete_args=concrete_args))
                 break
             except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
                 culprit = tracer.culprit
@@ -198,8 +200,7 @@ class _Observer(TorchFunctionMode):
     per call of an opaque module, and ``outside``, the modules that ran outside the
     pieces (called by an opaque module's own code, or inside a child not linked)."""
 
-    def __init__(self, model: nn.Module, pieces: dict[str, _Piece]
-                 ) -> None:
+    def __init__(self, model: nn.Module, pieces: dict[str, _Piece]) -> None:
         super().__init__()
         self.pieces = pieces
         self.records: dict[str, list[_Record]] = {}
@@ -234,7 +235,6 @@ class _Observer(TorchFunctionMode):
         def hook(module, args, kwargs):
             frame = self._opaque_frame()
             tensors = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
-            inside = frame is not None and len(self.stack) > frame[0]
             if frame is not None and len(self.stack) == frame[0] + 1:
                 parent = frame[1]
                 if _is_child(name, parent.name):  # a step of the opaque module
@@ -248,7 +248,7 @@ class _Observer(TorchFunctionMode):
                     self.outside.add(name)
                     for t in tensors:
                         self._read(parent, t, f"{name} (called by its own code)")
-            elif inside and not self._linked_child(*frame):
+            elif frame is not None and not self._linked_child(*frame):
                 self.outside.add(name)
             record = None
             if isinstance(self.pieces.get(name), _Opaque):
@@ -508,13 +508,14 @@ def _source_name(record: _Record, source: Optional[str], default: str) -> str:
     return record.steps[k].child + ("'s output" if " (" not in source else "'s outputs")
 
 
-def link_pieces(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...]
+def link_pieces(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...],
+                concrete_args: Optional[dict[str, Any]] = None
                 ) -> tuple[Linked, tuple[tuple[str, str], ...]]:
     """The channel groups of a model fx cannot trace as a whole (see the module
     docstring), and per opaque module how its children were linked (its name,
     the model's class name for the model itself)."""
     pieces: dict[str, _Piece] = {}
-    root = _describe(model, "", pieces)
+    root = _describe(model, "", pieces, concrete_args)
     observers = [_observe(model, pieces, example_inputs, training) for training in (True, False)]
     analyzer = _PieceAnalyzer(model, exclude, pieces, observers)
     analyzer.analyze(root)
