@@ -221,6 +221,36 @@ def test_an_untraceable_module_run_twice_is_not_linked():
     assert model.head[4].in_idx.numel() < 5  # the Linear reads head.0's active channels
 
 
+class ReluFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x.relu_())  # in place on the output of the piece before
+
+
+class Chained(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = ReluFirst()
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            x = self.a(x)
+        return self.b(x)
+
+
+def test_an_inplace_op_at_the_start_of_a_piece_stops_the_saliency_before_it():
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.warns(UserWarning, match="modifies the output of a in place"):
+        model = convert(Chained(), example_inputs=x)
+    assert not model.a.track_saliency and model.b.conv.track_saliency
+    plan_for(model).apply(None)
+    model(x).sum().backward()  # would raise with the saliency of `a` on
+
+
 def test_without_example_inputs_the_old_fallback_warns():
     with pytest.warns(UserWarning, match="Pass example_inputs"):
         model = convert(Branchy())

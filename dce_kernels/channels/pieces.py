@@ -51,7 +51,8 @@ from torch.utils._pytree import tree_flatten
 
 from .optable import ELEMENTWISE_NAMES, SPATIAL_NAMES
 from .spaces import OUTPUT_REASON, spec_from_analysis
-from .trace import Linked, _Analyzer, _Tracer, _layout
+from .trace import (Linked, _Analyzer, _layout, _Tracer, is_convertible_conv,
+                    is_convertible_linear)
 
 __all__ = ["link_pieces"]
 
@@ -359,6 +360,10 @@ class _PieceAnalyzer(_Analyzer):
         self._bound: list = []
         self._nested = False
         self._result = None
+        # The conv (or Linear) whose very output the walk's input is, and the one its
+        # result is: an in-place op at the start of a piece modifies that output.
+        self._raw: Optional[str] = None
+        self._result_raw: Optional[str] = None
         self._training = True
         self._calls: dict[str, int] = {}
 
@@ -368,7 +373,7 @@ class _PieceAnalyzer(_Analyzer):
             if isinstance(root, _Traced):
                 self._walk(root.graphs[0 if training else 1], [], nested=False)
             else:
-                out = self._opaque_call(root, None)
+                out, _ = self._opaque_call(root, None)
                 self._keep_full([out], OUTPUT_REASON)
         for name in self.observers[0].outside | self.observers[1].outside:
             m = self.modules[name]
@@ -382,24 +387,44 @@ class _PieceAnalyzer(_Analyzer):
         for s in self.a.spaces.leaves(_layout(value)):
             self.crossing.add(s)
 
-    def _walk(self, graph: torch.fx.Graph, bound: list, nested: bool):
-        saved = (self.value, self._chains, self._bound, self._nested, self._result)
+    def _walk(self, graph: torch.fx.Graph, bound: list, nested: bool,
+              raw: Optional[str] = None):
+        """The value (and the conv whose output it is) the graph returns, its
+        placeholders bound to ``bound``."""
+        saved = (self.value, self._chains, self._bound, self._nested, self._result, self._raw,
+                 self._result_raw)
         self._bound, self._nested, self._result = list(bound), nested, None
+        self._raw, self._result_raw = raw, None
         try:
             self.run(graph)
-            return self._result
+            return self._result, self._result_raw
         finally:
-            self.value, self._chains, self._bound, self._nested, _ = saved
+            (self.value, self._chains, self._bound, self._nested, _, self._raw,
+             self._result_raw) = saved
 
     def _on_placeholder(self, node):
         self.value[node] = self._bound.pop(0) if self._bound else None
+        if self._raw is not None:
+            start = len(self.inplace_after)
+            self._find_inplace(node)  # records the placeholder: it is the conv's output
+            self.inplace_after[start:] = [(self._raw, user)
+                                          for _, user in self.inplace_after[start:]]
+            self._raw = None
+
+    def _raw_conv(self, arg) -> Optional[str]:
+        """The conv or Linear whose output ``arg`` is, directly."""
+        if isinstance(arg, torch.fx.Node) and arg.op == "call_module":
+            m = self.modules[arg.target]
+            if is_convertible_conv(m) or is_convertible_linear(m):
+                return arg.target
+        return None
 
     def _on_output(self, node):
         if not self._nested:
             return super()._on_output(node)
         arg = node.args[0]
         if isinstance(arg, torch.fx.Node):
-            self._result = self._val(arg)
+            self._result, self._result_raw = self._val(arg), self._raw_conv(arg)
             self.value[node] = None
         else:
             self._opaque(node, f"{node.name}: a piece returns several tensors to untraced code")
@@ -412,10 +437,12 @@ class _PieceAnalyzer(_Analyzer):
         if len(node.args) != 1 or node.kwargs:
             self._opaque(node, f"{node.target}: called with several arguments")
             x = None
-        self.value[node] = self._opaque_call(piece, x)
+        self.value[node] = self._opaque_call(piece, x, self._raw_conv(node.args[0])
+                                             if node.args else None)[0]
 
-    def _opaque_call(self, piece: _Opaque, x):
-        """The channels of what one call of ``piece`` returns, given its input's."""
+    def _opaque_call(self, piece: _Opaque, x, raw: Optional[str] = None):
+        """The channels of what one call of ``piece`` returns, given its input's (and
+        the conv whose output it is, if ``raw``: that input, or None)."""
         observer = self.observers[0 if self._training else 1]
         records = observer.records.get(piece.name, [])
         k = self._calls.get(piece.name, 0)
@@ -426,10 +453,11 @@ class _PieceAnalyzer(_Analyzer):
                                  "its children are not linked")
             self._note(note, f"ran {len(records)} times in one forward: not linked")
             self._unlink(piece.name)
-            return None
+            return None, None
         record = records[0]
         self._cross(x)
         values: dict[str, Any] = {"input": x}
+        raws: dict[str, Optional[str]] = {"input": raw}
         links = []
         for event in record.order:
             kind, _, index = event.partition(" ")
@@ -456,11 +484,12 @@ class _PieceAnalyzer(_Analyzer):
                 out = None
                 links.append(f"{step.child} (not linked: it {why})")
             elif isinstance(child, _Opaque):
-                out = self._opaque_call(child, given)
+                out, raws[event] = self._opaque_call(child, given, raws.get(step.source))
             else:
-                out = self._walk(child.graphs[0 if self._training else 1], [given], True)
+                out, raws[event] = self._walk(child.graphs[0 if self._training else 1],
+                                              [given], True, raws.get(step.source))
             self._cross(out)
-            values[f"step {i}"] = out
+            values[event] = out
             if child is not None and step.single:
                 links.append(f"{step.child} <- "
                              f"{_source_name(record, step.source, 'its own code')}")
@@ -476,7 +505,7 @@ class _PieceAnalyzer(_Analyzer):
         links.append(f"output <- {_source_name(record, record.output, 'its own code')}")
         mode = "training" if self._training else "eval"
         self._note(note, f"{mode}: " + ", ".join(links))
-        return out
+        return out, raws.get(record.output)
 
     def _unlink(self, name: str) -> None:
         """Every layer inside ``name`` runs on channels nobody follows."""
