@@ -449,9 +449,10 @@ class _PieceAnalyzer(_Analyzer):
         self._calls[piece.name] = k + 1
         note = self.notes.setdefault(piece.name, [])
         if len(records) != 1 or k > 0:
-            self._keep_full([x], f"{piece.name}: runs {len(records)} times in one forward, "
+            runs = max(len(records), k + 1)
+            self._keep_full([x], f"{piece.name}: runs {runs} times in one forward, "
                                  "its children are not linked")
-            self._note(note, f"ran {len(records)} times in one forward: not linked")
+            self._note(note, f"ran {runs} times in one forward: not linked")
             self._unlink(piece.name)
             return None, None
         record = records[0]
