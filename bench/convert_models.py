@@ -6,7 +6,7 @@ dce_kernels.convert, at active fraction p (default 0.5).
     .venv/bin/python bench/convert_models.py --shrink [--models ...] [--size 64]
 
 ``--shrink`` prints instead, per model (torchvision names, or timm:NAME; default:
-four torchvision models and eight timm families), how far ``compact_model``
+four torchvision models and nine timm families), how far ``compact_model``
 shrinks it at p: sparse convs / all convs, parameter and FLOP reduction of the
 compact model (CUCB's first selection: p of every group), why convs stay full,
 and next to it Torch-Pruning's DepGraph result on the same untrained model
@@ -119,7 +119,7 @@ def measure(name: str, p: float, batch: int, size: int, rounds: int) -> dict:
 
 SHRINK_MODELS = ("resnet18,vgg11_bn,mobilenet_v2,densenet121,timm:regnetx_002,"
                  "timm:efficientnet_b0,timm:convnext_atto,timm:ghostnet_050,timm:repvgg_a0,"
-                 "timm:mobilenetv3_small_050,timm:resnet50,timm:densenet121")
+                 "timm:mobilenetv3_small_050,timm:resnet50,timm:densenet121,timm:vgg11_bn")
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -162,10 +162,13 @@ def shrink(name: str, p: float, size: int) -> dict:
     x = torch.randn(1, 3, size, size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = dce_kernels.convert(original, copy=True)
+        model = dce_kernels.convert(original, copy=True, example_inputs=x)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     sparse = sum(isinstance(m, dce_kernels.ChannelSparseConv2d) for m in model.modules())
-    reasons = collections.Counter(why.split(": ", 1)[-1] for why in conversion_notes(model).values())
+    modules = dict(model.named_modules())
+    reasons = collections.Counter(why.split(": ", 1)[-1] for name, why in
+                                  conversion_notes(model).items()
+                                  if isinstance(modules.get(name), torch.nn.Conv2d))
     row = {"model": name, "sparse": sparse, "convs": convs, "params": 1.0, "flops": 1.0,
            "full": "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))}
     if caught:

@@ -32,18 +32,25 @@ that conv gets ``track_saliency = False`` and a warning. Python's ``x += y`` on 
 conv's output is invisible to torch.fx (it traces as ``x + y``) and makes
 backward raise; use ``x = x + y`` there.
 
-Models torch.fx cannot trace (e.g. ``if x.sum() > 0:`` in ``forward``) still
-convert, with a warning saying why: every ``nn.Conv2d`` with ``groups == 1``
-becomes its own group, which reads all its input channels (correct, slower);
-BatchNorms stay dense (so an inactive channel leaves its BatchNorm as the shift
-``beta``), and no compact model can be exported from a partial selection.
+Models torch.fx cannot trace as a whole (``if x.sum() > 0:`` in ``forward``,
+timm's VGG) are linked in pieces when ``example_inputs`` are given: the modules
+that do trace are analysed as above, and how they connect comes from one
+observed forward per mode (:mod:`dce_kernels.channels.pieces`); what that does
+not make certain stays full, and ``conversion_notes`` says how each untraceable
+module was linked. Without ``example_inputs`` they still convert, with a
+warning saying why: every ``nn.Conv2d`` with ``groups == 1`` becomes its own
+group, which reads all its input channels (correct, slower); BatchNorms stay
+dense (so an inactive channel leaves its BatchNorm as the shift ``beta``), and
+no compact model can be exported from a partial selection.
 """
 from __future__ import annotations
 
 import copy as copy_module
+import dataclasses
 import warnings
 from typing import Any, Iterable, Optional
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -51,6 +58,7 @@ from ..nn import (CHANNEL_SPARSE_NORMS, ChannelSparseBatchNorm2d, ChannelSparseC
                   ChannelSparseGroupNorm, ChannelSparseLayerNorm, ChannelSparseLinear,
                   ChannelSparseNormAct)
 from .group import SPEC_ATTR, recorded_spec
+from .pieces import link_pieces
 from .trace import (_augmented_assignment, is_convertible_conv, is_convertible_linear,
                     link_graphs, link_without_graph, trace_modes)
 
@@ -58,11 +66,13 @@ __all__ = ["convert", "conversion_notes"]
 
 
 def conversion_notes(model: nn.Module) -> dict[str, str]:
-    """For a converted model: every conv whose output channels stay full, and why."""
+    """For a converted model: every conv whose output channels stay full, and why;
+    for a model traced in pieces also every module fx could not trace, and how its
+    children were linked (the model's class name for the model itself)."""
     spec = recorded_spec(model)
     if spec is None:
         raise ValueError(f"{type(model).__name__} was not converted by dce_kernels.convert")
-    return dict(spec.kept_full)
+    return {**dict(spec.kept_full), **dict(spec.linked)}
 
 
 # -- swapping the layers ------------------------------------------------------------------
@@ -92,7 +102,8 @@ def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
 
 
 def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False,
-            concrete_args: Optional[dict[str, Any]] = None) -> nn.Module:
+            concrete_args: Optional[dict[str, Any]] = None,
+            example_inputs: Any = None) -> nn.Module:
     """Makes ``model`` channel-sparse; returns it (converted in place unless ``copy``).
 
     Args:
@@ -102,6 +113,11 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
         copy: convert a deep copy and leave ``model`` as it was.
         concrete_args: passed to ``torch.fx.Tracer.trace`` (for forwards with
             non-tensor arguments that steer control flow).
+        example_inputs: a tensor or a tuple of the model's positional arguments,
+            used only when fx cannot trace the whole model: one forward on them per
+            mode shows how the traceable pieces connect. The links hold for inputs
+            that take the same paths through the untraced code (the same size, for
+            a branch on the size).
 
     Afterwards ``dce_kernels.channels.plan_for(model)`` returns the
     :class:`~dce_kernels.channels.ChannelPlan` of the groups found, and
@@ -121,20 +137,36 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
     if copy:
         model = copy_module.deepcopy(model)
 
+    if torch.is_tensor(example_inputs):
+        example_inputs = (example_inputs,)
+    elif example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs: a tensor or a tuple of the model's arguments, got "
+                        f"{type(example_inputs).__name__}")
+    in_pieces = False
     try:
         graphs = trace_modes(model, concrete_args)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
-        warnings.warn(
-            f"dce_kernels.convert: torch.fx cannot trace {type(model).__name__} "
-            f"({type(e).__name__}: {e}). Converting without the graph: every Conv2d "
-            "(groups=1) is its own channel group reading all its input channels (correct "
-            "but slower), BatchNorms stay dense, and a compact model cannot be exported "
-            "from a partial selection. Make forward traceable (no Python control flow on "
-            "tensor values) for the full conversion.", stacklevel=2)
-        spec = link_without_graph(model, exclude)
-        traced = False
-        norm_after: dict[str, tuple[str, ...]] = {}
-        layer_norms: dict[str, int] = {}
+        if example_inputs is not None:
+            # No one graph shows what follows a conv across pieces: every in-place
+            # module becomes out-of-place (the same result) before they are traced.
+            _inplace_off(model)
+            linked, links = link_pieces(model, tuple(example_inputs), exclude, concrete_args)
+            spec = dataclasses.replace(linked.spec, linked=links)
+            inplace_after, norm_after = linked.inplace_after, linked.norm_after
+            layer_norms, traced, in_pieces = linked.layer_norms, False, True
+        else:
+            warnings.warn(
+                f"dce_kernels.convert: torch.fx cannot trace {type(model).__name__} "
+                f"({type(e).__name__}: {e}). Converting without the graph: every Conv2d "
+                "(groups=1) is its own channel group reading all its input channels "
+                "(correct but slower), BatchNorms stay dense, and a compact model cannot be "
+                "exported from a partial selection. Pass example_inputs to link the modules "
+                "that do trace, or make forward traceable (no Python control flow on "
+                "tensor values) for the full conversion.", stacklevel=2)
+            spec = link_without_graph(model, exclude)
+            traced = False
+            norm_after: dict[str, tuple[str, ...]] = {}
+            layer_norms: dict[str, int] = {}
     else:
         linked = link_graphs(model, graphs, exclude)
         spec, inplace_after, norm_after = linked.spec, linked.inplace_after, linked.norm_after
@@ -186,14 +218,21 @@ def convert(model: nn.Module, *, exclude: Iterable[str] = (), copy: bool = False
             # that the ops are out of place now; what still is loses its saliency.
             again = link_graphs(model, trace_modes(model, concrete_args), exclude)
             _make_saliency_safe(model, again.inplace_after, sparse, switch=False)
+    elif in_pieces:
+        # In-place functions in the pieces' graphs (their modules are out of place).
+        _make_saliency_safe(model, inplace_after, to_conv | to_linear, switch=False)
     else:
         # No graph to see what follows a conv: every in-place module becomes
         # out-of-place (the same result), so none can overwrite a conv's output.
-        for m in model.modules():
-            if getattr(m, "inplace", None) is True:
-                m.inplace = False
+        _inplace_off(model)
     setattr(model, SPEC_ATTR, spec)
     return model
+
+
+def _inplace_off(model: nn.Module) -> None:
+    for m in model.modules():
+        if getattr(m, "inplace", None) is True:
+            m.inplace = False
 
 
 def _inplace_switch(model: nn.Module, user: torch.fx.Node) -> Optional[nn.Module]:

@@ -320,10 +320,13 @@ SPEC_ATTR = "_dce_channel_spec"
 @dataclass(frozen=True)
 class ChannelSpec:
     """The channel groups a linker found for a model, as plain data, and the
-    convs whose output channels stay full with the reason (``(conv name, why)``)."""
+    convs whose output channels stay full with the reason (``(conv name, why)``).
+    ``linked``: for a model fx traced in pieces, how each module it could not trace
+    was linked (``(module name, how)``)."""
 
     groups: tuple[GroupSpec, ...]
     kept_full: tuple[tuple[str, str], ...] = ()
+    linked: tuple[tuple[str, str], ...] = ()
 
     def resolve(self, model: nn.Module) -> list[ChannelGroup]:
         return [g.resolve(model) for g in self.groups]

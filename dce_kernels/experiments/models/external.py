@@ -9,12 +9,16 @@ than 3; timm: its own ``in_chans``); then :func:`dce_kernels.convert` makes it c
 ImageNet models downsample 32x: images smaller than 32x32 (Fashion-MNIST's
 28x28) are zero-padded to 32x32 by a ``ZeroPad2d`` in front of the model, so
 that every model (VGG's five poolings, DenseNet's transitions) still runs.
+With ``image_size``, a model torch.fx cannot trace as a whole (timm's VGG) is
+linked in pieces from one random batch of that size (``convert``'s
+``example_inputs``).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ...channels import convert
@@ -110,4 +114,6 @@ def build_external(spec: str, in_channels: int, num_classes: int, width: float =
         total = MIN_IMAGE_SIZE - image_size
         pad = (total // 2, total - total // 2) * 2
         model = nn.Sequential(OrderedDict(pad=nn.ZeroPad2d(pad), net=model))
-    return convert(model)
+    example = None if image_size is None else torch.randn(
+        2, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return convert(model, example_inputs=example)
