@@ -21,7 +21,8 @@ from torch import nn
 from dce_kernels import ChannelSparseBatchNorm2d, ChannelSparseConv2d, convert
 from dce_kernels.channels import conversion_notes, plan_for
 from dce_kernels.compact import compact_model
-from toolkit import (active_parameter_count, check_against_reference, random_selection,
+from toolkit import (active_parameter_count, check_against_reference,
+                     cucb_steps_touch_only_active_blocks, random_selection,
                      randomize_norms)
 
 TOL = 1e-8
@@ -299,6 +300,12 @@ def test_timm_vgg11_bn_exports_a_compact_network():
     assert sum(p.numel() for p in compact.parameters()) < 0.8 * sum(
         p.numel() for p in original.parameters())
     assert model.pre_logits.fc1.in_idx.numel() < 512  # reads features.25's active channels
+    # Two CUCB training steps leave every weight outside the active blocks untouched.
+    model.train()
+    cucb_steps_touch_only_active_blocks(
+        model, plan, 2, lambda gen: (torch.randn(2, 3, 32, 32, dtype=torch.float64,
+                                                 generator=gen),
+                                     torch.randint(0, 10, (2,), generator=gen)))
 
 
 def test_dce_train_model_hook_links_timm_vgg_in_pieces():
