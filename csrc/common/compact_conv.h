@@ -117,6 +117,25 @@ inline at::Tensor scatter_grouped_weight(const at::Tensor& grad_c, const at::Ten
   return out.is_all ? rows : at::zeros_like(w).index_copy_(0, out.idx, rows);
 }
 
+// The weight of the compact conv (groups == 1 or a narrow grouped conv): w with
+// every channel active, else w[out_idx][:, in_idx] or gather_grouped_weight.
+template <typename Planes>
+at::Tensor compact_weight(const at::Tensor& w, const ChannelIndex& in, const ChannelIndex& out,
+                          int64_t groups) {
+  if (in.is_all && out.is_all) return w;
+  return groups == 1 ? Planes::gather_weight(w, out.idx, in.idx)
+                     : gather_grouped_weight(w, in, out, groups);
+}
+
+// Its inverse for the weight gradient: the layer's full shape, zeros outside.
+template <typename Planes>
+at::Tensor full_weight_grad(const at::Tensor& grad_c, const at::Tensor& w, const ChannelIndex& in,
+                            const ChannelIndex& out, int64_t groups) {
+  if (in.is_all && out.is_all) return grad_c;
+  return groups == 1 ? Planes::scatter_weight(grad_c, out.idx, in.idx, w.size(0), w.size(1))
+                     : scatter_grouped_weight(grad_c, w, in, out, groups);
+}
+
 template <typename Planes>
 at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, const at::Tensor& in_idx,
@@ -149,29 +168,20 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
                          .contiguous();
     return packed_output ? y_c : Planes::scatter_channels(y_c, out.idx, weight.size(0));
   }
-  if (runs_narrow_grouped(w, groups, in, out)) {
-    const at::Tensor x_c = (in.is_all || packed_input) ? x : Planes::gather_channels(x, in.idx);
-    c10::optional<at::Tensor> b_c = b;
-    if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
-    at::Tensor y_c = at::convolution(x_c, gather_grouped_weight(w, in, out, groups), b_c, stride,
-                                     padding, dilation, false, {0, 0}, groups)
-                         .contiguous();
-    return (out.is_all || packed_output) ? y_c
-                                         : Planes::scatter_channels(y_c, out.idx, weight.size(0));
-  }
-  if (groups > 1) {
+  if (groups > 1 && !runs_narrow_grouped(w, groups, in, out)) {
     at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
     at::Tensor y = at::convolution(xm, w, b, stride, padding, dilation, false, {0, 0}, groups)
                        .contiguous();
     return out.is_all ? y : Planes::mask_channels(y, out.idx);
   }
 
+  // groups == 1, or a narrow grouped conv: the compact conv, of as many groups.
   at::Tensor x_c = (in.is_all || packed_input) ? x : Planes::gather_channels(x, in.idx);
-  at::Tensor w_c = (in.is_all && out.is_all) ? w : Planes::gather_weight(w, out.idx, in.idx);
   c10::optional<at::Tensor> b_c = b;
   if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
-  at::Tensor y_c =
-      at::convolution(x_c, w_c, b_c, stride, padding, dilation, false, {0, 0}, 1).contiguous();
+  at::Tensor y_c = at::convolution(x_c, compact_weight<Planes>(w, in, out, groups), b_c, stride,
+                                   padding, dilation, false, {0, 0}, groups)
+                       .contiguous();
   return (out.is_all || packed_output) ? y_c
                                        : Planes::scatter_channels(y_c, out.idx, weight.size(0));
 }
@@ -232,30 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
       grad_input = packed_input ? gi_c : Planes::scatter_channels(gi_c, out.idx, input.size(1));
     }
     if (want_gw) grad_weight = at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
-  } else if ((want_gi || want_gw) && narrow_grouped) {
-    const at::Tensor g_c = (out.is_all || packed_output) ? g : pass.compact;
-    at::Tensor x_c;
-    if (in.is_all || packed_input) {
-      x_c = x;
-    } else if (want_gw) {
-      x_c = Planes::gather_channels(x, in.idx);
-    } else {
-      x_c = at::empty({x.size(0), in.count, x.size(2), x.size(3)}, x.options());
-    }
-    auto grads = at::convolution_backward(g_c, x_c, gather_grouped_weight(w, in, out, groups),
-                                          c10::nullopt, stride, padding, dilation, false,
-                                          {0, 0}, groups, {want_gi, want_gw, false});
-    if (want_gi) {
-      grad_input = std::get<0>(grads).contiguous();
-      if (!in.is_all && !packed_input) {
-        grad_input = Planes::scatter_channels(grad_input, in.idx, input.size(1));
-      }
-    }
-    if (want_gw) {
-      grad_weight = scatter_grouped_weight(std::get<1>(grads).contiguous(), w, in, out, groups);
-    }
   } else if (want_gi || want_gw) {
-    if (groups > 1) {
+    if (groups > 1 && !narrow_grouped) {
       at::Tensor gm = out.is_all ? g : Planes::mask_channels(g, out.idx);
       at::Tensor xm = in.is_all ? x : Planes::mask_channels(x, in.idx);
       auto grads = at::convolution_backward(gm, xm, w, c10::nullopt, stride, padding, dilation,
@@ -266,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
       }
       if (want_gw) grad_weight = std::get<1>(grads);
     } else {
+      // groups == 1, or a narrow grouped conv: the compact conv, of as many groups.
       const at::Tensor g_c = gather_g ? pass.compact : g;
       // The weight gradient needs the compact input; grad_input needs only its shape.
       at::Tensor x_c;
@@ -276,10 +265,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
       } else {
         x_c = at::empty({x.size(0), in.count, x.size(2), x.size(3)}, x.options());
       }
-      at::Tensor w_c = (in.is_all && out.is_all) ? w : Planes::gather_weight(w, out.idx, in.idx);
-      auto grads = at::convolution_backward(g_c, x_c, w_c, c10::nullopt, stride, padding,
-                                            dilation, false, {0, 0}, 1,
-                                            {want_gi, want_gw, false});
+      auto grads = at::convolution_backward(g_c, x_c, compact_weight<Planes>(w, in, out, groups),
+                                            c10::nullopt, stride, padding, dilation, false,
+                                            {0, 0}, groups, {want_gi, want_gw, false});
       if (want_gi) {
         grad_input = std::get<0>(grads).contiguous();
         if (!in.is_all && !packed_input) {
@@ -287,11 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
         }
       }
       if (want_gw) {
-        grad_weight = std::get<1>(grads).contiguous();
-        if (!(in.is_all && out.is_all)) {
-          grad_weight = Planes::scatter_weight(grad_weight, out.idx, in.idx, weight.size(0),
-                                               weight.size(1));
-        }
+        grad_weight =
+            full_weight_grad<Planes>(std::get<1>(grads).contiguous(), w, in, out, groups);
       }
     }
   }
