@@ -1038,21 +1038,11 @@ def _layer_norm_owner(node: torch.fx.Node, modules: dict[str, nn.Module]
     after it (timm's LayerNorm2d): the module's name and where its input has the
     channels (-1, 1). Else why not (a string): only then can a channel-sparse
     LayerNorm replace the module."""
-    owners = set()
-    for index, attr in ((2, "weight"), (3, "bias")):
-        arg = _argument(node, index, attr)
-        if arg is None:
-            continue
-        if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr" \
-                or not arg.target.endswith("." + attr):
-            return "on tensors that are not a LayerNorm's own"
-        owners.add(arg.target.rpartition(".")[0])
-    if len(owners) != 1:
-        return "without the weight of one LayerNorm"
-    owner = owners.pop()
-    module = modules.get(owner)
-    if not isinstance(module, nn.LayerNorm) or owner not in _scope(node):
-        return f"outside the forward of the LayerNorm {owner}"
+    found = _owning_module(node, ((2, "weight"), (3, "bias")), nn.LayerNorm, modules,
+                           constants=False, not_one="without the weight of one LayerNorm")
+    if isinstance(found, str):
+        return found
+    owner, module = found
     if _argument(node, 4, "eps", 1e-5) != module.eps:
         return f"with another eps than {owner}'s"
     inside = [n for n in node.graph.nodes if n.op != "get_attr" and owner in _scope(n)]
@@ -1074,6 +1064,32 @@ def _layer_norm_owner(node: torch.fx.Node, modules: dict[str, nn.Module]
 _NORM_ARGS = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
 
 
+def _owning_module(node: torch.fx.Node, args: tuple[tuple[int, str], ...], kind: type,
+                   modules: dict[str, nn.Module], constants: bool, not_one: str
+                   ) -> Union[tuple[str, nn.Module], str]:
+    """The ``kind`` module (name, module) in whose forward ``node`` runs on that
+    module's own attributes: the tensor arguments ``args`` ((index, attribute name)
+    pairs), each read with ``get_attr``. Else why not (a string; ``not_one`` when
+    they are not one module's). ``constants``: an argument that is not a graph node
+    may be anything (else: only None)."""
+    owners = set()
+    for index, attr in args:
+        arg = _argument(node, index, attr)
+        if not isinstance(arg, torch.fx.Node) and (arg is None or constants):
+            continue
+        if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr" \
+                or not arg.target.endswith("." + attr):
+            return f"on tensors that are not a {kind.__name__}'s own"
+        owners.add(arg.target.rpartition(".")[0])
+    if len(owners) != 1:
+        return not_one
+    owner = owners.pop()
+    module = modules.get(owner)
+    if not isinstance(module, kind) or owner not in _scope(node):
+        return f"outside the forward of the {kind.__name__} {owner}"
+    return owner, module
+
+
 def _scope(node: torch.fx.Node) -> tuple[str, ...]:
     """The names of the modules whose forward ``node`` runs in, outermost first."""
     return tuple(v[0] if isinstance(v, tuple) else k
@@ -1087,19 +1103,11 @@ def _norm_chain(node: torch.fx.Node, modules: dict[str, nn.Module]
     name and the children its forward then runs on the result, one after the
     other (each channel-wise), which is all it does. Else why not (a string):
     only then can a channel-sparse BatchNorm followed by those children replace it."""
-    owners = set()
-    for index, attr in _NORM_ARGS:
-        arg = _argument(node, index, attr)
-        if isinstance(arg, torch.fx.Node):
-            if arg.op != "get_attr" or not arg.target.endswith("." + attr):
-                return "on tensors that are not a BatchNorm2d's own"
-            owners.add(arg.target.rpartition(".")[0])
-    if len(owners) != 1:
-        return "on tensors that are not one BatchNorm2d's own"
-    owner = owners.pop()
-    module = modules.get(owner)
-    if not isinstance(module, nn.BatchNorm2d) or owner not in _scope(node):
-        return f"outside the forward of the BatchNorm2d {owner}"
+    found = _owning_module(node, _NORM_ARGS, nn.BatchNorm2d, modules, constants=True,
+                           not_one="on tensors that are not one BatchNorm2d's own")
+    if isinstance(found, str):
+        return found
+    owner, module = found
     children = dict(module.named_children())
     after, current = [], node
     while True:
