@@ -96,24 +96,35 @@ def _plain_linear(lin: ChannelSparseLinear) -> nn.Linear:
     return plain
 
 
+def _restored(layer: nn.Module, sparse_attrs: tuple[str, ...],
+              buffers: tuple[str, ...] = ()) -> nn.Module:
+    """``layer``'s original class again (its ``dense_type``), holding a copy of its
+    state without the channel-sparse attributes (``dense_type``, ``packed``,
+    ``sparse_attrs``, the ``active_idx`` buffer), its weight, bias and ``buffers``
+    narrowed to the active channels. The caller sets the narrower size."""
+    idx = layer.active_idx
+    state = copy.deepcopy(layer).__dict__
+    state["_buffers"].pop("active_idx")
+    for attr in ("dense_type", "packed", *sparse_attrs):
+        state.pop(attr)
+    plain = layer.dense_type.__new__(layer.dense_type)
+    plain.__dict__.update(state)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(layer, name) is not None:
+                setattr(plain, name,
+                        nn.Parameter(getattr(layer, name).index_select(0, idx).clone()))
+        for name in buffers:
+            if getattr(layer, name) is not None:
+                setattr(plain, name, getattr(layer, name).index_select(0, idx).clone())
+    return plain
+
+
 def _restored_norm(bn: ChannelSparseNormAct) -> nn.BatchNorm2d:
     """The original class again (timm's BatchNormAct2d, with its activation), holding
     a copy of ``bn``'s state narrowed to the active channels."""
-    idx = bn.active_idx
-    state = copy.deepcopy(bn).__dict__
-    state["_buffers"].pop("active_idx")
-    for attr in ("dense_type", "after", "packed"):
-        state.pop(attr)
-    plain = bn.dense_type.__new__(bn.dense_type)
-    plain.__dict__.update(state)
-    plain.num_features = idx.numel()
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            if getattr(bn, name) is not None:
-                setattr(plain, name, nn.Parameter(getattr(bn, name).index_select(0, idx).clone()))
-        for name in ("running_mean", "running_var"):
-            if getattr(bn, name) is not None:
-                setattr(plain, name, getattr(bn, name).index_select(0, idx).clone())
+    plain = _restored(bn, ("after",), ("running_mean", "running_var"))
+    plain.num_features = bn.active_idx.numel()
     return plain
 
 
@@ -152,18 +163,8 @@ def _plain_group_norm(gn: ChannelSparseGroupNorm) -> nn.GroupNorm:
 def _plain_layer_norm(ln: ChannelSparseLayerNorm) -> nn.LayerNorm:
     """The LayerNorm's own class again (``dense_type``: nn.LayerNorm, timm's
     LayerNorm2d), over the active channels only: what the sparse layer computes."""
-    idx = ln.active_idx
-    state = copy.deepcopy(ln).__dict__
-    state["_buffers"].pop("active_idx")
-    for attr in ("dense_type", "channel_dim", "packed"):
-        state.pop(attr)
-    plain = ln.dense_type.__new__(ln.dense_type)
-    plain.__dict__.update(state)
-    plain.normalized_shape = (idx.numel(),)
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            if getattr(ln, name) is not None:
-                setattr(plain, name, nn.Parameter(getattr(ln, name).index_select(0, idx).clone()))
+    plain = _restored(ln, ("channel_dim",))
+    plain.normalized_shape = (ln.active_idx.numel(),)
     return plain
 
 

@@ -361,6 +361,19 @@ class _ActiveChannels:
     def active_channels(self) -> int:
         return self.active_idx.numel()
 
+    @classmethod
+    def _sharing(cls, module: nn.Module):
+        """An instance of ``cls`` holding ``module``'s parameters, buffers, attributes
+        and children (shared, not copied) in registries of its own, so that registering
+        ``active_idx`` leaves ``module`` alone."""
+        layer = cls.__new__(cls)
+        state = dict(module.__dict__)
+        for key, value in state.items():
+            if key.startswith("_") and isinstance(value, dict):
+                state[key] = type(value)(value)
+        layer.__dict__.update(state)
+        return layer
+
 
 class ChannelSparseBatchNorm2d(_ActiveChannels, nn.BatchNorm2d):
     """An ``nn.BatchNorm2d`` that normalizes only a list of active channels.
@@ -457,13 +470,7 @@ class ChannelSparseNormAct(ChannelSparseBatchNorm2d):
         missing = [n for n in after if n not in bn._modules]
         if missing:
             raise ValueError(f"{type(bn).__name__} has no child module {missing[0]!r}")
-        layer = cls.__new__(cls)
-        state = dict(bn.__dict__)
-        # Own registries (so that registering active_idx leaves ``bn`` alone), same entries.
-        for key, value in state.items():
-            if key.startswith("_") and isinstance(value, dict):
-                state[key] = type(value)(value)
-        layer.__dict__.update(state)
+        layer = cls._sharing(bn)
         layer.dense_type = type(bn)
         layer.after = tuple(after)
         layer.packed = False
@@ -532,13 +539,7 @@ class ChannelSparseLayerNorm(_ActiveChannels, nn.LayerNorm):
         children shared, not copied), whose forward normalizes over ``channel_dim``."""
         if not isinstance(ln, nn.LayerNorm):
             raise TypeError(f"expected an nn.LayerNorm or a subclass, got {type(ln).__name__}")
-        layer = cls.__new__(cls)
-        state = dict(ln.__dict__)
-        # Own registries (so that registering active_idx leaves ``ln`` alone), same entries.
-        for key, value in state.items():
-            if key.startswith("_") and isinstance(value, dict):
-                state[key] = type(value)(value)
-        layer.__dict__.update(state)
+        layer = cls._sharing(ln)
         layer._init_sparse(type(ln), channel_dim)
         return layer
 
