@@ -39,11 +39,11 @@ KEPT_FULL = {"regnetx_002": None, "mobilenetv3_small_050": None, "repvgg_a0": No
 TOL = 1e-7
 
 
-@pytest.fixture(scope="module", params=list(KEPT_FULL))
-def converted(request):
-    name = request.param
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10).double()
+def _converted(name, seed, **kwargs):
+    """timm's ``name`` (float64, random norms and layer scales, training mode)
+    converted, with the reference graph of the original and a copy of it."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).double()
     randomize_norms(model)  # BatchNormAct2d is a BatchNorm2d: random affine and statistics
     with torch.no_grad():  # ConvNeXt's layer scale starts at 1e-6, which would hide its blocks
         for pname, p in model.named_parameters():
@@ -53,7 +53,12 @@ def converted(request):
     reference = capture_original(model)
     original = copy.deepcopy(model)
     convert(model)
-    return name, model, reference, original
+    return model, reference, original
+
+
+@pytest.fixture(scope="module", params=list(KEPT_FULL))
+def converted(request):
+    return (request.param, *_converted(request.param, seed=0))
 
 
 def _x(*shape, generator=None):
@@ -141,18 +146,7 @@ def test_training_steps_then_compact_and_onnx(converted, tmp_path):
 def test_convnext_with_linear_mlps_over_channels_last():
     """ConvNeXt built with conv_mlp=False (as convnext_tiny and larger): permute, timm's
     LayerNorm, nn.Linear MLP, permute back. Every conv and Linear follows the groups."""
-    torch.manual_seed(1)
-    model = timm.create_model("convnext_atto", pretrained=False, num_classes=10,
-                              conv_mlp=False).double()
-    randomize_norms(model)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-    model.train()
-    reference = capture_original(model)
-    original = copy.deepcopy(model)
-    convert(model)
+    model, reference, original = _converted("convnext_atto", seed=1, conv_mlp=False)
     assert conversion_notes(model) == {}
     linears = [m for n, m in model.named_modules() if ".mlp.fc" in n]
     assert linears and all(type(m).__name__ == "ChannelSparseLinear" for m in linears)
