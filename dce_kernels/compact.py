@@ -42,14 +42,14 @@ from .channels.group import SPEC_ATTR
 from .channels.plan import ChannelPlan
 from .nn import (CHANNEL_SPARSE_NORMS, ChannelSparseBatchNorm2d, ChannelSparseConv2d,
                  ChannelSparseGroupNorm, ChannelSparseLayerNorm, ChannelSparseLinear,
-                 ChannelSparseNormAct, grouped_columns, is_depthwise, is_grouped)
+                 ChannelSparseNormAct, grouped_columns, is_depthwise, is_grouped, run_counts)
 
 __all__ = ["compact_model", "export_compact", "export_paths", "load_exported"]
 
 
 def _balanced(idx: torch.Tensor, channels: int, groups: int) -> bool:
     """Ascending, with equally many channels of each of ``groups`` equal runs."""
-    per_run = torch.bincount(idx // (channels // groups), minlength=groups)
+    per_run = run_counts(idx, channels, groups)
     return bool((per_run == per_run[0]).all()) and bool((idx[1:] > idx[:-1]).all())
 
 

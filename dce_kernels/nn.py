@@ -106,6 +106,13 @@ def is_grouped(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and not is_depthwise(conv)
 
 
+def run_counts(idx: torch.Tensor, channels: int, runs: int) -> torch.Tensor:
+    """How many of the channels ``idx`` lie in each of ``runs`` equal runs of
+    ``channels`` (conv groups, GroupNorm groups, a channel group's blocks), on the
+    host: a narrow grouped conv or GroupNorm needs them all equal."""
+    return torch.bincount(idx.cpu() // (channels // runs), minlength=runs)
+
+
 def grouped_columns(in_idx: torch.Tensor, out_idx: torch.Tensor, in_channels: int,
                     groups: int) -> torch.Tensor:
     """For a grouped conv whose ascending lists hold equally many channels of every
@@ -617,8 +624,7 @@ class ChannelSparseGroupNorm(_ActiveChannels, nn.GroupNorm):
     def set_active(self, idx: _Index = None) -> None:
         """Activates the given channels (equally many of every group); None means all."""
         idx = _as_index(idx, self.num_features, self.active_idx.device, "idx")
-        per_group = torch.bincount(idx.cpu() // (self.num_channels // self.num_groups),
-                                   minlength=self.num_groups)
+        per_group = run_counts(idx, self.num_channels, self.num_groups)
         if not (per_group == per_group[0]).all():
             raise ValueError(f"a GroupNorm of {self.num_groups} groups needs equally many "
                              f"active channels in every group, got {per_group.tolist()}")

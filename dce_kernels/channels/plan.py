@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn import (CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear, _as_index,
-                  grouped_columns, is_grouped)
+                  grouped_columns, is_grouped, run_counts)
 from ..optim import ActiveBlock
 from .group import ChannelGroup, converted_groups
 from .sequential import sequential_groups
@@ -381,8 +381,7 @@ def _check_blocks(group: ChannelGroup, idx: torch.Tensor) -> None:
     the checks of ``apply(validate=True)`` read the lists anyway)."""
     if group.blocks == 1:
         return
-    per_run = torch.bincount(idx.cpu() // (group.num_channels // group.blocks),
-                             minlength=group.blocks)
+    per_run = run_counts(idx, group.num_channels, group.blocks)
     if not (per_run == per_run[0]).all():
         raise ValueError(f"selection of group {group.name!r}: its {group.num_channels} "
                          f"channels are {group.blocks} blocks (a grouped conv reads or writes "
