@@ -127,8 +127,8 @@ class ChannelGroup:
         c = self.num_channels
         return (self.sole_readers and self.readers_known and not self.linears and not self.tied
                 and not self.offsets and not self.scales
-                and isinstance(self.producer, ChannelSparseConv2d) and _packs(self.producer)
-                and all(_packs(conv) and conv.in_channels == c for conv in self.consumers)
+                and isinstance(self.producer, ChannelSparseConv2d) and takes_packed(self.producer)
+                and all(takes_packed(conv) and conv.in_channels == c for conv in self.consumers)
                 and all(conv.in_channels == c for conv in self.depthwise)
                 and all(bn.num_features == c for bn in self.norms))
 
@@ -299,7 +299,7 @@ class GroupSpec:
                             blocks=self.blocks, scales=scales, **members)
 
 
-def _packs(conv: ChannelSparseConv2d) -> bool:
+def takes_packed(conv: ChannelSparseConv2d) -> bool:
     """A producer or consumer conv that takes packed layouts: groups == 1, or a grouped
     conv (its lists hold equally many channels of every conv group, by the blocks)."""
     return conv.groups == 1 or is_grouped(conv)

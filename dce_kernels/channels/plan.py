@@ -10,7 +10,7 @@ from torch import nn
 from ..nn import (CHANNEL_SPARSE_NORMS, ChannelSparseConv2d, ChannelSparseLinear, _as_index,
                   grouped_columns, is_grouped, run_counts)
 from ..optim import ActiveBlock
-from .group import ChannelGroup, converted_groups
+from .group import ChannelGroup, converted_groups, takes_packed
 from .sequential import sequential_groups
 
 __all__ = ["ChannelPlan", "plan_for", "linear_features"]
@@ -127,8 +127,7 @@ class ChannelPlan:
               and all(d.in_channels == g.num_channels and g.offsets_of(d) == (0,)
                       for d in g.depthwise)
               and isinstance(g.producer, ChannelSparseConv2d)
-              and (g.producer.groups == 1 or is_grouped(g.producer))
-              and all(c.groups == 1 or is_grouped(c) for c in g.consumers)
+              and takes_packed(g.producer) and all(map(takes_packed, g.consumers))
               for g in self.groups]
         for (_, index), u in self._indices.items():
             if index not in ("in_idx", "active_idx", "in_channels"):
