@@ -28,12 +28,13 @@ at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tensor& weig
 // (grad_input, grad_weight, grad_bias, saliency) of the op above. Pass the
 // forward's output to get the saliency [out_channels]; results not selected by
 // output_mask (and the saliency without output) are undefined tensors.
+// compact_grad_weight: the weight gradient of the active block only (op_schemas.h).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride = {1, 1}, at::IntArrayRef padding = {0, 0},
     at::IntArrayRef dilation = {1, 1}, int64_t groups = 1,
     std::array<bool, 3> output_mask = {true, true, true}, bool packed_input = false,
-    bool packed_output = false);
+    bool packed_output = false, bool compact_grad_weight = false);
 
 }  // namespace dce

@@ -26,8 +26,8 @@ namespace dce::schema {
 // ascending index lists and groups == 1, a depthwise conv (groups ==
 // in_channels == out_channels), which with packed_input needs in_idx equal to
 // out_idx, or a grouped conv whose two lists both hold equally many channels of
-// every conv group. Weight, bias and their gradients always keep the layer's
-// full shape.
+// every conv group. Weight, bias and their gradients keep the layer's full
+// shape (the backward's compact_grad_weight excepted).
 inline constexpr const char* kChannelSparseConv2d =
     "channel_sparse_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor in_idx, "
     "Tensor out_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
@@ -38,11 +38,18 @@ inline constexpr const char* kChannelSparseConv2d =
 // reduced in the same pass that reads grad_output. output_mask selects
 // grad_input, grad_weight, grad_bias; unselected results are undefined (None).
 // grad_output, output and grad_input are in the forward's layouts.
+// compact_grad_weight asks for the weight gradient of the active block only,
+// [len(out_idx), len(in_idx) (groups == 1) or 1 (depthwise), kH, kW], the
+// gradient of weight[out_idx][:, in_idx] (depthwise: weight[out_idx]), instead
+// of the layer's full shape with zeros outside; it needs groups == 1 or a
+// depthwise conv. The caller writes the block where it wants it, so a step
+// never writes the inactive part of the weight's gradient (dce_kernels/grad_blocks.py).
 inline constexpr const char* kChannelSparseConv2dBackward =
     "channel_sparse_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor? output, Tensor in_idx, Tensor out_idx, int[2] stride, int[2] padding, "
     "int[2] dilation, int groups, bool[3] output_mask, bool packed_input=False, "
-    "bool packed_output=False) -> (Tensor, Tensor, Tensor, Tensor)";
+    "bool packed_output=False, bool compact_grad_weight=False) -> "
+    "(Tensor, Tensor, Tensor, Tensor)";
 
 // The C++ types of the two ops, for typed dispatcher calls (api.cpp) and
 // kernels. The dispatcher compares a type with the schema string when a
@@ -57,7 +64,8 @@ using ChannelSparseConv2dBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Ten
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, bool packed_input, bool packed_output);
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
+    bool compact_grad_weight);
 
 // Blocks of parameter-shaped tensors, for optimizer steps over the active
 // channels only: a tensor is viewed as [rows, cols, rest...]; a block is the

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from . import _C  # noqa: F401  (loads the shared library, which registers the ops)
+from .blocks import block_gradient, gather_block, scatter_block_
 
 __all__ = ["channel_sparse_conv2d", "call_conv_op", "register_python_parts", "gather_block",
            "set_cuda_conv_impl", "get_cuda_conv_impl", "CUDA_CONV_IMPLS",
@@ -125,7 +126,7 @@ def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilatio
         torch._check(idx.device == input.device,
                      lambda: f"{name} must be on the input's device ({input.device}), "
                              f"got {idx.device}")
-    depthwise = groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1
+    depthwise = _is_depthwise(weight, groups)
     if packed_input or packed_output:
         # Which grouped convs may pack depends on the lists' contents (equally many
         # channels of every conv group): the real kernel's to check, as a depthwise
@@ -151,12 +152,27 @@ def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilatio
     return input.new_empty(shape)
 
 
+def _is_depthwise(weight, groups) -> bool:
+    return groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1
+
+
+def _compact_weight_shape(weight, in_idx, out_idx, groups):
+    """The shape of compact_grad_weight's result (op_schemas.h)."""
+    return (out_idx.shape[0], in_idx.shape[0] if groups == 1 else weight.shape[1],
+            *weight.shape[2:])
+
+
 def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
-                   dilation, groups, output_mask, packed_input=False, packed_output=False):
+                   dilation, groups, output_mask, packed_input=False, packed_output=False,
+                   compact_grad_weight=False):
     want_input, want_weight, want_bias = output_mask
+    torch._check(not compact_grad_weight or groups == 1 or _is_depthwise(weight, groups),
+                 lambda: "compact_grad_weight needs groups == 1 or a depthwise conv")
+    weight_shape = (_compact_weight_shape(weight, in_idx, out_idx, groups)
+                    if compact_grad_weight else weight.shape)
     return (
         input.new_empty(input.shape) if want_input else None,
-        weight.new_empty(weight.shape) if want_weight else None,
+        weight.new_empty(weight_shape) if want_weight else None,
         weight.new_empty(weight.shape[:1]) if want_bias else None,
         grad_output.new_empty(weight.shape[:1]) if output is not None else None,
     )
@@ -192,8 +208,16 @@ def _make_backward(backward_op):
         output = saved[len(_SAVED_TENSORS)] if ctx.want_saliency else None
         mask = [_needs_grad(ctx, "input"), _needs_grad(ctx, "weight"),
                 ctx.has_bias and _needs_grad(ctx, "bias")]
+        weight, groups = tensors["weight"], ctx.params["groups"]
+        # The weight gradient comes back as its active block, which block_gradient
+        # writes into the full shape without touching the rest (blocks.py).
+        as_block = mask[1] and (groups == 1 or _is_depthwise(weight, groups))
         grad_input, grad_weight, grad_bias, saliency = backward_op(
-            grad_output=grad_output, output=output, output_mask=mask, **tensors, **ctx.params)
+            grad_output=grad_output, output=output, output_mask=mask, **tensors, **ctx.params,
+            compact_grad_weight=as_block)
+        if as_block:
+            grad_weight = block_gradient(weight, grad_weight, tensors["out_idx"],
+                                         tensors["in_idx"] if groups == 1 else None)
         # One gradient per argument of the schema (None for the non-differentiable ones);
         # the saliency is the gradient of the probe.
         grads = {"input": grad_input, "weight": grad_weight, "bias": grad_bias,
@@ -244,45 +268,6 @@ def get_cuda_conv_impl() -> str:
     """The CUDA backend's current implementation: ``"cudnn"`` or ``"igemm"``
     (see :func:`set_cuda_conv_impl`)."""
     return torch.ops.dce.get_cuda_conv_impl()
-
-
-def gather_block(src: torch.Tensor, rows: Optional[torch.Tensor],
-                 cols: Optional[torch.Tensor]) -> torch.Tensor:
-    """``src[rows][:, cols]`` (None: all of that dim) as a new contiguous tensor.
-    CPU tensors take our copy kernel; other devices ATen's index_select."""
-    if src.device.type == "cpu":
-        return torch.ops.dce.gather_block(src, rows, cols)
-    block = src if rows is None else src.index_select(0, rows)
-    return block if cols is None else block.index_select(1, cols)
-
-
-def scatter_block_(dst: torch.Tensor, rows: Optional[torch.Tensor],
-                   cols: Optional[torch.Tensor], block: torch.Tensor) -> None:
-    """Writes ``block`` into ``dst[rows][:, cols]`` in place (the inverse of
-    :func:`gather_block`); indices must be unique."""
-    if dst.device.type == "cpu" and dst.is_contiguous():
-        torch.ops.dce.scatter_block_(dst, rows, cols, block)
-    elif rows is None:
-        dst.index_copy_(1, cols, block)
-    elif cols is None:
-        dst.index_copy_(0, rows, block)
-    else:
-        dst.index_put_((rows.unsqueeze(1), cols), block)
-
-
-@torch.library.register_fake("dce::gather_block")
-def _gather_block_fake(src, rows, cols):
-    shape = list(src.shape)
-    if rows is not None:
-        shape[0] = rows.shape[0]
-    if cols is not None:
-        shape[1] = cols.shape[0]
-    return src.new_empty(shape)
-
-
-@torch.library.register_fake("dce::scatter_block_")
-def _scatter_block_fake(dst, rows, cols, block):
-    return None
 
 
 @torch.library.register_fake("dce::sgd_block_step_")

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from .block_steps import block_step_for, supports
-from .ops import gather_block, scatter_block_
+from .blocks import gather_block, scatter_block_
 
 __all__ = ["ActiveBlock", "MaskedOptimizer"]
 

@@ -7,7 +7,7 @@ operands (``torch.addmm``, i.e. MKL/oneDNN), and the gathers and scatters
 around them touch ``O(batch * features)`` elements plus the compact weight,
 which the backward reuses instead of gathering it again. The weight and bias
 gradients keep the layer's full shape, zero outside the active block, as the
-conv op's do.
+conv op's do; the weight's is written over its block only (blocks.block_gradient).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .ops import gather_block, scatter_block_
+from .blocks import block_gradient, gather_block
 
 __all__ = ["channel_sparse_linear"]
 
@@ -65,12 +65,13 @@ class _ChannelSparseLinear(torch.autograd.Function):
         ctx.shapes = (tuple(input.shape), lead, in_all or packed_input, out_all)
         ctx.weight_shape = tuple(weight.shape)
         ctx.in_run = in_run
-        ctx.save_for_backward(x_c, w_c, in_idx, out_idx, y_c if ctx.want_saliency else None)
+        ctx.save_for_backward(x_c, w_c, in_idx, out_idx, y_c if ctx.want_saliency else None,
+                              weight)
         return y.reshape(*lead, out_features)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x_c, w_c, in_idx, out_idx, y_c = ctx.saved_tensors
+        x_c, w_c, in_idx, out_idx, y_c, weight = ctx.saved_tensors
         input_shape, lead, in_all, out_all = ctx.shapes
         out_features, in_features = ctx.weight_shape
         g = grad_output.reshape(-1, out_features)
@@ -87,13 +88,12 @@ class _ChannelSparseLinear(torch.autograd.Function):
             if out_all and cols_all:
                 grad_weight = gw_c
             else:
-                grad_weight = gw_c.new_zeros(out_features, in_features)
-                dst, rows, cols = _block_args(grad_weight, out_idx, in_idx, out_all, cols_all,
-                                              ctx.in_run)
+                view, rows, cols = _block_args(weight, out_idx, in_idx, out_all, cols_all,
+                                               ctx.in_run)
                 block = gw_c.contiguous()
-                if cols is not None and dst.dim() == 3:
+                if cols is not None and view.dim() == 3:
                     block = block.view(block.shape[0], cols.numel(), ctx.in_run)
-                scatter_block_(dst, rows, cols, block)
+                grad_weight = block_gradient(weight, block, rows, cols, view.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb_c = g_c.sum(0)
             grad_bias = gb_c if out_all else \

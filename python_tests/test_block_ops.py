@@ -49,7 +49,7 @@ def test_block_ops_bad_input(call, message):
 
 def test_opcheck_block_ops(backend):
     if not backend.implements("gather_block"):
-        pytest.skip(f"{backend} has no block-copy kernels (ops.py indexes with ATen there)")
+        pytest.skip(f"{backend} has no block-copy kernels (blocks.py indexes with ATen there)")
     dev = backend.device
     t = torch.randn(6, 5, 3, device=dev)
     rows, cols = torch.tensor([4, 0, 2], device=dev), torch.tensor([1, 3], device=dev)

@@ -115,9 +115,11 @@ def test_backward_op_opcheck(backend):
                                           groups, None)
     g = torch.randn_like(y)
     for mask in ([True, True, True], [False, True, False], [True, False, True]):
-        torch.library.opcheck(
-            backend.ops.channel_sparse_conv2d_backward.default,
-            (g, x, w, y, in_idx, out_idx, stride, padding, dilation, groups, mask))
+        for compact in (False, True):
+            torch.library.opcheck(
+                backend.ops.channel_sparse_conv2d_backward.default,
+                (g, x, w, y, in_idx, out_idx, stride, padding, dilation, groups, mask),
+                {"compact_grad_weight": compact})
 
 
 def test_compile_fullgraph_matches_eager():

@@ -191,12 +191,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
+    bool compact_grad_weight) {
   constexpr const char* op = "channel_sparse_conv2d_backward";
   Planes::check_device(input, "input", op);
   const BackwardArgs args =
       check_backward_args(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
-                          dilation, groups, packed_input, packed_output, op);
+                          dilation, groups, packed_input, packed_output,
+                          compact_grad_weight, op);
   const c10::DeviceGuard guard(input.device());
   const auto& [in, out] = args.indices;
   const bool with_saliency = args.with_saliency;
@@ -241,7 +243,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
       if (keep) gi_c = gi_c * *keep;
       grad_input = packed_input ? gi_c : Planes::scatter_channels(gi_c, out.idx, input.size(1));
     }
-    if (want_gw) grad_weight = at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
+    if (want_gw) {
+      grad_weight = compact_grad_weight ? std::get<1>(grads)
+                                        : at::zeros_like(w).index_copy_(0, out.idx, std::get<1>(grads));
+    }
   } else if (want_gi || want_gw) {
     if (groups > 1 && !narrow_grouped) {
       at::Tensor gm = out.is_all ? g : Planes::mask_channels(g, out.idx);
@@ -275,8 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
         }
       }
       if (want_gw) {
-        grad_weight =
-            full_weight_grad<Planes>(std::get<1>(grads).contiguous(), w, in, out, groups);
+        const at::Tensor grad_c = std::get<1>(grads).contiguous();
+        grad_weight = compact_grad_weight ? grad_c
+                                          : full_weight_grad<Planes>(grad_c, w, in, out, groups);
       }
     }
   }

@@ -172,8 +172,14 @@ BackwardArgs check_backward_args(const at::Tensor& grad_output, const at::Tensor
                                  const at::Tensor& in_idx, const at::Tensor& out_idx,
                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, int64_t groups, bool packed_input,
-                                 bool packed_output, const char* op_name) {
+                                 bool packed_output, bool compact_grad_weight,
+                                 const char* op_name) {
   check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, op_name);
+  // Other grouped convs have no rectangular active block (a narrow grouped
+  // conv's columns differ per conv group), so their gradient stays full.
+  TORCH_CHECK(!compact_grad_weight || groups == 1 || is_depthwise(weight, groups), op_name,
+              ": compact_grad_weight needs groups == 1 or a depthwise conv, got groups=", groups,
+              " with weight ", weight.sizes());
   BackwardArgs args;
   args.indices = check_channel_indices(input, weight, groups, in_idx, out_idx, packed_input,
                                        packed_output, op_name);

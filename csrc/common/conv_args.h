@@ -125,6 +125,7 @@ BackwardArgs check_backward_args(const at::Tensor& grad_output, const at::Tensor
                                  const at::Tensor& in_idx, const at::Tensor& out_idx,
                                  at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, int64_t groups, bool packed_input,
-                                 bool packed_output, const char* op_name);
+                                 bool packed_output, bool compact_grad_weight,
+                                 const char* op_name);
 
 }  // namespace dce

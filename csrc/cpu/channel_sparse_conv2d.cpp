@@ -29,10 +29,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
+    bool compact_grad_weight) {
   return compact_conv_backward<CpuPlanes>(grad_output, input, weight, output, in_idx, out_idx,
                                           stride, padding, dilation, groups, output_mask,
-                                          packed_input, packed_output);
+                                          packed_input, packed_output, compact_grad_weight);
 }
 
 }  // namespace

@@ -36,11 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
+    bool compact_grad_weight) {
   auto* impl = cuda_conv_impl() == CudaConvImpl::kIgemm ? &igemm_channel_sparse_conv2d_backward
                                                         : &compact_channel_sparse_conv2d_backward;
   return impl(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
-              groups, output_mask, packed_input, packed_output);
+              groups, output_mask, packed_input, packed_output, compact_grad_weight);
 }
 
 static_assert(std::is_same_v<decltype(forward_cuda), schema::ChannelSparseConv2dFn>);

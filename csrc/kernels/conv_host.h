@@ -206,12 +206,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
+    bool compact_grad_weight) {
   constexpr const char* op = "channel_sparse_conv2d_backward";
   check_device(input, "input", op);
   const BackwardArgs args =
       check_backward_args(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
-                          dilation, groups, packed_input, packed_output, op);
+                          dilation, groups, packed_input, packed_output,
+                          compact_grad_weight, op);
   const auto& indices = args.indices;
   const int64_t Cy = args.out_channels;
   const auto [Ho, Wo] = args.out_size;
@@ -291,6 +293,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
     }
   });
   if (want_gw) grad_weight = gw_acc.scalar_type() == x.scalar_type() ? gw_acc : gw_acc.to(x.scalar_type());
+  // These kernels accumulate the full shape; the compact block is cut from it.
+  if (want_gw && compact_grad_weight) {
+    if (!indices.out.is_all) grad_weight = grad_weight.index_select(0, indices.out.idx);
+    if (groups == 1 && !indices.in.is_all) grad_weight = grad_weight.index_select(1, indices.in.idx);
+    grad_weight = grad_weight.contiguous();
+  }
   return {grad_input, grad_weight, grad_bias, saliency};
 }
 

@@ -165,10 +165,11 @@ compact_channel_sparse_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
+    bool compact_grad_weight) {
   return compact_conv_backward<KernelPlanes>(grad_output, input, weight, output, in_idx, out_idx,
                                              stride, padding, dilation, groups, output_mask,
-                                             packed_input, packed_output);
+                                             packed_input, packed_output, compact_grad_weight);
 }
 
 // The igemm implementation as the ops' kernels: its launchers (conv_host.h)
@@ -189,12 +190,13 @@ igemm_channel_sparse_conv2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 3> output_mask, bool packed_input, bool packed_output) {
+    std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
+    bool compact_grad_weight) {
   auto* impl = groups > 1 && (packed_input || packed_output)
                    ? &compact_channel_sparse_conv2d_backward
                    : &channel_sparse_conv2d_backward;
   return impl(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
-              groups, output_mask, packed_input, packed_output);
+              groups, output_mask, packed_input, packed_output, compact_grad_weight);
 }
 
 static_assert(std::is_same_v<decltype(compact_channel_sparse_conv2d),

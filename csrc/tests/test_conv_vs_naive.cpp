@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow((library + "::channel_sparse_conv2d_backward").c_str(), "")
                        .typed<Backward>();
-  return op.call(g, x, w, y, in_idx, out_idx, stride, padding, dilation, 1, mask, false, false);
+  return op.call(g, x, w, y, in_idx, out_idx, stride, padding, dilation, 1, mask, false, false,
+                 false);
 }
 
 void expect_close(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
