@@ -15,7 +15,7 @@ at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tensor& weig
                        .findSchemaOrThrow("dce::channel_sparse_conv2d", "")
                        .typed<schema::ChannelSparseConv2dFn>();
   return op.call(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
-                 std::nullopt, packed_input, packed_output);
+                 std::nullopt, packed_input, packed_output, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse_conv2d_backward(
@@ -28,7 +28,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse_conv2d
                        .findSchemaOrThrow("dce::channel_sparse_conv2d_backward", "")
                        .typed<schema::ChannelSparseConv2dBackwardFn>();
   return op.call(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
-                 groups, output_mask, packed_input, packed_output, compact_grad_weight);
+                 groups, output_mask, packed_input, packed_output, compact_grad_weight,
+                 std::nullopt);
 }
 
 }  // namespace dce

@@ -28,10 +28,18 @@ namespace dce::schema {
 // out_idx, or a grouped conv whose two lists both hold equally many channels of
 // every conv group. Weight, bias and their gradients keep the layer's full
 // shape (the backward's compact_grad_weight excepted).
+//
+// compact_weight, when given, is the caller's copy of the weight's active
+// block, weight[out_idx][:, in_idx] (groups == 1) or weight[out_idx]
+// (depthwise), and stands in for the gather of it. The Python layer gathers it
+// once and passes it to forward and backward, which would otherwise gather it
+// twice. Its shape, dtype and device are checked; its values are trusted to be
+// that block.
 inline constexpr const char* kChannelSparseConv2d =
     "channel_sparse_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor in_idx, "
     "Tensor out_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-    "Tensor? saliency_probe, bool packed_input=False, bool packed_output=False) -> Tensor";
+    "Tensor? saliency_probe, bool packed_input=False, bool packed_output=False, "
+    "Tensor? compact_weight=None) -> Tensor";
 
 // Gradients of the op above. output is the forward's result; when given, the
 // fourth result is the saliency [out_channels] (zero for inactive channels),
@@ -48,8 +56,8 @@ inline constexpr const char* kChannelSparseConv2dBackward =
     "channel_sparse_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor? output, Tensor in_idx, Tensor out_idx, int[2] stride, int[2] padding, "
     "int[2] dilation, int groups, bool[3] output_mask, bool packed_input=False, "
-    "bool packed_output=False, bool compact_grad_weight=False) -> "
-    "(Tensor, Tensor, Tensor, Tensor)";
+    "bool packed_output=False, bool compact_grad_weight=False, Tensor? compact_weight=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
 
 // The C++ types of the two ops, for typed dispatcher calls (api.cpp) and
 // kernels. The dispatcher compares a type with the schema string when a
@@ -59,13 +67,14 @@ using ChannelSparseConv2dFn = at::Tensor(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output);
+    const std::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output,
+    const std::optional<at::Tensor>& compact_weight);
 using ChannelSparseConv2dBackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
-    bool compact_grad_weight);
+    bool compact_grad_weight, const std::optional<at::Tensor>& compact_weight);
 
 // Blocks of parameter-shaped tensors, for optimizer steps over the active
 // channels only: a tensor is viewed as [rows, cols, rest...]; a block is the

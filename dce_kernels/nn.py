@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import gather_block
 from .ops import channel_sparse_conv2d
 from .sparse_linear import channel_sparse_linear
 
@@ -245,7 +246,25 @@ class ChannelSparseConv2d(_SaliencyDelivery, nn.Conv2d):
         return channel_sparse_conv2d(input, self.weight, self.bias, self.in_idx, self.out_idx,
                                      self.stride, padding, self.dilation, self.groups,
                                      saliency_probe=probe, packed_input=self.packed_input,
-                                     packed_output=self.packed_output)
+                                     packed_output=self.packed_output,
+                                     compact_weight=self._active_weight())
+
+    def _active_weight(self) -> Optional[torch.Tensor]:
+        """The weight's active block, gathered once for forward and backward, when a
+        backward will run; None where the op gathers what it needs itself (no
+        backward, a grouped conv, or every channel listed)."""
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return None
+        rows = self.out_idx if self.out_idx.numel() < self.out_channels else None
+        if is_depthwise(self):
+            return None if rows is None else gather_block(self.weight.detach(), rows, None)
+        if self.groups != 1:
+            return None
+        cols = self.in_idx if self.in_idx.numel() < self.in_channels else None
+        if rows is None and cols is None:
+            return None
+        # A list that holds every channel may still be in any order.
+        return gather_block(self.weight.detach(), self.out_idx, self.in_idx)
 
     def extra_repr(self) -> str:
         packed = [side for side, on in (("input", self.packed_input),

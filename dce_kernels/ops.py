@@ -71,6 +71,7 @@ def channel_sparse_conv2d(
     saliency_probe: Optional[torch.Tensor] = None,
     packed_input: bool = False,
     packed_output: bool = False,
+    compact_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """2-D convolution over lists of active channels.
 
@@ -93,16 +94,23 @@ def channel_sparse_conv2d(
     channels of ``out_idx``. Chained layers that agree on a list pass
     narrow activations, as a physically narrower network would; the weight and
     all parameter gradients keep the layer's full shape either way.
+
+    ``compact_weight`` (groups=1 or a depthwise conv): the weight's active block
+    ``weight[out_idx][:, in_idx]`` (depthwise: ``weight[out_idx]``), if the caller
+    already holds it, as ``ChannelSparseConv2d`` does: forward and backward use it
+    instead of gathering it each. Its values are trusted to be that block; leave it
+    None otherwise.
     """
     return call_conv_op(torch.ops.dce.channel_sparse_conv2d.default, input=input,
                         weight=weight, bias=bias, in_idx=in_idx, out_idx=out_idx, stride=stride,
                         padding=padding, dilation=dilation, groups=groups,
                         saliency_probe=saliency_probe, packed_input=packed_input,
-                        packed_output=packed_output)
+                        packed_output=packed_output, compact_weight=compact_weight)
 
 
 def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, dilation=1,
-                 groups=1, saliency_probe=None, packed_input=False, packed_output=False):
+                 groups=1, saliency_probe=None, packed_input=False, packed_output=False,
+                 compact_weight=None):
     """Normalizes F.conv2d-style arguments (ints or pairs, string padding,
     unbatched input) and calls ``op``, any library's channel_sparse_conv2d."""
     stride, dilation = _pair(stride), _pair(dilation)
@@ -114,12 +122,23 @@ def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, 
     out = op(input=input, weight=weight, bias=bias, in_idx=in_idx, out_idx=out_idx,
              stride=list(stride), padding=list(padding), dilation=list(dilation), groups=groups,
              saliency_probe=saliency_probe, packed_input=packed_input,
-             packed_output=packed_output)
+             packed_output=packed_output, compact_weight=compact_weight)
     return out.squeeze(0) if unbatched else out
 
 
+def _check_compact_weight_fake(compact_weight, weight, in_idx, out_idx, groups):
+    if compact_weight is None:
+        return
+    torch._check(groups == 1 or _is_depthwise(weight, groups),
+                 lambda: "compact_weight needs groups == 1 or a depthwise conv")
+    want = _compact_weight_shape(weight, in_idx, out_idx, groups)
+    torch._check(tuple(compact_weight.shape) == tuple(want),
+                 lambda: f"compact_weight shape {tuple(compact_weight.shape)} is not that of the "
+                         f"active block {tuple(want)}")
+
+
 def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
-                  saliency_probe, packed_input=False, packed_output=False):
+                  saliency_probe, packed_input=False, packed_output=False, compact_weight=None):
     for name, idx in (("in_idx", in_idx), ("out_idx", out_idx)):
         torch._check(idx.dim() == 1, lambda: f"{name} must be a 1-D tensor of channel indices")
         # Without this, a meta index list would route a real call to this kernel.
@@ -127,6 +146,7 @@ def _forward_fake(input, weight, bias, in_idx, out_idx, stride, padding, dilatio
                      lambda: f"{name} must be on the input's device ({input.device}), "
                              f"got {idx.device}")
     depthwise = _is_depthwise(weight, groups)
+    _check_compact_weight_fake(compact_weight, weight, in_idx, out_idx, groups)
     if packed_input or packed_output:
         # Which grouped convs may pack depends on the lists' contents (equally many
         # channels of every conv group): the real kernel's to check, as a depthwise
@@ -157,15 +177,17 @@ def _is_depthwise(weight, groups) -> bool:
 
 
 def _compact_weight_shape(weight, in_idx, out_idx, groups):
-    """The shape of compact_grad_weight's result (op_schemas.h)."""
+    """The shape of the weight's active block: compact_weight's, and compact_grad_weight's
+    result's (op_schemas.h)."""
     return (out_idx.shape[0], in_idx.shape[0] if groups == 1 else weight.shape[1],
             *weight.shape[2:])
 
 
 def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, padding,
                    dilation, groups, output_mask, packed_input=False, packed_output=False,
-                   compact_grad_weight=False):
+                   compact_grad_weight=False, compact_weight=None):
     want_input, want_weight, want_bias = output_mask
+    _check_compact_weight_fake(compact_weight, weight, in_idx, out_idx, groups)
     torch._check(not compact_grad_weight or groups == 1 or _is_depthwise(weight, groups),
                  lambda: "compact_grad_weight needs groups == 1 or a depthwise conv")
     weight_shape = (_compact_weight_shape(weight, in_idx, out_idx, groups)
@@ -180,7 +202,7 @@ def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, 
 
 # The forward's arguments that its backward op takes again: the tensors are
 # saved for backward, the rest kept on ctx.
-_SAVED_TENSORS = ("input", "weight", "in_idx", "out_idx")
+_SAVED_TENSORS = ("input", "weight", "in_idx", "out_idx", "compact_weight")
 _KEPT_PARAMS = ("stride", "padding", "dilation", "groups", "packed_input", "packed_output")
 
 

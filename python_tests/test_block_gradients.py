@@ -224,3 +224,124 @@ def test_linear_grad_over_changing_selections(in_run):
         storages.add(weight.grad.untyped_storage().data_ptr())
         weight.grad = None
     assert len(storages) == 1
+
+
+# -- compact_weight: the caller's copy of the active block stands in for the gathers -----
+
+def _block_of(w, in_idx, out_idx, depthwise):
+    block = w[out_idx]
+    return block if depthwise else block[:, in_idx]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("depthwise", [False, True], ids=["groups1", "depthwise"])
+def test_compact_weight_gives_the_same_results(backend, depthwise):
+    gen = torch.Generator().manual_seed(21)
+    groups = 6 if depthwise else 1
+    x, w = _conv_case(gen, groups)
+    x, w = x.to(backend.device), w.to(backend.device)
+    in_idx = random_index(w.shape[1] * groups, 0.5, gen).to(backend.device)
+    out_idx = in_idx if depthwise else random_index(w.shape[0], 0.6, gen).to(backend.device)
+    block = _block_of(w, in_idx, out_idx, depthwise).contiguous()
+    geometry = ([1, 1], [1, 1], [1, 1], groups)
+    ops = backend.ops
+    with backend.active():
+        y = ops.channel_sparse_conv2d(x, w, None, in_idx, out_idx, *geometry, None)
+        y_c = ops.channel_sparse_conv2d(x, w, None, in_idx, out_idx, *geometry, None,
+                                        compact_weight=block)
+        g = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(backend.device)
+        want = ops.channel_sparse_conv2d_backward(g, x, w, y, in_idx, out_idx, *geometry,
+                                                  [True, True, False])
+        got = ops.channel_sparse_conv2d_backward(g, x, w, y, in_idx, out_idx, *geometry,
+                                                 [True, True, False], compact_weight=block)
+    ref = masked_dense(x, w, None, in_idx, out_idx, g, 1, 1, 1, groups)
+    torch.testing.assert_close(y_c.cpu(), ref.output)
+    torch.testing.assert_close(y_c, y)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_the_cpu_backend_computes_with_the_given_block():
+    # Not a contract (its values are trusted), but the point of passing it: the
+    # block given is what the CPU kernels convolve with, not a second gather.
+    gen = torch.Generator().manual_seed(22)
+    x, w = _conv_case(gen)
+    in_idx, out_idx = random_index(7, 0.5, gen), random_index(9, 0.5, gen)
+    block = _block_of(w, in_idx, out_idx, False).contiguous()
+    y = torch.ops.dce.channel_sparse_conv2d(x, w, None, in_idx, out_idx, [1, 1], [1, 1],
+                                            [1, 1], 1, None, compact_weight=2 * block)
+    ref = masked_dense(x, 2 * w, None, in_idx, out_idx, torch.zeros_like(y), 1, 1)
+    torch.testing.assert_close(y, ref.output)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
+@pytest.mark.parametrize("case, message", [
+    ("shape", "compact_weight shape"), ("dtype", "compact_weight dtype"),
+    ("grouped", "compact_weight needs groups == 1"),
+])
+def test_a_bad_compact_weight_is_refused_naming_it(backend, case, message):
+    gen = torch.Generator().manual_seed(23)
+    groups = 2 if case == "grouped" else 1
+    x = torch.randn(2, 8, 5, 5, generator=gen, dtype=torch.float64).to(backend.device)
+    w = torch.randn(6, 8 // groups, 3, 3, generator=gen, dtype=torch.float64).to(backend.device)
+    in_idx = torch.tensor([0, 1, 4, 5], device=backend.device)
+    out_idx = torch.tensor([0, 3, 4], device=backend.device)
+    block = w[out_idx][:, in_idx // groups if groups > 1 else in_idx].contiguous()
+    if case == "shape":
+        block = block[:, :3]
+    elif case == "dtype":
+        block = block.float()
+    with backend.active(), pytest.raises(RuntimeError, match=message):
+        backend.ops.channel_sparse_conv2d(x, w, None, in_idx, out_idx, [1, 1], [1, 1], [1, 1],
+                                          groups, None, compact_weight=block)
+
+
+def test_the_fake_kernel_checks_the_compact_weight_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, w = torch.empty(2, 7, 6, 6), torch.empty(9, 7, 3, 3)
+        in_idx, out_idx = torch.empty(3, dtype=torch.long), torch.empty(5, dtype=torch.long)
+        y = torch.ops.dce.channel_sparse_conv2d(x, w, None, in_idx, out_idx, [1, 1], [0, 0],
+                                                [1, 1], 1, None,
+                                                compact_weight=torch.empty(5, 3, 3, 3))
+        assert tuple(y.shape) == (2, 9, 4, 4)
+        with pytest.raises(RuntimeError, match="compact_weight shape"):
+            torch.ops.dce.channel_sparse_conv2d(x, w, None, in_idx, out_idx, [1, 1], [0, 0],
+                                                [1, 1], 1, None,
+                                                compact_weight=torch.empty(5, 4, 3, 3))
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["groups1", "depthwise"])
+def test_the_layer_hands_its_block_to_the_op_and_trains_as_the_reference(depthwise,
+                                                                          monkeypatch):
+    from dce_kernels import ChannelSparseConv2d
+    torch.manual_seed(24)
+    c = 6
+    conv = ChannelSparseConv2d(c, c if depthwise else 5, 3, padding=1,
+                               groups=c if depthwise else 1).double()
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(2, c, 7, 6, generator=gen, dtype=torch.float64)
+    in_idx = random_index(c, 0.5, gen).sort().values
+    out_idx = in_idx if depthwise else random_index(5, 0.6, gen).sort().values
+    conv.set_active(out_idx, in_idx)
+    seen = {}
+    original = dce_kernels.nn.channel_sparse_conv2d
+
+    def spy(*args, **kwargs):
+        seen["compact_weight"] = kwargs.get("compact_weight")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dce_kernels.nn, "channel_sparse_conv2d", spy)
+    y = conv(x)
+    torch.testing.assert_close(seen["compact_weight"],
+                               _block_of(conv.weight.detach(), in_idx, out_idx, depthwise))
+    g = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    y.backward(g)
+    ref = masked_dense(x, conv.weight, conv.bias, in_idx, out_idx, g, 1, 1, 1, conv.groups)
+    torch.testing.assert_close(y, ref.output)
+    torch.testing.assert_close(conv.weight.grad, ref.grad_weight)
+    torch.testing.assert_close(conv.bias.grad, ref.grad_bias)
+    with torch.no_grad():  # no backward to come: nothing gathered ahead
+        assert conv._active_weight() is None

@@ -122,6 +122,21 @@ def test_backward_op_opcheck(backend):
                 {"compact_grad_weight": compact})
 
 
+def test_opcheck_with_a_compact_weight(backend):
+    x, w, b, in_idx, out_idx, stride, padding, dilation, groups, probe = _args(
+        True, device=backend.device)
+    block = w.detach()[out_idx][:, in_idx].contiguous()
+    args = (x, w, b, in_idx, out_idx, stride, padding, dilation, groups, probe)
+    torch.library.opcheck(backend.ops.channel_sparse_conv2d.default, args,
+                          {"compact_weight": block})
+    y = backend.ops.channel_sparse_conv2d(*args)
+    torch.library.opcheck(
+        backend.ops.channel_sparse_conv2d_backward.default,
+        (torch.randn_like(y), x.detach(), w.detach(), y.detach(), in_idx, out_idx, stride,
+         padding, dilation, groups, [True, True, True]),
+        {"compact_grad_weight": True, "compact_weight": block})
+
+
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     x, w, b, in_idx, out_idx, stride, padding, dilation, groups, _ = _args(True, torch.float32)

@@ -27,7 +27,8 @@ at::Tensor forward_autocast(const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& out_idx, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                             const std::optional<at::Tensor>& saliency_probe, bool packed_input,
-                            bool packed_output) {
+                            bool packed_output,
+                            const std::optional<at::Tensor>& compact_weight) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
@@ -36,7 +37,8 @@ at::Tensor forward_autocast(const at::Tensor& input, const at::Tensor& weight,
                              .findSchemaOrThrow("dce::channel_sparse_conv2d", "")
                              .typed<schema::ChannelSparseConv2dFn>();
   return op.call(cast(input), cast(weight), cast(bias), in_idx, out_idx, stride, padding,
-                 dilation, groups, cast(saliency_probe), packed_input, packed_output);
+                 dilation, groups, cast(saliency_probe), packed_input, packed_output,
+                 cast(compact_weight));
 }
 
 }  // namespace

@@ -118,13 +118,30 @@ inline at::Tensor scatter_grouped_weight(const at::Tensor& grad_c, const at::Ten
 }
 
 // The weight of the compact conv (groups == 1 or a narrow grouped conv): w with
-// every channel active, else w[out_idx][:, in_idx] or gather_grouped_weight.
+// every channel active, else the caller's copy (given, groups == 1 only), else
+// w[out_idx][:, in_idx] or gather_grouped_weight.
 template <typename Planes>
-at::Tensor compact_weight(const at::Tensor& w, const ChannelIndex& in, const ChannelIndex& out,
-                          int64_t groups) {
+at::Tensor active_weight(const at::Tensor& w, const ChannelIndex& in, const ChannelIndex& out,
+                         int64_t groups, const c10::optional<at::Tensor>& given) {
   if (in.is_all && out.is_all) return w;
+  if (given) return *given;
   return groups == 1 ? Planes::gather_weight(w, out.idx, in.idx)
                      : gather_grouped_weight(w, in, out, groups);
+}
+
+// A depthwise conv's weight over its active planes: the caller's copy, else w[out_idx].
+inline at::Tensor depthwise_weight(const at::Tensor& w, const ChannelIndex& out,
+                                   const c10::optional<at::Tensor>& given) {
+  return given ? *given : w.index_select(0, out.idx);
+}
+
+// The caller's compact weight (op_schemas.h), checked, contiguous; none if not given.
+inline c10::optional<at::Tensor> given_weight(const c10::optional<at::Tensor>& compact_weight,
+                                              const at::Tensor& weight, int64_t groups,
+                                              const ChannelIndices& indices, const char* op) {
+  check_compact_weight(compact_weight, weight, groups, indices, op);
+  if (!compact_weight.has_value() || !compact_weight->defined()) return c10::nullopt;
+  return compact_weight->contiguous();
 }
 
 // Its inverse for the weight gradient: the layer's full shape, zeros outside.
@@ -142,14 +159,17 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
                                 const at::Tensor& out_idx, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, const c10::optional<at::Tensor>& saliency_probe,
-                                bool packed_input, bool packed_output) {
+                                bool packed_input, bool packed_output,
+                                const c10::optional<at::Tensor>& compact_weight) {
   constexpr const char* op = "channel_sparse_conv2d";
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, op);
   Planes::check_device(input, "input", op);
   check_saliency_probe(saliency_probe, weight.size(0), op);
   const c10::DeviceGuard guard(input.device());
-  const auto [in, out] = check_channel_indices(input, weight, groups, in_idx, out_idx,
-                                               packed_input, packed_output, op);
+  const ChannelIndices indices = check_channel_indices(input, weight, groups, in_idx, out_idx,
+                                                       packed_input, packed_output, op);
+  const auto& [in, out] = indices;
+  const auto given = given_weight(compact_weight, weight, groups, indices, op);
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   const c10::optional<at::Tensor> b =
@@ -163,7 +183,7 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
     if (keep) x_c = x_c * *keep;
     c10::optional<at::Tensor> b_c = b;
     if (b.has_value()) b_c = b->index_select(0, out.idx);
-    at::Tensor y_c = at::convolution(x_c, w.index_select(0, out.idx), b_c, stride, padding,
+    at::Tensor y_c = at::convolution(x_c, depthwise_weight(w, out, given), b_c, stride, padding,
                                      dilation, false, {0, 0}, out.count)
                          .contiguous();
     return packed_output ? y_c : Planes::scatter_channels(y_c, out.idx, weight.size(0));
@@ -179,7 +199,7 @@ at::Tensor compact_conv_forward(const at::Tensor& input, const at::Tensor& weigh
   at::Tensor x_c = (in.is_all || packed_input) ? x : Planes::gather_channels(x, in.idx);
   c10::optional<at::Tensor> b_c = b;
   if (b.has_value() && !out.is_all) b_c = b->index_select(0, out.idx);
-  at::Tensor y_c = at::convolution(x_c, compact_weight<Planes>(w, in, out, groups), b_c, stride,
+  at::Tensor y_c = at::convolution(x_c, active_weight<Planes>(w, in, out, groups, given), b_c, stride,
                                    padding, dilation, false, {0, 0}, groups)
                        .contiguous();
   return (out.is_all || packed_output) ? y_c
@@ -192,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
-    bool compact_grad_weight) {
+    bool compact_grad_weight, const c10::optional<at::Tensor>& compact_weight) {
   constexpr const char* op = "channel_sparse_conv2d_backward";
   Planes::check_device(input, "input", op);
   const BackwardArgs args =
@@ -201,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
                           compact_grad_weight, op);
   const c10::DeviceGuard guard(input.device());
   const auto& [in, out] = args.indices;
+  const auto given = given_weight(compact_weight, weight, groups, args.indices, op);
   const bool with_saliency = args.with_saliency;
   const auto [want_gi, want_gw, want_gb] = output_mask;
 
@@ -235,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
       x_c = at::empty({x.size(0), out.count, x.size(2), x.size(3)}, x.options());
     }
     const at::Tensor g_c = packed_output ? g : pass.compact;
-    auto grads = at::convolution_backward(g_c, x_c, w.index_select(0, out.idx),
+    auto grads = at::convolution_backward(g_c, x_c, depthwise_weight(w, out, given),
                                           c10::nullopt, stride, padding, dilation, false,
                                           {0, 0}, out.count, {want_gi, want_gw, false});
     if (want_gi) {
@@ -270,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv_backward
       } else {
         x_c = at::empty({x.size(0), in.count, x.size(2), x.size(3)}, x.options());
       }
-      auto grads = at::convolution_backward(g_c, x_c, compact_weight<Planes>(w, in, out, groups),
+      auto grads = at::convolution_backward(g_c, x_c,
+                                            active_weight<Planes>(w, in, out, groups, given),
                                             c10::nullopt, stride, padding, dilation, false,
                                             {0, 0}, groups, {want_gi, want_gw, false});
       if (want_gi) {

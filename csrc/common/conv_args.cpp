@@ -2,6 +2,8 @@
 
 #include <c10/util/irange.h>
 
+#include <vector>
+
 namespace dce {
 
 ChannelIndex check_channel_index(const at::Tensor& idx, int64_t num_channels,
@@ -164,6 +166,23 @@ void check_saliency_probe(const c10::optional<at::Tensor>& probe, int64_t out_ch
     TORCH_CHECK(probe->dim() == 1 && probe->size(0) == out_channels, op_name,
                 ": saliency_probe must have shape [", out_channels, "], got ", probe->sizes());
   }
+}
+
+void check_compact_weight(const c10::optional<at::Tensor>& compact_weight,
+                          const at::Tensor& weight, int64_t groups,
+                          const ChannelIndices& indices, const char* op_name) {
+  if (!compact_weight.has_value() || !compact_weight->defined()) return;
+  const at::Tensor& c = *compact_weight;
+  TORCH_CHECK(groups == 1 || is_depthwise(weight, groups), op_name,
+              ": compact_weight needs groups == 1 or a depthwise conv, got groups=", groups);
+  const std::vector<int64_t> want = {indices.out.count, groups == 1 ? indices.in.count : 1,
+                                     weight.size(2), weight.size(3)};
+  TORCH_CHECK(c.sizes() == at::IntArrayRef(want), op_name, ": compact_weight shape ",
+              c.sizes(), " is not that of the active block ", at::IntArrayRef(want));
+  TORCH_CHECK(c.scalar_type() == weight.scalar_type(), op_name, ": compact_weight dtype ",
+              c.scalar_type(), " differs from weight dtype ", weight.scalar_type());
+  TORCH_CHECK(c.device() == weight.device(), op_name, ": compact_weight is on ", c.device(),
+              " but weight is on ", weight.device());
 }
 
 BackwardArgs check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,

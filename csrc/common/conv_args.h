@@ -87,6 +87,13 @@ void check_conv_args(const at::Tensor& input, const at::Tensor& weight,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                      const char* op_name);
 
+// The caller's compact weight, when given (op_schemas.h): groups == 1 or a
+// depthwise conv, shape [out.count, in.count or 1, kH, kW], the weight's dtype
+// and device.
+void check_compact_weight(const c10::optional<at::Tensor>& compact_weight,
+                          const at::Tensor& weight, int64_t groups,
+                          const ChannelIndices& indices, const char* op_name);
+
 // The saliency probe, when given, is a [out_channels] tensor (its gradient
 // carries the saliency out of backward).
 void check_saliency_probe(const c10::optional<at::Tensor>& probe, int64_t out_channels,

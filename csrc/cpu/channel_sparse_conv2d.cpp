@@ -19,10 +19,10 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& out_idx, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        const c10::optional<at::Tensor>& saliency_probe, bool packed_input,
-                       bool packed_output) {
+                       bool packed_output, const c10::optional<at::Tensor>& compact_weight) {
   return compact_conv_forward<CpuPlanes>(input, weight, bias, in_idx, out_idx, stride, padding,
                                          dilation, groups, saliency_probe, packed_input,
-                                         packed_output);
+                                         packed_output, compact_weight);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -30,10 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
-    bool compact_grad_weight) {
+    bool compact_grad_weight, const c10::optional<at::Tensor>& compact_weight) {
   return compact_conv_backward<CpuPlanes>(grad_output, input, weight, output, in_idx, out_idx,
                                           stride, padding, dilation, groups, output_mask,
-                                          packed_input, packed_output, compact_grad_weight);
+                                          packed_input, packed_output, compact_grad_weight,
+                                          compact_weight);
 }
 
 }  // namespace

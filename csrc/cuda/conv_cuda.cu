@@ -25,11 +25,11 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& weight,
                         const at::Tensor& out_idx, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                         const c10::optional<at::Tensor>& saliency_probe, bool packed_input,
-                        bool packed_output) {
+                        bool packed_output, const c10::optional<at::Tensor>& compact_weight) {
   auto* impl = cuda_conv_impl() == CudaConvImpl::kIgemm ? &igemm_channel_sparse_conv2d
                                                         : &compact_channel_sparse_conv2d;
   return impl(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
-              saliency_probe, packed_input, packed_output);
+              saliency_probe, packed_input, packed_output, compact_weight);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -37,11 +37,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
-    bool compact_grad_weight) {
+    bool compact_grad_weight, const c10::optional<at::Tensor>& compact_weight) {
   auto* impl = cuda_conv_impl() == CudaConvImpl::kIgemm ? &igemm_channel_sparse_conv2d_backward
                                                         : &compact_channel_sparse_conv2d_backward;
   return impl(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
-              groups, output_mask, packed_input, packed_output, compact_grad_weight);
+              groups, output_mask, packed_input, packed_output, compact_grad_weight,
+              compact_weight);
 }
 
 static_assert(std::is_same_v<decltype(forward_cuda), schema::ChannelSparseConv2dFn>);

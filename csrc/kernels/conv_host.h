@@ -151,7 +151,8 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
                                         at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation, int64_t groups,
                                         const c10::optional<at::Tensor>& saliency_probe,
-                                        bool packed_input, bool packed_output) {
+                                        bool packed_input, bool packed_output,
+                                        const c10::optional<at::Tensor>& compact_weight) {
   constexpr const char* op = "channel_sparse_conv2d";
   check_conv_args(input, weight, bias, stride, padding, dilation, groups, op);
   check_device(input, "input", op);
@@ -161,6 +162,9 @@ inline at::Tensor channel_sparse_conv2d(const at::Tensor& input, const at::Tenso
 #endif
   const auto indices = check_channel_indices(input, weight, groups, in_idx, out_idx,
                                              packed_input, packed_output, op);
+  // These kernels read the weight through the index lists; a caller's compact
+  // copy is checked, as every backend does, and not needed.
+  check_compact_weight(compact_weight, weight, groups, indices, op);
   const auto in = make_plan(indices.in, weight.size(1) * groups, groups);
   const auto out = make_plan(indices.out, weight.size(0), groups);
   const int64_t Cy = output_channels(weight, indices.out, packed_output);
@@ -207,7 +211,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
-    bool compact_grad_weight) {
+    bool compact_grad_weight, const c10::optional<at::Tensor>& compact_weight) {
   constexpr const char* op = "channel_sparse_conv2d_backward";
   check_device(input, "input", op);
   const BackwardArgs args =
@@ -215,6 +219,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> channel_sparse
                           dilation, groups, packed_input, packed_output,
                           compact_grad_weight, op);
   const auto& indices = args.indices;
+  check_compact_weight(compact_weight, weight, groups, indices, op);
   const int64_t Cy = args.out_channels;
   const auto [Ho, Wo] = args.out_size;
   const bool with_saliency = args.with_saliency;

@@ -154,10 +154,11 @@ inline at::Tensor compact_channel_sparse_conv2d(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const c10::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output) {
+    const c10::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output,
+    const c10::optional<at::Tensor>& compact_weight) {
   return compact_conv_forward<KernelPlanes>(input, weight, bias, in_idx, out_idx, stride,
                                             padding, dilation, groups, saliency_probe,
-                                            packed_input, packed_output);
+                                            packed_input, packed_output, compact_weight);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -166,10 +167,11 @@ compact_channel_sparse_conv2d_backward(
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
-    bool compact_grad_weight) {
+    bool compact_grad_weight, const c10::optional<at::Tensor>& compact_weight) {
   return compact_conv_backward<KernelPlanes>(grad_output, input, weight, output, in_idx, out_idx,
                                              stride, padding, dilation, groups, output_mask,
-                                             packed_input, packed_output, compact_grad_weight);
+                                             packed_input, packed_output, compact_grad_weight,
+                                             compact_weight);
 }
 
 // The igemm implementation as the ops' kernels: its launchers (conv_host.h)
@@ -178,11 +180,12 @@ inline at::Tensor igemm_channel_sparse_conv2d(
     const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& in_idx, const at::Tensor& out_idx, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const c10::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output) {
+    const c10::optional<at::Tensor>& saliency_probe, bool packed_input, bool packed_output,
+    const c10::optional<at::Tensor>& compact_weight) {
   auto* impl = groups > 1 && (packed_input || packed_output) ? &compact_channel_sparse_conv2d
                                                              : &channel_sparse_conv2d;
   return impl(input, weight, bias, in_idx, out_idx, stride, padding, dilation, groups,
-              saliency_probe, packed_input, packed_output);
+              saliency_probe, packed_input, packed_output, compact_weight);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -191,12 +194,13 @@ igemm_channel_sparse_conv2d_backward(
     const c10::optional<at::Tensor>& output, const at::Tensor& in_idx, const at::Tensor& out_idx,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     std::array<bool, 3> output_mask, bool packed_input, bool packed_output,
-    bool compact_grad_weight) {
+    bool compact_grad_weight, const c10::optional<at::Tensor>& compact_weight) {
   auto* impl = groups > 1 && (packed_input || packed_output)
                    ? &compact_channel_sparse_conv2d_backward
                    : &channel_sparse_conv2d_backward;
   return impl(grad_output, input, weight, output, in_idx, out_idx, stride, padding, dilation,
-              groups, output_mask, packed_input, packed_output, compact_grad_weight);
+              groups, output_mask, packed_input, packed_output, compact_grad_weight,
+              compact_weight);
 }
 
 static_assert(std::is_same_v<decltype(compact_channel_sparse_conv2d),

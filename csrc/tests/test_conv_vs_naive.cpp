@@ -28,7 +28,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const std::optional
                        .findSchemaOrThrow((library + "::channel_sparse_conv2d").c_str(), "")
                        .typed<Forward>();
   return op.call(x, w, b, in_idx, out_idx, stride, padding, dilation, 1, std::nullopt, false,
-                 false);
+                 false, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                        .findSchemaOrThrow((library + "::channel_sparse_conv2d_backward").c_str(), "")
                        .typed<Backward>();
   return op.call(g, x, w, y, in_idx, out_idx, stride, padding, dilation, 1, mask, false, false,
-                 false);
+                 false, std::nullopt);
 }
 
 void expect_close(const at::Tensor& got, const at::Tensor& want, const std::string& what) {
