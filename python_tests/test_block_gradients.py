@@ -24,15 +24,26 @@ def _conv_case(gen, groups=1, channels=(7, 9), size=(6, 5)):
     return x, w
 
 
+def _op_case(backend, seed, depthwise):
+    """Input, weight, groups and random lists (a depthwise conv's two lists are one) on
+    the backend's device, and the generator for what else the test draws."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 6 if depthwise else 1
+    x, w = (t.to(backend.device) for t in _conv_case(gen, groups))
+    in_idx = random_index(w.shape[1] * groups, 0.5, gen).to(backend.device)
+    out_idx = in_idx if depthwise else random_index(w.shape[0], 0.6, gen).to(backend.device)
+    return gen, x, w, groups, in_idx, out_idx
+
+
+def _block_of(w, in_idx, out_idx, depthwise):
+    block = w[out_idx]
+    return block if depthwise else block[:, in_idx]
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("depthwise", [False, True], ids=["groups1", "depthwise"])
 def test_compact_grad_weight_is_the_block_of_the_full_gradient(backend, depthwise):
-    gen = torch.Generator().manual_seed(11)
-    groups = 6 if depthwise else 1
-    x, w = _conv_case(gen, groups)
-    x, w = x.to(backend.device), w.to(backend.device)
-    in_idx = random_index(w.shape[1] * groups, 0.5, gen).to(backend.device)
-    out_idx = in_idx if depthwise else random_index(w.shape[0], 0.6, gen).to(backend.device)
+    gen, x, w, groups, in_idx, out_idx = _op_case(backend, 11, depthwise)
     ops = backend.ops
     with backend.active():
         y = ops.channel_sparse_conv2d(x, w, None, in_idx, out_idx, [1, 1], [1, 1], [1, 1],
@@ -45,9 +56,7 @@ def test_compact_grad_weight_is_the_block_of_the_full_gradient(backend, depthwis
                                                      [True, True, False],
                                                      compact_grad_weight=True)
     ref = masked_dense(x, w, None, in_idx, out_idx, g, 1, 1, 1, groups).grad_weight
-    block = ref[out_idx.cpu()]
-    if not depthwise:
-        block = block[:, in_idx.cpu()]
+    block = _block_of(ref, in_idx.cpu(), out_idx.cpu(), depthwise)
     assert compact[1].shape == block.shape
     torch.testing.assert_close(compact[1].cpu(), block)
     torch.testing.assert_close(full[1].cpu(), ref)
@@ -228,20 +237,10 @@ def test_linear_grad_over_changing_selections(in_run):
 
 # -- compact_weight: the caller's copy of the active block stands in for the gathers -----
 
-def _block_of(w, in_idx, out_idx, depthwise):
-    block = w[out_idx]
-    return block if depthwise else block[:, in_idx]
-
-
 @pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("depthwise", [False, True], ids=["groups1", "depthwise"])
 def test_compact_weight_gives_the_same_results(backend, depthwise):
-    gen = torch.Generator().manual_seed(21)
-    groups = 6 if depthwise else 1
-    x, w = _conv_case(gen, groups)
-    x, w = x.to(backend.device), w.to(backend.device)
-    in_idx = random_index(w.shape[1] * groups, 0.5, gen).to(backend.device)
-    out_idx = in_idx if depthwise else random_index(w.shape[0], 0.6, gen).to(backend.device)
+    gen, x, w, groups, in_idx, out_idx = _op_case(backend, 21, depthwise)
     block = _block_of(w, in_idx, out_idx, depthwise).contiguous()
     geometry = ([1, 1], [1, 1], [1, 1], groups)
     ops = backend.ops
