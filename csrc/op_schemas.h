@@ -51,7 +51,7 @@ inline constexpr const char* kChannelSparseConv2d =
 // gradient of weight[out_idx][:, in_idx] (depthwise: weight[out_idx]), instead
 // of the layer's full shape with zeros outside; it needs groups == 1 or a
 // depthwise conv. The caller writes the block where it wants it, so a step
-// never writes the inactive part of the weight's gradient (dce_kernels/grad_blocks.py).
+// never writes the inactive part of the weight's gradient (dce_kernels/blocks.py).
 inline constexpr const char* kChannelSparseConv2dBackward =
     "channel_sparse_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
     "Tensor? output, Tensor in_idx, Tensor out_idx, int[2] stride, int[2] padding, "

@@ -5,8 +5,9 @@ builds a layer's full-shape weight gradient from its block.
 
 Why ``block_gradient`` keeps a buffer: the weight gradient of a channel-sparse
 layer is zero outside its active block, and building it as a fresh zero tensor
-and a scatter writes the parameter's whole size at every step (on VGG-16 at a
-quarter of the channels, a tenth of the step: bench/README.md). Instead each
+and a scatter writes the parameter's whole size at every step, memory a narrow
+network never touches (measured on VGG-16, about 5% of a step, within the
+spread: bench/README.md). Instead each
 parameter keeps one gradient buffer that is zero outside the block it last
 held. A step zeroes that block, writes its own and hands autograd an alias of
 the buffer, which autograd installs as ``param.grad`` without a copy (it takes

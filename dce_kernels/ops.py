@@ -129,7 +129,7 @@ def call_conv_op(op, input, weight, bias, in_idx, out_idx, stride=1, padding=0, 
 def _check_compact_weight_fake(compact_weight, weight, in_idx, out_idx, groups):
     if compact_weight is None:
         return
-    torch._check(groups == 1 or _is_depthwise(weight, groups),
+    torch._check(_has_weight_block(weight, groups),
                  lambda: "compact_weight needs groups == 1 or a depthwise conv")
     want = _compact_weight_shape(weight, in_idx, out_idx, groups)
     torch._check(tuple(compact_weight.shape) == tuple(want),
@@ -176,6 +176,12 @@ def _is_depthwise(weight, groups) -> bool:
     return groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1
 
 
+def _has_weight_block(weight, groups) -> bool:
+    """Whether the active channels form a rectangular block of the weight (the C++
+    has_weight_block): what compact_weight and compact_grad_weight hold."""
+    return groups == 1 or _is_depthwise(weight, groups)
+
+
 def _compact_weight_shape(weight, in_idx, out_idx, groups):
     """The shape of the weight's active block: compact_weight's, and compact_grad_weight's
     result's (op_schemas.h)."""
@@ -188,7 +194,7 @@ def _backward_fake(grad_output, input, weight, output, in_idx, out_idx, stride, 
                    compact_grad_weight=False, compact_weight=None):
     want_input, want_weight, want_bias = output_mask
     _check_compact_weight_fake(compact_weight, weight, in_idx, out_idx, groups)
-    torch._check(not compact_grad_weight or groups == 1 or _is_depthwise(weight, groups),
+    torch._check(not compact_grad_weight or _has_weight_block(weight, groups),
                  lambda: "compact_grad_weight needs groups == 1 or a depthwise conv")
     weight_shape = (_compact_weight_shape(weight, in_idx, out_idx, groups)
                     if compact_grad_weight else weight.shape)
@@ -233,7 +239,7 @@ def _make_backward(backward_op):
         weight, groups = tensors["weight"], ctx.params["groups"]
         # The weight gradient comes back as its active block, which block_gradient
         # writes into the full shape without touching the rest (blocks.py).
-        as_block = mask[1] and (groups == 1 or _is_depthwise(weight, groups))
+        as_block = mask[1] and _has_weight_block(weight, groups)
         grad_input, grad_weight, grad_bias, saliency = backward_op(
             grad_output=grad_output, output=output, output_mask=mask, **tensors, **ctx.params,
             compact_grad_weight=as_block)

@@ -173,7 +173,7 @@ void check_compact_weight(const c10::optional<at::Tensor>& compact_weight,
                           const ChannelIndices& indices, const char* op_name) {
   if (!compact_weight.has_value() || !compact_weight->defined()) return;
   const at::Tensor& c = *compact_weight;
-  TORCH_CHECK(groups == 1 || is_depthwise(weight, groups), op_name,
+  TORCH_CHECK(has_weight_block(weight, groups), op_name,
               ": compact_weight needs groups == 1 or a depthwise conv, got groups=", groups);
   const std::vector<int64_t> want = {indices.out.count, groups == 1 ? indices.in.count : 1,
                                      weight.size(2), weight.size(3)};
@@ -194,9 +194,7 @@ BackwardArgs check_backward_args(const at::Tensor& grad_output, const at::Tensor
                                  bool packed_output, bool compact_grad_weight,
                                  const char* op_name) {
   check_conv_args(input, weight, c10::nullopt, stride, padding, dilation, groups, op_name);
-  // Other grouped convs have no rectangular active block (a narrow grouped
-  // conv's columns differ per conv group), so their gradient stays full.
-  TORCH_CHECK(!compact_grad_weight || groups == 1 || is_depthwise(weight, groups), op_name,
+  TORCH_CHECK(!compact_grad_weight || has_weight_block(weight, groups), op_name,
               ": compact_grad_weight needs groups == 1 or a depthwise conv, got groups=", groups,
               " with weight ", weight.sizes());
   BackwardArgs args;

@@ -50,6 +50,14 @@ inline bool is_depthwise(const at::Tensor& weight, int64_t groups) {
   return groups > 1 && weight.size(0) == groups && weight.size(1) == 1;
 }
 
+// Whether the weight's active channels form a rectangular block,
+// weight[out_idx][:, in_idx] (groups == 1) or weight[out_idx] (depthwise): what
+// compact_weight and compact_grad_weight hold (op_schemas.h). A grouped conv's
+// active columns differ per conv group.
+inline bool has_weight_block(const at::Tensor& weight, int64_t groups) {
+  return groups == 1 || is_depthwise(weight, groups);
+}
+
 // A grouped conv that is not depthwise (1 < groups; each output reads the
 // in_channels / groups inputs of its own conv group).
 inline bool is_grouped(const at::Tensor& weight, int64_t groups) {
